@@ -1,0 +1,124 @@
+"""The four component kinds of a memory network and the registry that picks them by name.
+
+Shape letters used across memnet:
+  B  events in a batch            D  input_dim (encoder input)     H  hidden
+  M  memory_dim                   S  slots                         K  retrieved slots (k)
+  Y  output_dim
+
+Every component is bound to a model config and declares its parameters (name -> shape and
+initialiser). The pure functions that run inside ``jax.jit`` take the whole parameter dict
+and read their own entries; host-side work (input checks, the memory write) uses numpy.
+A new form of a component is one new module with one registered class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from memnet.config import ModelConfig
+
+if TYPE_CHECKING:
+    import jax
+
+    from memnet.memory import Memory
+
+Params = dict[str, Any]  # name -> array (numpy on the host, jax inside jit)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    init: str = "normal"  # "normal": N(0, 1) as in the reference design; "zeros"
+
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        if self.init == "zeros":
+            return np.zeros(self.shape, np.float32)
+        return rng.standard_normal(self.shape, dtype=np.float32)
+
+
+class Component:
+    kind: ClassVar[str]
+    name: ClassVar[str]
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
+    def params(self) -> dict[str, ParamSpec]:
+        return {}
+
+
+class Encoder(Component):
+    """I: turns an event's raw input into a vector in memory space."""
+
+    kind = "encoder"
+
+    def prepare(self, value: Any) -> np.ndarray:
+        """Check one raw input and return its fixed-shape row; raises InvalidInput."""
+        raise NotImplementedError
+
+    def encode(self, p: Params, rows: jax.Array) -> jax.Array:
+        """[B, ...] prepared rows -> [B, M]; pure, runs inside jit."""
+        raise NotImplementedError
+
+
+class Generalizer(Component):
+    """G: writes an encoded input into a memory."""
+
+    kind = "generalizer"
+    # True: every slot starts filled with memory_init; False: slots start empty.
+    starts_filled: ClassVar[bool] = True
+
+    def write(self, p: Params, memory: Memory, i: np.ndarray) -> None:
+        """Apply one write of the encoded input i [M] to memory (numpy, host side)."""
+        raise NotImplementedError
+
+    def ages(self, memory: Memory, slots: np.ndarray) -> np.ndarray:
+        """How many writes ago each slot was written (0 = the latest); 0 where unknown."""
+        return np.zeros(slots.shape, np.int32)
+
+
+class Output(Component):
+    """O: reads the retrieved slots for a query vector and produces the output feature."""
+
+    kind = "output"
+
+    def attend(
+        self, p: Params, v: jax.Array, cand: jax.Array, mask: jax.Array, age: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """v [B, M], cand [B, K, M], mask [B, K] (False = padding), age [B, K] ->
+        (o [B, M], weights [B, K]); pure, runs inside jit."""
+        raise NotImplementedError
+
+
+class Response(Component):
+    """R: maps the output feature to the response."""
+
+    kind = "response"
+
+    def respond(self, p: Params, o: jax.Array) -> jax.Array:
+        """o [B, M] -> y [B, Y]; pure, runs inside jit."""
+        raise NotImplementedError
+
+    def describe(self, y: np.ndarray) -> dict[str, Any]:
+        """Extra response fields for one y [Y] (e.g. the answer word); none by default."""
+        return {}
+
+
+REGISTRY: dict[str, dict[str, type[Component]]] = {
+    "encoder": {},
+    "generalizer": {},
+    "output": {},
+    "response": {},
+}
+
+
+def register(cls: type[Component]) -> type[Component]:
+    """Class decorator: make a component available under (cls.kind, cls.name)."""
+    table = REGISTRY[cls.kind]
+    if cls.name in table:
+        raise ValueError(f"{cls.kind} {cls.name!r} is registered twice")
+    table[cls.name] = cls
+    return cls

@@ -1,0 +1,186 @@
+"""The engine: applies writes and answers queries on memories, in order, in batches.
+
+``process`` takes a sequence of (memory, event) pairs and returns exactly what applying them
+one at a time in that order returns: I runs once for the whole batch (one jitted call),
+writes go through G one by one in order (numpy plus the search structure), each run of
+consecutive queries on a memory is answered with one batched search, and all queries of the
+batch share one jitted O+R call. hnswlib and Python control flow stay outside jit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from memnet.batching import rowwise
+from memnet.errors import InvalidInput
+from memnet.memory import Memory
+from memnet.model import Model
+from memnet.search import ExactSlots, GraphBase, GraphSlots
+from memnet.vectors import as_vector
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    row: np.ndarray  # the encoder's prepared input
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    row: np.ndarray | None = None  # input space: v = I(x)
+    q: np.ndarray | None = None  # memory space: v = q
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    y: np.ndarray  # [Y]
+    slots: np.ndarray  # [k] retrieved slots, nearest first
+    weights: np.ndarray  # [k] attention weights
+    extra: dict[str, Any] = field(default_factory=dict)  # response fields such as "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An event that passed its checks but cannot be applied; nothing was changed."""
+
+    reason: str
+
+
+Event = Write | Query
+Result = Answer | Rejected | None
+
+
+class Engine:
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.config = model.config
+        parts = model.components
+        self.encoder, self.generalizer = parts.encoder, parts.generalizer
+        self.output, self.response = parts.output, parts.response
+        self._np = dict(model.params)
+        self._jax = {name: jnp.asarray(value) for name, value in model.params.items()}
+        self._encode = rowwise(self.encoder.encode)
+        self._answer = rowwise(self._o_then_r)
+        self._init_base: GraphBase | None = None
+
+    # ---- events --------------------------------------------------------------------------
+    def write(self, x: Any) -> Write:
+        """A checked write event; raises InvalidInput before anything changes."""
+        return Write(self.encoder.prepare(x))
+
+    def query(self, x: Any = None, q: Any = None) -> Query:
+        """A checked query, given in input space (x) or memory space (q), not both."""
+        if (x is None) == (q is None):
+            raise InvalidInput("a query needs exactly one of x (input space) and q (memory space)")
+        if q is not None:
+            return Query(q=as_vector(q, self.config.memory_dim, "q"))
+        return Query(row=self.encoder.prepare(x))
+
+    # ---- memories ------------------------------------------------------------------------
+    def new_memory(self) -> Memory:
+        """A memory holding a copy of memory_init (slots start empty for appending G)."""
+        cfg = self.config
+        filled = None if self.generalizer.starts_filled else np.zeros(cfg.slots, bool)
+        if cfg.slots <= cfg.index.exact_max_slots:
+            return Memory(ExactSlots(self.model.params["memory_init"], filled))
+        return Memory(GraphSlots(self.init_base(), cfg.index))
+
+    def init_base(self) -> GraphBase:
+        """The graph over memory_init, built once and shared by every memory until it
+        re-indexes."""
+        if self._init_base is None:
+            cfg = self.config
+            filled = np.full(cfg.slots, self.generalizer.starts_filled)
+            base = GraphBase.build(self.model.params["memory_init"], filled, cfg.index, "init")
+            base.shared = True
+            self._init_base = base
+        return self._init_base
+
+    # ---- processing ----------------------------------------------------------------------
+    def apply(self, memory: Memory, event: Event) -> Result:
+        """One event on its own: the reference for what ``process`` must return."""
+        return self.process([(memory, event)])[0]
+
+    def process(self, items: Sequence[tuple[Memory, Event]]) -> list[Result]:
+        """Apply events in order: an Answer for each query, None for each write, Rejected
+        for an event whose encoding is not finite (it changes nothing)."""
+        results: list[Result] = [None] * len(items)
+        encoded = self._encode_all([event for _, event in items])
+        for j, v in encoded.items():
+            if not _finite_in_memory_space(v):
+                results[j] = Rejected("the input maps to non-finite values in memory space")
+        live = [j for j in range(len(items)) if results[j] is None]
+        pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (item, v [M], slots [K])
+        cand: list[np.ndarray] = []
+        ages: list[np.ndarray] = []
+        for memory, order in _by_memory(items, live).values():
+            for run in _runs(items, order):
+                first = items[run[0]][1]
+                if isinstance(first, Write):
+                    for j in run:
+                        self.generalizer.write(self._np, memory, encoded[j])
+                    continue
+                V = np.stack([encoded[j] for j in run])  # [R, M]
+                slots = memory.topk(V, self.config.k)  # [R, K]
+                cand.append(
+                    memory.vectors(np.maximum(slots, 0).ravel()).reshape(*slots.shape, -1)
+                )  # [R, K, M]
+                ages.append(self.generalizer.ages(memory, slots))
+                pending.extend(zip(run, V, slots, strict=True))
+        if pending:
+            V = np.stack([v for _, v, _ in pending])
+            S = np.stack([s for _, _, s in pending])
+            y, w = self._answer(self._jax, V, np.concatenate(cand), S >= 0, np.concatenate(ages))
+            for r, (j, _, slots) in enumerate(pending):
+                keep = slots >= 0
+                if not np.isfinite(y[r]).all():
+                    results[j] = Rejected("the response is not finite")
+                    continue
+                results[j] = Answer(y[r], slots[keep], w[r][keep], self.response.describe(y[r]))
+        return results
+
+    def _encode_all(self, events: list[Event]) -> dict[int, np.ndarray]:
+        """I over every event that carries encoder input, in one jitted call."""
+        todo = [j for j, e in enumerate(events) if e.row is not None]
+        out = {j: e.q for j, e in enumerate(events) if isinstance(e, Query) and e.q is not None}
+        if todo:
+            encoded = self._encode(self._jax, np.stack([events[j].row for j in todo]))
+            out.update(zip(todo, encoded, strict=True))
+        return out
+
+    def _o_then_r(self, p: dict[str, Any], v: Any, cand: Any, mask: Any, age: Any) -> Any:
+        o, weights = self.output.attend(p, v, cand, mask, age)
+        return self.response.respond(p, o), weights
+
+
+def _finite_in_memory_space(v: np.ndarray) -> bool:
+    """All values finite, and the squared norm too (so every distance stays finite)."""
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(v).all() and np.isfinite(np.dot(v, v)))
+
+
+def _by_memory(
+    items: Sequence[tuple[Memory, Event]], positions: list[int]
+) -> dict[int, tuple[Memory, list[int]]]:
+    """Positions grouped by memory, each group in the original order."""
+    groups: dict[int, tuple[Memory, list[int]]] = {}
+    for j in positions:
+        memory = items[j][0]
+        groups.setdefault(id(memory), (memory, []))[1].append(j)
+    return groups
+
+
+def _runs(items: Sequence[tuple[Memory, Event]], order: list[int]) -> list[list[int]]:
+    """Split positions into maximal runs of consecutive writes or consecutive queries."""
+    runs: list[list[int]] = []
+    for j in order:
+        kind = isinstance(items[j][1], Write)
+        if runs and isinstance(items[runs[-1][0]][1], Write) == kind:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    return runs

@@ -1,0 +1,24 @@
+"""Exceptions of the memnet library: one root, and the few kinds a caller acts on."""
+
+
+class MemnetError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class ModelFileError(MemnetError):
+    """A model file or model config is unusable; the message names what is wrong."""
+
+
+class InvalidInput(MemnetError):
+    """An event's content cannot be applied (wrong vector length, non-finite values, ...).
+
+    Raised before anything is changed, so the memory is untouched.
+    """
+
+
+class SnapshotError(MemnetError):
+    """A snapshot cannot be written or was refused on load; the message names the file."""
+
+
+class StaleSnapshot(SnapshotError):
+    """A snapshot of a newer epoch exists: this writer has been superseded."""

@@ -1,0 +1,50 @@
+"""A named memory: its slots (through a search structure) and how many writes it has had."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memnet.search import ExactSlots, GraphSlots
+
+
+class Memory:
+    """Slot vectors [S, M] behind a search structure, plus the count of writes applied.
+
+    ``writes`` numbers the writes, so a generalizer that appends can tell slot ages from it.
+    """
+
+    def __init__(self, slots: ExactSlots | GraphSlots, writes: int = 0) -> None:
+        self.search = slots
+        self.writes = writes
+
+    @property
+    def slots(self) -> int:
+        return self.search.slots
+
+    def filled_count(self) -> int:
+        return self.search.filled_count()
+
+    def vector(self, slot: int) -> np.ndarray:
+        """Current vector [M] of one slot (a view: do not modify)."""
+        return self.search.vector(slot)
+
+    def vectors(self, slots: np.ndarray) -> np.ndarray:
+        """Current vectors [N, M] of the given slots (a copy)."""
+        return self.search.vectors(slots)
+
+    def matrix(self) -> np.ndarray:
+        """The whole slot matrix [S, M] (a copy)."""
+        return self.search.vectors(np.arange(self.slots))
+
+    def nearest(self, v: np.ndarray) -> int:
+        """The filled slot nearest to v [M] in squared L2 (lowest slot number on ties)."""
+        return self.search.nearest(v)
+
+    def topk(self, V: np.ndarray, k: int) -> np.ndarray:
+        """[Q, M] -> [Q, k] filled slots, nearest first; -1 pads when fewer are filled."""
+        return self.search.topk(V, k)
+
+    def set(self, slot: int, vector: np.ndarray) -> None:
+        """Overwrite one slot and count the write."""
+        self.search.set(slot, vector)
+        self.writes += 1

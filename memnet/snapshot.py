@@ -1,0 +1,364 @@
+"""Snapshots: a set of named memories plus an opaque position, written crash-safely.
+
+Layout of a snapshot directory (one per snapshot, newest ``keep`` kept)::
+
+    snap-<epoch>-<serial>/
+        MANIFEST.json        format, version, model fingerprint and config, position, epoch,
+                             memory names, and the size and sha256 of every other file;
+                             the manifest's own sha256 sits beside its body
+        state.safetensors    per memory: the slots changed since its base, and their vectors
+        base-<id>.safetensors, base-<id>.hnsw
+                             a memory's re-indexed graph and the vectors it was built from
+                             (hard-linked from the previous snapshot when unchanged)
+
+Writing goes to ``.tmp-*``, every file and the directory are fsynced, then it is renamed into
+place. Loading verifies the manifest, every checksum and the model fingerprint before any
+byte reaches hnswlib, refuses a truncated, corrupted or foreign snapshot with a message naming
+the file, and falls back to the previous good one. Nothing is pickled.
+
+The position is the caller's: the worker stores the last stream entry applied to these
+memories, and resumes *after* it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from memnet.engine import Engine
+from memnet.errors import SnapshotError, StaleSnapshot
+from memnet.memory import Memory
+from memnet.search import ExactSlots, GraphBase, GraphSlots
+
+log = logging.getLogger(__name__)
+
+FORMAT = "memnet-snapshot"
+VERSION = 1
+MANIFEST = "MANIFEST.json"
+_NAME = re.compile(r"^snap-(\d{12})-(\d{12})$")
+
+
+@dataclass(frozen=True, order=True)
+class SnapshotInfo:
+    epoch: int
+    serial: int
+    path: Path = field(compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass
+class Loaded:
+    memories: dict[str, Memory]
+    position: str | None
+    epoch: int
+    name: str
+    refused: list[str]  # why newer snapshots were skipped
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _canonical(body: Any) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+class SnapshotStore:
+    """Snapshots of one set of memories (the worker keeps one store per partition)."""
+
+    def __init__(self, directory: str | os.PathLike[str], engine: Engine, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.directory = Path(directory)
+        self.engine = engine
+        self.keep = keep
+
+    # ---- listing -------------------------------------------------------------------------
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Snapshots on disk, newest first (by epoch, then serial)."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for entry in self.directory.iterdir():
+            match = _NAME.match(entry.name)
+            if match and entry.is_dir():
+                found.append(SnapshotInfo(int(match[1]), int(match[2]), entry))
+        return sorted(found, reverse=True)
+
+    def positions(self) -> list[str | None]:
+        """Positions of the kept snapshots, newest first (unreadable manifests skipped)."""
+        out = []
+        for info in self.snapshots():
+            try:
+                out.append(self._manifest(info.path)["position"])
+            except SnapshotError:
+                continue
+        return out
+
+    def clean_temporary(self) -> None:
+        """Remove leftovers of interrupted writes (call when taking ownership)."""
+        if self.directory.is_dir():
+            for entry in self.directory.glob(".tmp-*"):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # ---- saving --------------------------------------------------------------------------
+    def save(
+        self, memories: Mapping[str, Memory], position: str | None, epoch: int = 0
+    ) -> SnapshotInfo:
+        """Write a snapshot; raises StaleSnapshot if one of a newer epoch exists."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        existing = self.snapshots()
+        if existing and existing[0].epoch > epoch:
+            raise StaleSnapshot(
+                f"{existing[0].path}: a snapshot of epoch {existing[0].epoch} "
+                f"exists; this writer's epoch {epoch} is stale"
+            )
+        serial = 1 + max((s.serial for s in existing), default=0)
+        tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            body = self._write_files(tmp, memories, existing)
+            body.update(position=position, epoch=epoch, serial=serial, created=time.time())
+            manifest = {"manifest": body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            _fsync(tmp / MANIFEST)
+            _fsync(tmp)
+            final = self.directory / f"snap-{epoch:012d}-{serial:012d}"
+            newest = self.snapshots()
+            if newest and newest[0].epoch > epoch:
+                raise StaleSnapshot(f"{newest[0].path}: a snapshot of a newer epoch appeared")
+            os.rename(tmp, final)
+            _fsync(self.directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._retire()
+        return SnapshotInfo(epoch, serial, final)
+
+    def _write_files(
+        self, tmp: Path, memories: Mapping[str, Memory], existing: list[SnapshotInfo]
+    ) -> dict[str, Any]:
+        arrays: dict[str, np.ndarray] = {}
+        entries = []
+        files: dict[str, dict[str, Any]] = {}
+        for n, (name, memory) in enumerate(sorted(memories.items())):
+            key = f"m{n}"
+            entry = {"name": name, "key": key, "writes": memory.writes}
+            search = memory.search
+            if isinstance(search, ExactSlots):
+                slots = np.flatnonzero(search.changed)
+                entry["kind"] = "exact"
+                entry["base"] = None
+                rows = search.vectors(slots)
+            else:
+                slots, rows = search.overlay()
+                entry["kind"] = "graph"
+                entry["base"] = None if search.base.shared else search.base.id
+                if entry["base"]:
+                    files.update(self._write_base(tmp, search.base, existing))
+            arrays[f"{key}.slots"] = np.ascontiguousarray(slots, np.int64)
+            arrays[f"{key}.rows"] = np.ascontiguousarray(rows, np.float32)
+            entries.append(entry)
+        save_file(arrays, str(tmp / "state.safetensors"))
+        files["state.safetensors"] = self._seal(tmp / "state.safetensors")
+        model = self.engine.model
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model.fingerprint,
+            "config": model.config.to_json(),
+            "memories": entries,
+            "files": files,
+        }
+
+    def _write_base(
+        self, tmp: Path, base: GraphBase, existing: list[SnapshotInfo]
+    ) -> dict[str, dict[str, Any]]:
+        names = (f"base-{base.id}.safetensors", f"base-{base.id}.hnsw")
+        for info in existing:  # unchanged since an earlier snapshot: link, do not rewrite
+            try:
+                listed = self._manifest(info.path)["files"]
+                if all(n in listed for n in names):
+                    for n in names:
+                        os.link(info.path / n, tmp / n)
+                    return {n: listed[n] for n in names}
+            except (SnapshotError, OSError):
+                for n in names:
+                    (tmp / n).unlink(missing_ok=True)
+        save_file(
+            {"vectors": base.vectors, "filled": base.filled.astype(np.uint8)}, str(tmp / names[0])
+        )
+        base.index.save_index(str(tmp / names[1]))
+        size = (tmp / names[1]).stat().st_size if (tmp / names[1]).exists() else 0
+        if size == 0:
+            raise SnapshotError(f"{tmp / names[1]}: hnswlib wrote no index (disk full?)")
+        return {n: self._seal(tmp / n) for n in names}
+
+    @staticmethod
+    def _seal(path: Path) -> dict[str, Any]:
+        _fsync(path)
+        return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+    def _retire(self) -> None:
+        for info in self.snapshots()[self.keep :]:
+            shutil.rmtree(info.path, ignore_errors=True)
+        _fsync(self.directory)
+
+    # ---- loading -------------------------------------------------------------------------
+    def load(self) -> Loaded | None:
+        """The newest snapshot that verifies, or None if there is none.
+
+        Each refused snapshot is logged with its reason and listed in ``Loaded.refused``;
+        if snapshots exist but none verifies, SnapshotError lists every reason.
+        """
+        refused: list[str] = []
+        for info in self.snapshots():
+            try:
+                memories, body = self._load_one(info.path)
+            except SnapshotError as e:
+                log.warning("refusing snapshot: %s", e)
+                refused.append(str(e))
+                continue
+            return Loaded(memories, body["position"], body["epoch"], info.name, refused)
+        if refused:
+            raise SnapshotError(
+                "no usable snapshot in " + str(self.directory) + ": " + " | ".join(refused)
+            )
+        return None
+
+    def _manifest(self, path: Path) -> dict[str, Any]:
+        where = path / MANIFEST
+        try:
+            outer = json.loads(where.read_text())
+            body = outer["manifest"]
+            digest = outer["sha256"]
+        except FileNotFoundError:
+            raise SnapshotError(f"{where}: missing") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SnapshotError(f"{where}: unreadable ({e.__class__.__name__}: {e})") from None
+        if hashlib.sha256(_canonical(body)).hexdigest() != digest:
+            raise SnapshotError(f"{where}: checksum mismatch (manifest corrupted)")
+        if body.get("format") != FORMAT or body.get("version") != VERSION:
+            raise SnapshotError(f"{where}: not a {FORMAT} version {VERSION} manifest")
+        return body
+
+    def _load_one(self, path: Path) -> tuple[dict[str, Memory], dict[str, Any]]:
+        body = self._manifest(path)
+        model = self.engine.model
+        if body["model"] != model.fingerprint:
+            raise SnapshotError(
+                f"{path / MANIFEST}: written for model {body['model'][:12]}, "
+                f"but this model is {model.fingerprint[:12]} (another model)"
+            )
+        for name, meta in body["files"].items():
+            self._verify(path / name, meta)
+        arrays = self._read(path / "state.safetensors")
+        memories = {}
+        for entry in body["memories"]:
+            try:
+                slots = arrays[f"{entry['key']}.slots"]
+                rows = arrays[f"{entry['key']}.rows"]
+            except KeyError as e:
+                raise SnapshotError(f"{path / 'state.safetensors'}: no array {e}") from None
+            memory = self._rebuild(path, entry, slots, rows)
+            memories[entry["name"]] = memory
+        return memories, body
+
+    @staticmethod
+    def _verify(path: Path, meta: dict[str, Any]) -> None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise SnapshotError(f"{path}: missing") from None
+        if size != meta["size"]:
+            raise SnapshotError(f"{path}: {size} bytes, expected {meta['size']} (truncated?)")
+        if _sha256(path) != meta["sha256"]:
+            raise SnapshotError(f"{path}: checksum mismatch (file corrupted)")
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, np.ndarray]:
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SnapshotError(f"{path}: unreadable ({e})") from None
+
+    def _rebuild(
+        self, path: Path, entry: dict[str, Any], slots: np.ndarray, rows: np.ndarray
+    ) -> Memory:
+        cfg = self.engine.config
+        n = len(slots)
+        bad = (
+            rows.shape != (n, cfg.memory_dim)
+            or slots.dtype != np.int64
+            or (n and (slots.min() < 0 or slots.max() >= cfg.slots))
+        )
+        if bad:
+            raise SnapshotError(
+                f"{path / 'state.safetensors'}: arrays of memory "
+                f"{entry['name']!r} do not fit this model"
+            )
+        starts_filled = self.engine.generalizer.starts_filled
+        if entry["kind"] == "exact":
+            vectors = np.array(self.engine.model.params["memory_init"])
+            vectors[slots] = rows
+            changed = np.zeros(cfg.slots, bool)
+            changed[slots] = True
+            filled = None if starts_filled else changed.copy()
+            return Memory(ExactSlots(vectors, filled, changed), entry["writes"])
+        base = (
+            self.engine.init_base()
+            if entry["base"] is None
+            else self._load_base(path, entry["base"])
+        )
+        search = GraphSlots(base, cfg.index)
+        for slot, row in zip(slots, rows, strict=True):
+            search.set(int(slot), row)
+        return Memory(search, entry["writes"])
+
+    def _load_base(self, path: Path, base_id: str) -> GraphBase:
+        cfg = self.engine.config
+        arrays = self._read(path / f"base-{base_id}.safetensors")
+        vectors, filled = arrays.get("vectors"), arrays.get("filled")
+        if (
+            vectors is None
+            or filled is None
+            or vectors.shape != (cfg.slots, cfg.memory_dim)
+            or vectors.dtype != np.float32
+            or filled.shape != (cfg.slots,)
+        ):
+            raise SnapshotError(f"{path / f'base-{base_id}.safetensors'}: does not fit this model")
+        index = hnswlib.Index(space="l2", dim=cfg.memory_dim)  # always a fresh Index
+        index.load_index(str(path / f"base-{base_id}.hnsw"), max_elements=cfg.slots)
+        index.set_ef(cfg.index.ef_search)
+        return GraphBase(np.array(vectors), filled.astype(bool), index, base_id)

@@ -1,0 +1,210 @@
+"""I, G, O, R and whole event sequences against the independent numpy implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memnet import Answer, Engine, IndexConfig, InvalidInput, Rejected
+from tests.conftest import close, make_model
+from tests.reference import NumpyMemNet
+
+SIZES = {
+    "reference": {},
+    "64-dim, 1k slots": {"input_dim": 64, "memory_dim": 64, "output_dim": 8, "slots": 1000},
+    "64-dim, 10k slots": {"input_dim": 64, "memory_dim": 64, "output_dim": 8, "slots": 10_000},
+}
+
+
+def setup(seed=0, **sizes):
+    model = make_model(seed, **sizes)
+    return model, Engine(model), NumpyMemNet(model.params, model.config.top_k)
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+def test_I_matches_reference(sizes, rng):
+    model, engine, ref = setup(**sizes)
+    X = rng.standard_normal((37, model.config.input_dim)).astype(np.float32)
+    ours = engine._encode(engine._jax, X)
+    close(ours, np.stack([ref.I(x) for x in X]))
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+def test_G_updates_the_nearest_slot_through_the_gate(sizes, rng):
+    model, engine, ref = setup(**sizes)
+    memory, m = engine.new_memory(), ref.new_memory()
+    for _ in range(20):
+        x = rng.standard_normal(model.config.input_dim).astype(np.float32)
+        before = memory.matrix()
+        engine.apply(memory, engine.write(x))
+        slot = ref.G(m, x)
+        changed = np.flatnonzero((memory.matrix() != before).any(axis=1))
+        assert set(changed) <= {slot}
+        close(memory.matrix(), m)
+
+
+def test_G_gate_blends_between_slot_and_input():
+    # Gate weights chosen so g is a known value: g = sigmoid(gate_b) = sigmoid(0) = 0.5.
+    model, engine, _ref = setup()
+    params = dict(model.params)
+    params["gate_w"] = np.zeros_like(params["gate_w"])
+    model = type(model).create(model.config, params)
+    engine = Engine(model)
+    memory = engine.new_memory()
+    x = np.ones(5, np.float32)
+    i = engine._encode(engine._jax, x[None])[0]
+    slot = int(np.argmin(((model.params["memory_init"] - i) ** 2).sum(axis=1)))
+    engine.apply(memory, engine.write(x))
+    np.testing.assert_allclose(
+        memory.vector(slot), 0.5 * model.params["memory_init"][slot] + 0.5 * i, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+def test_O_and_R_match_reference(sizes, rng):
+    model, engine, ref = setup(**sizes)
+    memory, m = engine.new_memory(), ref.new_memory()
+    for _ in range(10):
+        if rng.random() < 0.5:
+            q = rng.standard_normal(model.config.memory_dim).astype(np.float32)
+            ours, (y, r, a) = engine.apply(memory, engine.query(q=q)), ref.query(m, q=q)
+        else:
+            x = rng.standard_normal(model.config.input_dim).astype(np.float32)
+            ours, (y, r, a) = engine.apply(memory, engine.query(x=x)), ref.query(m, x=x)
+        assert isinstance(ours, Answer)
+        np.testing.assert_array_equal(ours.slots, r)
+        close(ours.weights, a)
+        close(ours.y, y)
+
+
+def test_R_is_the_response_mlp(rng):
+    _model, engine, ref = setup(memory_dim=10)
+    o = rng.standard_normal((4, 10)).astype(np.float32)
+    close(np.asarray(engine.response.respond(engine._jax, o)), np.stack([ref.R(v) for v in o]))
+
+
+def random_events(engine, rng, n, p_write=0.5):
+    c = engine.config
+    events = []
+    for _ in range(n):
+        u = rng.random()
+        if u < p_write:
+            events.append(("write", rng.standard_normal(c.input_dim).astype(np.float32)))
+        elif u < p_write + (1 - p_write) / 2:
+            events.append(("x", rng.standard_normal(c.input_dim).astype(np.float32)))
+        else:
+            events.append(("q", rng.standard_normal(c.memory_dim).astype(np.float32)))
+    return events
+
+
+def as_event(engine, kind, value):
+    if kind == "write":
+        return engine.write(value)
+    return engine.query(x=value) if kind == "x" else engine.query(q=value)
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
+def test_sequences_match_reference(sizes, rng):
+    _model, engine, ref = setup(**sizes)
+    memory, m = engine.new_memory(), ref.new_memory()
+    for kind, value in random_events(engine, rng, 120):
+        ours = engine.apply(memory, as_event(engine, kind, value))
+        if kind == "write":
+            assert ours is None
+            ref.G(m, value)
+        else:
+            y, r, a = ref.query(m, **{kind: value})
+            np.testing.assert_array_equal(ours.slots, r)
+            close(ours.weights, a)
+            close(ours.y, y)
+    close(memory.matrix(), m)
+
+
+def process_in_batches(engine, memories, stream, rng):
+    """Process (memory index, event) pairs in randomly sized batches."""
+    out, start = [], 0
+    while start < len(stream):
+        size = int(rng.integers(1, 40))
+        batch = stream[start : start + size]
+        out.extend(engine.process([(memories[k], e) for k, e in batch]))
+        start += size
+    return out
+
+
+def same(a, b):
+    if a is None or b is None:
+        return a is b
+    return (
+        np.array_equal(a.y, b.y)
+        and np.array_equal(a.slots, b.slots)
+        and np.array_equal(a.weights, b.weights)
+    )
+
+
+@pytest.mark.parametrize(
+    "index",
+    [None, IndexConfig(exact_max_slots=100, overlay_max=16)],
+    ids=["exact", "graph with re-indexing"],
+)
+def test_batched_equals_one_at_a_time_bitwise(index, rng):
+    sizes = {"input_dim": 16, "memory_dim": 16, "output_dim": 4, "slots": 500}
+    model = make_model(3, **sizes)
+    if index is not None:
+        model = type(model).create(
+            type(model.config)(**{**model.config.__dict__, "index": index}), model.params
+        )
+    engine = Engine(model)
+    for trial in range(3):
+        stream = [
+            (int(rng.integers(0, 3)), as_event(engine, kind, value))
+            for kind, value in random_events(engine, rng, 300, p_write=0.6)
+        ]
+        one = [engine.new_memory() for _ in range(3)]
+        many = [engine.new_memory() for _ in range(3)]
+        singles = [engine.apply(one[k], e) for k, e in stream]
+        batched = process_in_batches(engine, many, stream, np.random.default_rng(trial))
+        assert all(same(a, b) for a, b in zip(singles, batched, strict=True))
+        for a, b in zip(one, many, strict=True):
+            np.testing.assert_array_equal(a.matrix(), b.matrix())
+            assert a.writes == b.writes
+
+
+def test_k_is_min_of_top_k_and_slots():
+    _model, engine, _ = setup(slots=3, top_k=5)
+    answer = engine.apply(engine.new_memory(), engine.query(q=np.zeros(10, np.float32)))
+    assert len(answer.slots) == 3 and len(answer.weights) == 3
+
+
+@pytest.mark.parametrize(
+    "make_event, message",
+    [
+        (lambda e: e.write([1.0, 2.0]), "x must have 5 values, got 2"),
+        (lambda e: e.write([1.0, float("nan"), 0, 0, 0]), "non-finite"),
+        (lambda e: e.write([1e39, 0, 0, 0, 0]), "non-finite"),
+        (lambda e: e.write([True, False, True, True, True]), "flat vector of numbers"),
+        (lambda e: e.write("hello"), "must be a vector"),
+        (lambda e: e.query(), "exactly one of x"),
+        (lambda e: e.query(x=np.ones(5), q=np.ones(10)), "exactly one of x"),
+        (lambda e: e.query(q=np.ones(9)), "q must have 10 values, got 9"),
+        (lambda e: e.query(q=[float("inf")] * 10), "non-finite"),
+    ],
+)
+def test_invalid_input_is_refused_with_a_clear_message(make_event, message):
+    _, engine, _ = setup()
+    with pytest.raises(InvalidInput, match=message):
+        make_event(engine)
+
+
+def test_input_that_overflows_memory_space_changes_nothing():
+    _model, engine, _ = setup()
+    memory = engine.new_memory()
+    before = memory.matrix()
+    results = engine.process(
+        [
+            (memory, engine.write(np.full(5, 1e18, np.float32))),
+            (memory, engine.query(x=np.full(5, 1e18, np.float32))),
+        ]
+    )
+    assert all(isinstance(r, Rejected) for r in results)
+    np.testing.assert_array_equal(memory.matrix(), before)
+    assert memory.writes == 0
