@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from memnet.batching import rowwise
+from memnet.batching import CHUNK, rowwise
 from memnet.errors import InvalidInput
 from memnet.memory import Memory
 from memnet.model import Model
@@ -99,6 +99,24 @@ class Engine:
             base.shared = True
             self._init_base = base
         return self._init_base
+
+    def warm_up(self, max_batch: int) -> None:
+        """Compile the jitted I and O+R for every batch shape up to max_batch events, so
+        the first real batches do not pay for compilation."""
+        c = self.config
+        sizes = [CHUNK]
+        while sizes[-1] < max_batch:
+            sizes.append(sizes[-1] * 2)
+        row = self.encoder.example()
+        for n in sizes:
+            self._encode(self._jax, np.stack([row] * n))
+            self._answer(
+                self._jax,
+                np.zeros((n, c.memory_dim), np.float32),
+                np.zeros((n, c.k, c.memory_dim), np.float32),
+                np.zeros((n, c.k), bool),
+                np.zeros((n, c.k), np.int32),
+            )
 
     # ---- processing ----------------------------------------------------------------------
     def apply(self, memory: Memory, event: Event) -> Result:

@@ -96,12 +96,21 @@ def _canonical(body: Any) -> bytes:
 class SnapshotStore:
     """Snapshots of one set of memories (the worker keeps one store per partition)."""
 
-    def __init__(self, directory: str | os.PathLike[str], engine: Engine, keep: int = 3) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], engine: Engine | None, keep: int = 3
+    ) -> None:
+        """engine may be None for a store that only lists snapshots."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.directory = Path(directory)
-        self.engine = engine
+        self._engine = engine
         self.keep = keep
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise SnapshotError("this snapshot store was opened for listing only")
+        return self._engine
 
     # ---- listing -------------------------------------------------------------------------
     def snapshots(self) -> list[SnapshotInfo]:
@@ -117,10 +126,17 @@ class SnapshotStore:
 
     def positions(self) -> list[str | None]:
         """Positions of the kept snapshots, newest first (unreadable manifests skipped)."""
+        return [body["position"] for _, body in self.manifests()]
+
+    def manifests(self) -> list[tuple[SnapshotInfo, dict[str, Any]]]:
+        """(snapshot, manifest body) newest first, for those whose manifest verifies.
+
+        Only the manifest is checked here; ``load`` verifies every file.
+        """
         out = []
         for info in self.snapshots():
             try:
-                out.append(self._manifest(info.path)["position"])
+                out.append((info, read_manifest(info.path)))
             except SnapshotError:
                 continue
         return out
@@ -257,20 +273,7 @@ class SnapshotStore:
         return None
 
     def _manifest(self, path: Path) -> dict[str, Any]:
-        where = path / MANIFEST
-        try:
-            outer = json.loads(where.read_text())
-            body = outer["manifest"]
-            digest = outer["sha256"]
-        except FileNotFoundError:
-            raise SnapshotError(f"{where}: missing") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SnapshotError(f"{where}: unreadable ({e.__class__.__name__}: {e})") from None
-        if hashlib.sha256(_canonical(body)).hexdigest() != digest:
-            raise SnapshotError(f"{where}: checksum mismatch (manifest corrupted)")
-        if body.get("format") != FORMAT or body.get("version") != VERSION:
-            raise SnapshotError(f"{where}: not a {FORMAT} version {VERSION} manifest")
-        return body
+        return read_manifest(path)
 
     def _load_one(self, path: Path) -> tuple[dict[str, Memory], dict[str, Any]]:
         body = self._manifest(path)
@@ -362,3 +365,21 @@ class SnapshotStore:
         index.load_index(str(path / f"base-{base_id}.hnsw"), max_elements=cfg.slots)
         index.set_ef(cfg.index.ef_search)
         return GraphBase(np.array(vectors), filled.astype(bool), index, base_id)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The verified manifest body of the snapshot at path (SnapshotError naming the file)."""
+    where = path / MANIFEST
+    try:
+        outer = json.loads(where.read_text())
+        body = outer["manifest"]
+        digest = outer["sha256"]
+    except FileNotFoundError:
+        raise SnapshotError(f"{where}: missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SnapshotError(f"{where}: unreadable ({e.__class__.__name__}: {e})") from None
+    if hashlib.sha256(_canonical(body)).hexdigest() != digest:
+        raise SnapshotError(f"{where}: checksum mismatch (manifest corrupted)")
+    if body.get("format") != FORMAT or body.get("version") != VERSION:
+        raise SnapshotError(f"{where}: not a {FORMAT} version {VERSION} manifest")
+    return body

@@ -3,7 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memnet import ModelConfig, random_model
+from memnet import ModelConfig, random_model, save_model
+
+# The small model the worker tests serve (exact search, fast to compile).
+WORKER_MODEL = ModelConfig(input_dim=8, memory_dim=8, output_dim=3, hidden=16, slots=64, top_k=5)
 
 REFERENCE_SIZES = {
     "input_dim": 5,
@@ -30,3 +33,26 @@ def close(ours, ref, rtol=2e-4):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    from tests.servers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """A real, empty Redis for this test."""
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=11), path)
+    return path

@@ -63,6 +63,10 @@ class Encoder(Component):
         """[B, ...] prepared rows -> [B, M]; pure, runs inside jit."""
         raise NotImplementedError
 
+    def example(self) -> np.ndarray:
+        """A valid prepared row (for compiling ahead of time)."""
+        raise NotImplementedError
+
 
 class Generalizer(Component):
     """G: writes an encoded input into a memory."""

@@ -27,6 +27,9 @@ class MlpEncoder(Encoder):
     def prepare(self, value: Any) -> np.ndarray:
         return as_vector(value, self.config.input_dim, "x")  # [D]
 
+    def example(self) -> np.ndarray:
+        return np.zeros(self.config.input_dim, np.float32)
+
     def encode(self, p: Params, rows: jax.Array) -> jax.Array:
         h = jax.nn.relu(rows @ p["input_mlp_w1"] + p["input_mlp_b1"])  # [B, H]
         return h @ p["input_mlp_w2"] + p["input_mlp_b2"]  # [B, M]

@@ -1,0 +1,155 @@
+"""Helpers for tests that drive workers through Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import redis
+
+from memnet import Answer, Engine
+from worker.protocol import Keys, pack, partition_of
+
+
+def events(
+    n: int,
+    memories: list[str],
+    dims: tuple[int, int],
+    rng: np.random.Generator,
+    p_write: float = 0.6,
+) -> list[dict[str, Any]]:
+    input_dim, memory_dim = dims
+    out = []
+    for j in range(n):
+        memory = memories[int(rng.integers(0, len(memories)))]
+        u = rng.random()
+        if u < p_write:
+            out.append(
+                {
+                    "op": "write",
+                    "memory": memory,
+                    "x": rng.standard_normal(input_dim).astype("<f4").tobytes(),
+                }
+            )
+        elif u < p_write + (1 - p_write) / 2:
+            out.append(
+                {
+                    "op": "query",
+                    "memory": memory,
+                    "id": f"q{j}",
+                    "x": rng.standard_normal(input_dim).astype(np.float32).tolist(),
+                }
+            )
+        else:
+            out.append(
+                {
+                    "op": "query",
+                    "memory": memory,
+                    "id": f"q{j}",
+                    "q": rng.standard_normal(memory_dim).astype("<f4").tobytes(),
+                }
+            )
+    return out
+
+
+def send(client: redis.Redis, prefix: str, partitions: int, batch: list[Any]) -> list[str]:
+    """XADD each message (a dict, or raw bytes with its memory name) and return entry ids."""
+    keys = Keys(prefix)
+    pipe = client.pipeline(transaction=False)
+    for item in batch:
+        memory, raw = (item["memory"], pack(item)) if isinstance(item, dict) else item
+        pipe.xadd(keys.inp(partition_of(memory, partitions)), {"msg": raw})
+    return [i.decode() for i in pipe.execute()]
+
+
+def stream(client: redis.Redis, key: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(i.decode(), msgpack.unpackb(f[b"msg"], raw=False)) for i, f in client.xrange(key)]
+
+
+def outputs(
+    client: redis.Redis, prefix: str, partitions: int, kind: str = "out"
+) -> list[tuple[str, dict[str, Any]]]:
+    keys = Keys(prefix)
+    found = []
+    for p in range(partitions):
+        found += stream(client, keys.part(p, kind))
+    return found
+
+
+def library_answers(engine: Engine, batch: list[dict[str, Any]]) -> dict[str, Answer]:
+    """What the memnet library answers for the same events, one at a time, by query id."""
+    memories: dict[str, Any] = {}
+    answers = {}
+    for e in batch:
+        memory = memories.setdefault(e["memory"], engine.new_memory())
+        value = e.get("x", e.get("q"))
+        if isinstance(value, bytes):
+            value = np.frombuffer(value, "<f4")
+        if e["op"] == "write":
+            engine.apply(memory, engine.write(value))
+        elif "x" in e:
+            answers[e["id"]] = engine.apply(memory, engine.query(x=value))
+        else:
+            answers[e["id"]] = engine.apply(memory, engine.query(q=value))
+    return answers
+
+
+def assert_same_answer(response: dict[str, Any], answer: Answer) -> None:
+    assert "error" not in response, response
+    np.testing.assert_array_equal(np.array(response["y"], np.float32), answer.y)
+    np.testing.assert_array_equal(response["slots"], answer.slots)
+    np.testing.assert_array_equal(np.array(response["weights"], np.float32), answer.weights)
+
+
+def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class WorkerProcess:
+    """``memnet worker`` as a real process (what honcho runs)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with open(log, "ab") as stderr:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", "worker"],
+                env={**os.environ, **env},
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise
+        return self.proc.returncode
+
+
+def owners(client: redis.Redis, prefix: str, partitions: int) -> list[str | None]:
+    keys = Keys(prefix)
+    values = [client.get(keys.part(p, "lease")) for p in range(partitions)]
+    return [v.decode() if v is not None else None for v in values]

@@ -1,0 +1,103 @@
+"""The wire protocol's decoding and routing (unit level, no Redis)."""
+
+from __future__ import annotations
+
+import zlib
+
+import msgpack
+import numpy as np
+import pytest
+
+from worker.protocol import (
+    BadMessage,
+    Keys,
+    answer_message,
+    decode,
+    pack,
+    partition_of,
+)
+
+
+def test_routing_is_standard_crc32_mod_partitions():
+    # The CRC-32 check value (zlib, gzip, Java's CRC32, Node's zlib.crc32 all agree).
+    assert partition_of("123456789", 1 << 30) == 0xCBF43926 % (1 << 30)
+    assert partition_of("alpha", 8) == 0xD0E0396A % 8 == zlib.crc32(b"alpha") % 8
+    assert partition_of("γάμμα", 7) == zlib.crc32("γάμμα".encode()) % 7
+
+
+def test_keys_carry_the_partition_in_a_hash_tag():
+    keys = Keys("memnet")
+    assert keys.inp(3) == "memnet:{3}:in" and keys.out(3) == "memnet:{3}:out"
+    assert keys.dead(12) == "memnet:{12}:dead" and keys.meta == "memnet:meta"
+
+
+def ok(message, partitions=8):
+    raw = pack(message)
+    return decode(raw, partition_of(message["memory"], partitions), partitions, 1 << 20)
+
+
+def test_valid_messages_decode():
+    w = ok({"op": "write", "memory": "m", "x": [1, 2.5]})
+    assert w.op == "write" and w.x == [1, 2.5] and w.query_id is None
+    q = ok({"op": "query", "memory": "m", "id": "a", "q": np.ones(3, "<f4").tobytes()})
+    assert q.query_id == "a" and q.q.dtype == np.float32 and list(q.q) == [1, 1, 1]
+    t = ok({"op": "query", "memory": "m", "id": "a", "text": "where is mary?", "extra": 1})
+    assert t.text == "where is mary?"
+
+
+BAD = [
+    (b"\xc1", "not valid msgpack"),
+    (pack([1, 2]), "must be a msgpack map"),
+    (pack({"op": "delete", "memory": "m"}), "unknown op 'delete'"),
+    (pack({"op": "write", "x": [1]}), "'memory' must be a non-empty string"),
+    (pack({"op": "write", "memory": "", "x": [1]}), "'memory' must be a non-empty string"),
+    (pack({"op": "write", "memory": "m" * 257, "x": [1]}), "longer than 256 bytes"),
+    (pack({"op": "write", "memory": "m", "x": [1, "2"]}), "array of numbers"),
+    (pack({"op": "write", "memory": "m", "x": [True]}), "array of numbers"),
+    (pack({"op": "write", "memory": "m", "x": b"abc"}), "multiple of 4 bytes"),
+    (pack({"op": "write", "memory": "m", "x": {"a": 1}}), "array of numbers or float32 bin"),
+    (pack({"op": "write", "memory": "m"}), "exactly one of 'x' and 'text'"),
+    (pack({"op": "query", "memory": "m", "x": [1]}), "non-empty string 'id'"),
+    (pack({"op": "query", "memory": "m", "id": 5, "x": [1]}), "non-empty string 'id'"),
+    (pack({"op": "query", "memory": "m", "id": "a"}), "exactly one of 'x', 'q' and 'text'"),
+    (pack({"op": "query", "memory": "m", "id": "a", "x": [1], "q": [1]}), "exactly one of"),
+    (
+        msgpack.packb({"op": "write", "memory": "m", "x": msgpack.ExtType(1, b"z")}),
+        "not valid msgpack",
+    ),
+    (msgpack.packb({1: 2}), "not valid msgpack"),
+    (None, "no 'msg' field"),
+]
+
+
+@pytest.mark.parametrize("raw, reason", BAD)
+def test_bad_messages_are_refused_with_a_reason(raw, reason):
+    with pytest.raises(BadMessage) as e:
+        decode(raw, partition_of("m", 8), 8, 1 << 20)
+    assert reason in e.value.reason
+
+
+def test_wrong_partition_and_size_limit():
+    raw = pack({"op": "write", "memory": "m", "x": [1.0]})
+    home = partition_of("m", 8)
+    with pytest.raises(BadMessage, match=f"routes to partition {home}, not {(home + 1) % 8}"):
+        decode(raw, (home + 1) % 8, 8, 1 << 20)
+    with pytest.raises(BadMessage, match="over the limit of 10"):
+        decode(raw, home, 8, 10)
+
+
+def test_bad_message_keeps_its_id_and_memory_for_the_error_response():
+    with pytest.raises(BadMessage) as e:
+        decode(
+            pack({"op": "query", "memory": "m", "id": "abc", "x": "no"}),
+            partition_of("m", 8),
+            8,
+            1 << 20,
+        )
+    assert (e.value.query_id, e.value.memory) == ("abc", "m")
+
+
+def test_answers_carry_float32_values_exactly():
+    y = np.array([1 / 3, -2.5e-7], np.float32)
+    back = msgpack.unpackb(answer_message("i", "m", y, np.array([3, 1]), y, {}), raw=False)
+    assert np.array_equal(np.array(back["y"], np.float32), y) and back["slots"] == [3, 1]

@@ -1,0 +1,211 @@
+"""The worker against a real redis-server: answers, order, dead letters, restarts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memnet import Engine, load_model
+from tests.conftest import WORKER_MODEL
+from tests.streams import (
+    assert_same_answer,
+    events,
+    library_answers,
+    outputs,
+    send,
+    stream,
+)
+from worker.cli import main as cli
+from worker.protocol import Keys, pack, partition_of
+from worker.settings import Settings
+from worker.worker import Worker
+
+PREFIX = "t"
+PARTITIONS = 4
+CONFIG = WORKER_MODEL
+DIMS = (CONFIG.input_dim, CONFIG.memory_dim)
+MEMORIES = [f"mem-{i}" for i in range(10)]
+
+
+def settings(redis_url, tmp_path, model_file, **overrides):
+    values = {
+        "redis_url": redis_url,
+        "model": model_file,
+        "snapshot_dir": tmp_path / "snap",
+        "partitions": PARTITIONS,
+        "prefix": PREFIX,
+        "batch_size": 7,
+        "lease_ms": 2000,
+        "block_ms": 20,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def burst(redis_url, tmp_path, model_file, **overrides):
+    s = settings(redis_url, tmp_path, model_file, **overrides)
+    Worker(s, Engine(load_model(model_file))).run(burst=True)
+
+
+def test_responses_equal_the_library_and_sit_at_the_query_entry_id(
+    redis_url, tmp_path, model_file, redis_server
+):
+    batch = events(500, MEMORIES, DIMS, np.random.default_rng(1))
+    ids = send(redis_server.client(), PREFIX, PARTITIONS, batch)
+    burst(redis_url, tmp_path, model_file)
+    out = outputs(redis_server.client(), PREFIX, PARTITIONS)
+    expected = library_answers(Engine(load_model(model_file)), batch)
+    assert len(out) == len(expected)  # one response per query, none for writes
+    entry_of = {e["id"]: i for e, i in zip(batch, ids, strict=True) if e["op"] == "query"}
+    for entry_id, response in out:
+        assert entry_of[response["id"]] == entry_id
+        assert_same_answer(response, expected[response["id"]])
+    assert not outputs(redis_server.client(), PREFIX, PARTITIONS, "dead")
+    # everything is acknowledged and the offset records the last applied entry
+    r = redis_server.client()
+    for p in range(PARTITIONS):
+        assert r.xpending(Keys(PREFIX).inp(p), "memnet")["pending"] == 0
+
+
+def overflowing_x(model_file):
+    """An x that passes the input checks but whose I(x) overflows float32."""
+    engine = Engine(load_model(model_file))
+    for scale in (1e17, 1e18, 3e18, 6e18, 1e19):
+        x = np.zeros(CONFIG.input_dim, np.float32)
+        x[:2] = scale
+        try:
+            event = engine.write(x)
+        except Exception:
+            continue
+        if engine.process([(engine.new_memory(), event)])[0] is not None:
+            return x.tolist()
+    raise AssertionError("no overflowing input found")
+
+
+def invalid_messages(model_file):
+    m = "mem-0"
+    vector = np.ones(CONFIG.input_dim, "<f4").tobytes()
+    return [
+        (m, b"\xc1"),
+        (m, pack([1, 2, 3])),
+        (m, pack({"op": "erase", "memory": m, "id": "e1"})),
+        (m, pack({"op": "write", "memory": m, "x": [1.0, 2.0]})),
+        (m, pack({"op": "write", "memory": m, "x": [float("nan")] * 8})),
+        (m, pack({"op": "query", "memory": m, "x": [1.0] * 8})),
+        (m, pack({"op": "query", "memory": m, "id": "e2"})),
+        (m, pack({"op": "query", "memory": m, "id": "e3", "x": vector, "q": vector})),
+        (m, pack({"op": "query", "memory": m, "id": "e4", "q": [1.0] * 3})),
+        (m, pack({"op": "write", "memory": "", "x": vector})),
+        (m, pack({"op": "write", "memory": "m" * 300, "x": vector})),
+        (m, pack({"op": "write", "memory": m, "x": vector, "pad": "z" * 2000})),
+        (m, pack({"op": "query", "memory": m, "id": "e5", "x": overflowing_x(model_file)})),
+    ]
+
+
+def test_each_invalid_input_is_dead_lettered_and_the_worker_keeps_serving(
+    redis_url, tmp_path, model_file, redis_server
+):
+    r = redis_server.client()
+    rng = np.random.default_rng(2)
+    good = events(120, MEMORIES, DIMS, rng)
+    bad = invalid_messages(model_file)
+    # a message for a memory that lives elsewhere, pushed into mem-0's partition
+    stray = next(
+        n
+        for n in (f"x{i}" for i in range(99))
+        if partition_of(n, PARTITIONS) != partition_of("mem-0", PARTITIONS)
+    )
+    mixed = good[:60] + bad + good[60:]
+    ids = send(r, PREFIX, PARTITIONS, mixed)
+    home = Keys(PREFIX).inp(partition_of("mem-0", PARTITIONS))
+    stray_id = r.xadd(
+        home, {"msg": pack({"op": "write", "memory": stray, "x": [0.0] * 8})}
+    ).decode()
+    no_field = r.xadd(home, {"other": b"1"}).decode()
+    burst(redis_url, tmp_path, model_file, max_message_bytes=1000)
+
+    dead = outputs(r, PREFIX, PARTITIONS, "dead")
+    bad_ids = set(ids[60 : 60 + len(bad)]) | {stray_id, no_field}
+    assert {entry for entry, _ in dead} == bad_ids
+    for entry, letter in dead:
+        assert letter["entry"] == entry and letter["error"]
+    reasons = {letter["entry"]: letter["error"] for _, letter in dead}
+    assert "routes to partition" in reasons[stray_id]
+    assert "no 'msg' field" in reasons[no_field]
+    assert "over the limit of 1000" in reasons[ids[60 + 11]]
+    assert "non-finite values in memory space" in reasons[ids[60 + 12]]
+    # error responses for the bad ones that carried a string id
+    out = dict((m["id"], m) for _, m in outputs(r, PREFIX, PARTITIONS))
+    for qid in ("e1", "e2", "e3", "e4", "e5"):
+        assert "error" in out[qid] and out[qid]["memory"] == "mem-0"
+    # the good events were answered as if the bad ones never existed
+    expected = library_answers(Engine(load_model(model_file)), good)
+    for qid, answer in expected.items():
+        assert_same_answer(out[qid], answer)
+
+
+def test_memory_survives_a_restart_and_the_input_is_trimmed(
+    redis_url, tmp_path, model_file, redis_server
+):
+    r = redis_server.client()
+    batch = events(400, MEMORIES, DIMS, np.random.default_rng(3))
+    send(r, PREFIX, PARTITIONS, batch[:200])
+    burst(redis_url, tmp_path, model_file)  # snapshots on exit
+    send(r, PREFIX, PARTITIONS, batch[200:])
+    burst(redis_url, tmp_path, model_file)
+    send(r, PREFIX, PARTITIONS, batch[:0])
+    expected = library_answers(Engine(load_model(model_file)), batch)
+    out = outputs(r, PREFIX, PARTITIONS)
+    assert len(out) == len(expected)
+    for _, response in out:
+        assert_same_answer(response, expected[response["id"]])
+    # two snapshots per partition are kept; the input below the older one is gone
+    trimmed = sum(r.xlen(Keys(PREFIX).inp(p)) < 200 // PARTITIONS for p in range(PARTITIONS))
+    assert trimmed >= 1 and len(list((tmp_path / "snap" / "p0").glob("snap-*"))) == 2
+
+
+def test_a_worker_configured_with_another_partition_count_refuses(
+    redis_url, tmp_path, model_file, monkeypatch, capsys, redis_server
+):
+    redis_server.client().hset("t:meta", mapping={"partitions": 4, "protocol": 1})
+    for key, value in {
+        "REDIS_URL": redis_url,
+        "MEMNET_MODEL": str(model_file),
+        "MEMNET_PREFIX": "t",
+        "MEMNET_PARTITIONS": "6",
+        "MEMNET_SNAPSHOT_DIR": str(tmp_path),
+    }.items():
+        monkeypatch.setenv(key, value)
+    assert cli(["worker", "--burst"]) == 2
+    err = capsys.readouterr().err
+    assert "MEMNET_PARTITIONS is 6" in err and "has 4 partitions" in err
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MEMNET_PARTITIONS": "many"}, "MEMNET_PARTITIONS must be a number, got 'many'"),
+        ({"MEMNET_BATCH_SIZE": "0"}, "MEMNET_BATCH_SIZE is out of range"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL must start with redis://"),
+        ({"MEMNET_MODEL": ""}, "MEMNET_MODEL is not set"),
+        ({"MEMNET_MODEL": "/nonexistent/model.safetensors"}, "no such model file"),
+    ],
+)
+def test_bad_settings_stop_start_up_naming_the_setting(
+    env, message, monkeypatch, capsys, redis_url, tmp_path
+):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("MEMNET_SNAPSHOT_DIR", str(tmp_path))
+    monkeypatch.delenv("MEMNET_MODEL", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert cli(["worker"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_stream_ids_reject_a_replayed_publish(redis_server):
+    r = redis_server.client()
+    r.xadd("probe", {"msg": b"1"}, id="5-1")
+    with pytest.raises(Exception, match="equal or smaller"):
+        r.xadd("probe", {"msg": b"1"}, id="5-1")
+    assert len(stream(r, "probe")) == 1

@@ -1,0 +1,144 @@
+"""Several `memnet worker` processes: fair split, exactly once, SIGKILL, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from memnet import Engine, load_model
+from tests.streams import (
+    WorkerProcess,
+    assert_same_answer,
+    events,
+    library_answers,
+    outputs,
+    owners,
+    send,
+    wait_for,
+)
+from tests.test_worker import DIMS, MEMORIES
+
+PREFIX = "p"
+PARTITIONS = 8
+
+
+@pytest.fixture
+def start(redis_url, tmp_path, model_file):
+    started: list[WorkerProcess] = []
+
+    def launch(name: str) -> WorkerProcess:
+        env = {
+            "REDIS_URL": redis_url,
+            "MEMNET_MODEL": str(model_file),
+            "MEMNET_SNAPSHOT_DIR": str(tmp_path / "snap"),
+            "MEMNET_PREFIX": PREFIX,
+            "MEMNET_PARTITIONS": str(PARTITIONS),
+            "MEMNET_LEASE_MS": "1500",
+            "MEMNET_BATCH_SIZE": "50",
+            "MEMNET_WORKER_ID": name,
+            "MEMNET_SNAPSHOT_EVERY_ENTRIES": "200",
+            "MEMNET_LOG_LEVEL": "INFO",
+        }
+        worker = WorkerProcess(env, tmp_path / f"{name}.log")
+        started.append(worker)
+        return worker
+
+    yield launch
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait(10)
+
+
+def split(client):
+    held = owners(client, PREFIX, PARTITIONS)
+    return sorted(Counter(held).values()) if None not in held else None
+
+
+def answered_exactly_once(client, batch, model_file):
+    expected = library_answers(Engine(load_model(model_file)), batch)
+    out = outputs(client, PREFIX, PARTITIONS)
+    counts = Counter(m["id"] for _, m in out)
+    assert set(counts) == set(expected), "missing or unexpected responses"
+    assert max(counts.values()) == 1, "duplicated responses"
+    for _, response in out:
+        assert_same_answer(response, expected[response["id"]])
+
+
+def queries(batch):
+    return sum(e["op"] == "query" for e in batch)
+
+
+@pytest.mark.parametrize("n, shares", [(2, [4, 4]), (3, [2, 3, 3])])
+def test_workers_split_partitions_fairly_and_answer_everything_once(
+    n, shares, start, redis_server, model_file
+):
+    r = redis_server.client()
+    workers = [start(f"w{i}") for i in range(n)]
+    wait_for(lambda: split(r) == shares, 90, f"partitions split {shares}")
+    batch = events(1500, MEMORIES * 3, DIMS, np.random.default_rng(5))
+    send(r, PREFIX, PARTITIONS, batch)
+    wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries(batch), 60, "responses")
+    assert split(r) == shares
+    answered_exactly_once(r, batch, model_file)
+    assert all(w.stop() == 0 for w in workers)
+
+
+def test_sigkill_mid_stream_then_restart_loses_and_repeats_nothing(start, redis_server, model_file):
+    r = redis_server.client()
+    a, b = start("a"), start("b")
+    wait_for(lambda: split(r) == [4, 4], 90, "two workers sharing")
+    batch = events(3000, [f"k{i}" for i in range(40)], DIMS, np.random.default_rng(6))
+    chunks = np.array_split(np.arange(len(batch)), 10)
+    for number, chunk in enumerate(chunks):
+        send(r, PREFIX, PARTITIONS, [batch[j] for j in chunk])
+        if number == 3:
+            time.sleep(0.3)  # let a work on it, then kill it mid-stream
+            a.kill()
+        if number == 6:
+            a = start("a2")
+        time.sleep(0.05)
+    wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries(batch), 90, "responses")
+    wait_for(lambda: split(r) == [4, 4], 30, "rebalanced")
+    answered_exactly_once(r, batch, model_file)
+    # final state: probe every memory; answers must equal an uninterrupted library run
+    probes = [
+        {
+            "op": "query",
+            "memory": f"k{i}",
+            "id": f"probe{i}",
+            "q": np.full(DIMS[1], 0.5, "<f4").tobytes(),
+        }
+        for i in range(40)
+    ]
+    send(r, PREFIX, PARTITIONS, probes)
+    wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries(batch) + 40, 60, "probes")
+    answered_exactly_once(r, batch + probes, model_file)
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_sigterm_drains_snapshots_and_releases_within_4_seconds(
+    start, redis_server, tmp_path, model_file
+):
+    r = redis_server.client()
+    w = start("solo")
+    wait_for(lambda: split(r) == [8], 90, "one worker owning all")
+    batch = events(4000, MEMORIES, DIMS, np.random.default_rng(8))
+    send(r, PREFIX, PARTITIONS, batch)
+    time.sleep(0.2)
+    began = time.monotonic()
+    w.signal(signal.SIGTERM)
+    code = w.proc.wait(10)
+    took = time.monotonic() - began
+    print(f"SIGTERM to exit: {took:.2f} s")
+    assert code == 0 and took <= 4.0, f"exit {code} after {took:.2f} s"
+    assert owners(r, PREFIX, PARTITIONS) == [None] * PARTITIONS  # leases released
+    assert list((tmp_path / "snap").glob("p*/snap-*")), "no snapshot written on shutdown"
+    # a new worker picks up exactly where it stopped
+    start("next")
+    wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries(batch), 60, "responses")
+    answered_exactly_once(r, batch, model_file)

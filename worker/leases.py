@@ -1,0 +1,95 @@
+"""Membership and leases: who is alive, how many partitions each should own, renewals.
+
+Live workers heartbeat into a sorted set scored by expiry (Redis's clock, so worker clocks
+do not matter). Each worker's fair share is floor(P/N) or ceil(P/N) by its rank among the
+live ids, so shares always add up to P and ownership converges without coordination. Leases
+are renewed by a background thread, so a long snapshot does not cost ownership -- but only
+while the main loop keeps making progress: a stalled loop lets its leases expire.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from worker.connection import ERRORS, Client, text
+from worker.protocol import Keys
+from worker.scripts import Scripts
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def fair_share(partitions: int, live: list[str], me: str) -> int:
+    """How many partitions ``me`` should own among the live workers."""
+    members = sorted(set(live) | {me})
+    base, extra = divmod(partitions, len(members))
+    return base + (1 if members.index(me) < extra else 0)
+
+
+class LeaseKeeper(threading.Thread):
+    """Heartbeats and renews this worker's leases every third of the lease."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: Client,
+        owned: Callable[[], dict[int, int]],
+        on_lost: Callable[[int], None],
+        last_progress: Callable[[], float],
+        stall_s: float,
+    ) -> None:
+        super().__init__(name="lease-keeper", daemon=True)
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.client = client
+        self.scripts = Scripts(client)
+        self.owned = owned
+        self.on_lost = on_lost
+        self.last_progress = last_progress
+        self.stall_s = stall_s
+        self.members: list[str] = []
+        self.beats = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.tick()
+            except ERRORS as e:
+                log.warning("lease keeper cannot reach Redis: %s", e)
+            except Exception:  # never let the thread die: the leases would silently lapse
+                log.exception("lease keeper failed; retrying")
+            self._stop.wait(max(0.0, self.settings.renew_every_s - (time.monotonic() - started)))
+
+    def tick(self) -> None:
+        stalled = time.monotonic() - self.last_progress() > self.stall_s
+        if stalled:
+            log.error("main loop made no progress for %.0f s: letting leases expire", self.stall_s)
+            return
+        s = self.settings
+        now = self.redis_ms()
+        live = self.scripts.heartbeat(keys=[self.keys.workers], args=[s.worker_id, s.lease_ms, now])
+        self.members = sorted(text(live))
+        self.beats += 1
+        for p, epoch in self.owned().items():
+            keys = [self.keys.part(p, "epoch"), self.keys.part(p, "lease")]
+            if not self.scripts.renew(keys=keys, args=[epoch, s.worker_id, s.lease_ms]):
+                self.on_lost(p)
+
+    def leave(self) -> None:
+        """Remove this worker from the live set (on shutdown)."""
+        self.scripts.heartbeat(
+            keys=[self.keys.workers], args=[self.settings.worker_id, 0, self.redis_ms()]
+        )
+
+    def redis_ms(self) -> int:
+        """Redis's clock in ms: expiries use one clock whatever the workers' clocks say."""
+        seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000

@@ -1,0 +1,201 @@
+"""The wire protocol, version 1 (docs/protocol.md is the contract for producers).
+
+Keys (``{p}`` is the partition number in a Redis Cluster hash tag):
+  <prefix>:meta          hash: partitions, protocol
+  <prefix>:{p}:in        input stream (writes and queries), consumer group "memnet"
+  <prefix>:{p}:out       responses, each at the stream id of its query
+  <prefix>:{p}:dead      dead letters, each at the stream id of its input entry
+  <prefix>:{p}:lease|epoch|offset|trimmed    ownership and bookkeeping
+A memory named ``name`` lives in partition ``crc32(utf8(name)) mod partitions``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL = 1
+GROUP = "memnet"
+MAX_NAME_BYTES = 256
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    @property
+    def meta(self) -> str:
+        return f"{self.prefix}:meta"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def part(self, p: int, name: str) -> str:
+        return f"{self.prefix}:{{{p}}}:{name}"
+
+    def inp(self, p: int) -> str:
+        return self.part(p, "in")
+
+    def out(self, p: int) -> str:
+        return self.part(p, "out")
+
+    def dead(self, p: int) -> str:
+        return self.part(p, "dead")
+
+
+def partition_of(name: str, partitions: int) -> int:
+    """crc32(utf8(name)) mod partitions: the same in every language's standard CRC-32."""
+    return zlib.crc32(name.encode("utf-8")) % partitions
+
+
+def parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class BadMessage(Exception):
+    """An entry that cannot be applied; becomes a dead letter (and an error response)."""
+
+    def __init__(self, reason: str, query_id: str | None = None, memory: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.query_id = query_id
+        self.memory = memory
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    op: str  # "write" or "query"
+    memory: str
+    query_id: str | None
+    x: Any = None  # input-space payload: a float32 vector, or text
+    q: np.ndarray | None = None  # memory-space query vector
+    text: str | None = None
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def unpack(raw: bytes, max_bytes: int) -> Any:
+    if len(raw) > max_bytes:
+        raise BadMessage(f"message is {len(raw)} bytes, over the limit of {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            timestamp=0,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises many kinds; each means a bad message
+        raise BadMessage(f"not valid msgpack ({type(e).__name__})") from None
+
+
+def vector(value: Any, field: str) -> Any:
+    """A wire vector: a msgpack array of numbers (checked by memnet) or bin of float32 LE."""
+    if isinstance(value, bytes):
+        if len(value) % 4:
+            raise BadMessage(
+                f"'{field}' bin must hold little-endian float32 "
+                f"(a multiple of 4 bytes), got {len(value)} bytes"
+            )
+        return np.frombuffer(value, "<f4").astype(np.float32)
+    if isinstance(value, list):
+        if not all(type(v) in (int, float) for v in value):
+            raise BadMessage(f"'{field}' must be an array of numbers")
+        return value
+    raise BadMessage(
+        f"'{field}' must be an array of numbers or float32 bin, got {type(value).__name__}"
+    )
+
+
+def decode(raw: bytes | None, partition: int, partitions: int, max_bytes: int) -> Message:
+    """Check one entry's ``msg`` field; raises BadMessage with the reason."""
+    if raw is None:
+        raise BadMessage("entry has no 'msg' field")
+    data = unpack(raw, max_bytes)
+    if not isinstance(data, dict):
+        raise BadMessage(f"message must be a msgpack map, got {type(data).__name__}")
+    query_id = data.get("id") if isinstance(data.get("id"), str) else None
+    memory = data.get("memory") if isinstance(data.get("memory"), str) else None
+    try:
+        return _check(data, memory, query_id, partition, partitions)
+    except BadMessage as e:
+        raise BadMessage(e.reason, query_id, memory) from None
+
+
+def _check(
+    data: dict[str, Any], memory: str | None, query_id: str | None, partition: int, partitions: int
+) -> Message:
+    op = data.get("op")
+    if op not in ("write", "query"):
+        raise BadMessage(f"unknown op {op!r} (expected 'write' or 'query')")
+    if memory is None or not memory:
+        raise BadMessage("'memory' must be a non-empty string")
+    if len(memory.encode("utf-8")) > MAX_NAME_BYTES:
+        raise BadMessage(f"'memory' is longer than {MAX_NAME_BYTES} bytes")
+    home = partition_of(memory, partitions)
+    if home != partition:
+        raise BadMessage(f"memory {memory!r} routes to partition {home}, not {partition}")
+    inputs = [k for k in ("x", "q", "text") if k in data]
+    if op == "write":
+        if inputs not in (["x"], ["text"]):
+            raise BadMessage("a write needs exactly one of 'x' and 'text'")
+        return _payload(data, "write", memory, None, inputs[0])
+    if query_id is None or not query_id:
+        raise BadMessage("a query needs a non-empty string 'id'")
+    if len(inputs) != 1:
+        raise BadMessage("a query needs exactly one of 'x', 'q' and 'text'")
+    return _payload(data, "query", memory, query_id, inputs[0])
+
+
+def _payload(
+    data: dict[str, Any], op: str, memory: str, query_id: str | None, field: str
+) -> Message:
+    if field == "text":
+        if not isinstance(data["text"], str):
+            raise BadMessage("'text' must be a string")
+        return Message(op, memory, query_id, text=data["text"])
+    if field == "q":
+        return Message(op, memory, query_id, q=vector(data["q"], "q"))
+    return Message(op, memory, query_id, x=vector(data["x"], "x"))
+
+
+def pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True, use_single_float=True)
+
+
+def answer_message(
+    query_id: str,
+    memory: str,
+    y: np.ndarray,
+    slots: np.ndarray,
+    weights: np.ndarray,
+    extra: dict[str, Any],
+) -> bytes:
+    return pack(
+        {
+            "id": query_id,
+            "memory": memory,
+            "y": y.tolist(),
+            "slots": slots.tolist(),
+            "weights": weights.tolist(),
+            **extra,
+        }
+    )
+
+
+def error_message(query_id: str, memory: str | None, error: str) -> bytes:
+    return pack({"id": query_id, "memory": memory, "error": error})
+
+
+def dead_letter(entry_id: str, error: str, raw: bytes | None) -> bytes:
+    return pack({"entry": entry_id, "error": error, "raw": raw})
