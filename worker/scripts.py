@@ -150,6 +150,13 @@ class Scripts:
         self.trim = client.register_script(TRIM)
         self.tidy = client.register_script(TIDY)
         self.heartbeat = client.register_script(HEARTBEAT)
+        self.client = client
+
+    def load(self) -> None:
+        """Load every script now (EVALSHA still reloads one that a restarted Redis lost)."""
+        for name in ("acquire", "renew", "release", "read", "commit", "trim", "tidy", "heartbeat"):
+            script = getattr(self, name)
+            script.sha = self.client.script_load(script.script)
 
 
 def fenced(call: Any, *args: Any, **kwargs: Any) -> Any:

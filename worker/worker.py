@@ -76,17 +76,7 @@ class Worker:
     def run(self, burst: bool = False) -> None:
         """Serve until stopped; with burst, stop once every partition it holds is drained."""
         self.burst = burst
-        self.check_meta()
-        self._run_id = self._redis_run_id()
-        log.info(
-            "worker %s serving %s (model %s, %d partitions, redis %s)",
-            self.s.worker_id,
-            self.s.prefix,
-            self.engine.model.fingerprint[:12],
-            self.s.partitions,
-            redact(self.s.redis_url),
-        )
-        self.keeper.tick()  # be counted by peers before compiling (which takes a while)
+        self._until_reachable(self._start_up)
         self.keeper.start()
         self.engine.warm_up(self.s.batch_size)
         self._started = time.monotonic()
@@ -100,6 +90,35 @@ class Worker:
                     self._on_redis_error(e)
         finally:
             self.shutdown()
+
+    def _start_up(self) -> None:
+        self.scripts.load()
+        self.keeper.scripts.load()
+        self.check_meta()
+        self._run_id = self._redis_run_id()
+        log.info(
+            "worker %s serving %s (model %s, %d partitions, redis %s)",
+            self.s.worker_id,
+            self.s.prefix,
+            self.engine.model.fingerprint[:12],
+            self.s.partitions,
+            redact(self.s.redis_url),
+        )
+        self.keeper.tick()  # be counted by peers before compiling (which takes a while)
+
+    def _until_reachable(self, action: Any) -> None:
+        """Run action, retrying with backoff while Redis is unreachable (until stopped)."""
+        delay = 0.1
+        while True:
+            try:
+                action()
+                return
+            except ERRORS as e:
+                if self.stopping.is_set():
+                    raise
+                log.warning("Redis unavailable at start-up (%s); retrying in %.1f s", e, delay)
+                self.stopping.wait(delay)
+                delay = min(5.0, delay * 2)
 
     def _loop_once(self) -> bool:
         """One pass; True when a burst run is done."""
@@ -517,7 +536,15 @@ def _entries(reply: Any) -> list[tuple[str, dict[bytes, Any]]]:
 
 def serve(settings: Settings, burst: bool = False) -> None:
     """Run a worker with signal handling (the ``memnet worker`` command)."""
-    worker = Worker(settings)
+    delay = 0.1
+    while True:
+        try:
+            worker = Worker(settings)
+            break
+        except ERRORS as e:
+            log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
     worker.run(burst=burst)
