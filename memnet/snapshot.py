@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import hnswlib
 import numpy as np
@@ -62,6 +62,27 @@ class SnapshotInfo:
     @property
     def name(self) -> str:
         return self.path.name
+
+
+class Snapshots(Protocol):
+    """What a worker needs from a snapshot store.
+
+    ``SnapshotStore`` keeps snapshots in a directory (local disk or a mount every worker
+    reaches); a store on an object service would provide the same calls, keeping the same
+    contract: a snapshot appears whole or not at all, and is verified before use.
+    """
+
+    def save(
+        self, memories: Mapping[str, Memory], position: str | None, epoch: int = 0
+    ) -> SnapshotInfo: ...
+
+    def load(self) -> Loaded | None: ...
+
+    def positions(self) -> list[str | None]: ...
+
+    def newest_epoch(self) -> int: ...
+
+    def clean_temporary(self) -> None: ...
 
 
 @dataclass
@@ -140,6 +161,11 @@ class SnapshotStore:
             except SnapshotError:
                 continue
         return out
+
+    def newest_epoch(self) -> int:
+        """The highest epoch of any snapshot here (0 if none)."""
+        found = self.snapshots()
+        return found[0].epoch if found else 0
 
     def clean_temporary(self) -> None:
         """Remove leftovers of interrupted writes (call when taking ownership)."""

@@ -11,10 +11,14 @@ from pathlib import Path
 import redis
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(below: int = 65536) -> int:
+    """A free TCP port (cluster nodes need one below 55536: their bus port is +10000)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < below:
+            return port
 
 
 class RedisServer:
@@ -80,3 +84,60 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port)
+
+
+class RedisCluster:
+    """A local 3-master Redis Cluster (no replicas), as `redis-cli --cluster create` makes."""
+
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        self.nodes = [
+            RedisServer(
+                workdir / f"node{i}",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                port=free_port(55000),
+            )
+            for i in range(masters)
+        ]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.wait_ok()
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            states = [n.client().cluster("info").get("cluster_state") for n in self.nodes]
+            if all(s == "ok" for s in states):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster did not become ok: {states}")
+            time.sleep(0.1)
+
+    def client(self):
+        from redis.cluster import RedisCluster as Client
+
+        return Client.from_url(self.url)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()

@@ -16,6 +16,25 @@ import redis
 
 from memnet import Answer, Engine
 from worker.protocol import Keys, pack, partition_of
+from worker.settings import Settings
+
+
+def worker_settings(
+    redis_url: str, tmp_path: Path, model_file: Path, prefix: str, partitions: int, **overrides: Any
+) -> Settings:
+    """Settings of an in-process test worker: small batches, short waits."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "model": model_file,
+        "snapshot_dir": tmp_path / "snap",
+        "partitions": partitions,
+        "prefix": prefix,
+        "batch_size": 7,
+        "lease_ms": 2000,
+        "block_ms": 20,
+        **overrides,
+    }
+    return Settings(**values)
 
 
 def events(

@@ -14,10 +14,10 @@ from tests.streams import (
     outputs,
     send,
     stream,
+    worker_settings,
 )
 from worker.cli import main as cli
 from worker.protocol import Keys, pack, partition_of
-from worker.settings import Settings
 from worker.worker import Worker
 
 PREFIX = "t"
@@ -28,18 +28,7 @@ MEMORIES = [f"mem-{i}" for i in range(10)]
 
 
 def settings(redis_url, tmp_path, model_file, **overrides):
-    values = {
-        "redis_url": redis_url,
-        "model": model_file,
-        "snapshot_dir": tmp_path / "snap",
-        "partitions": PARTITIONS,
-        "prefix": PREFIX,
-        "batch_size": 7,
-        "lease_ms": 2000,
-        "block_ms": 20,
-        **overrides,
-    }
-    return Settings(**values)
+    return worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS, **overrides)
 
 
 def burst(redis_url, tmp_path, model_file, **overrides):

@@ -142,3 +142,30 @@ def test_sigterm_drains_snapshots_and_releases_within_4_seconds(
     start("next")
     wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries(batch), 60, "responses")
     answered_exactly_once(r, batch, model_file)
+
+
+def test_ownership_converges_as_workers_join_and_leave(start, redis_server):
+    """Within one lease plus a cycle of the change (a joining worker counts from the moment
+    it registers; it compiles first), every worker holds floor or ceil of P/N."""
+    r = redis_server.client()
+    lease_s, bound = 1.5, 1.5 + 2 * 0.5 + 1.0  # lease + renewal cycles + polling slack
+    workers = [start("j0")]
+    wait_for(lambda: split(r) == [8], 90, "one worker owning all")
+
+    def registered(n):
+        return lambda: r.zcard(f"{PREFIX}:workers") == n
+
+    for n, shares in ((2, [4, 4]), (3, [2, 3, 3])):
+        workers.append(start(f"j{n - 1}"))
+        wait_for(registered(n), 90, f"{n} workers registered")
+        began = time.monotonic()
+        wait_for(lambda s=shares: split(r) == s, bound, f"split {shares} after a join")
+        print(f"join of worker {n}: balanced in {time.monotonic() - began:.2f} s")
+    began = time.monotonic()
+    assert workers[0].stop() == 0  # leaves cleanly: hands its partitions over
+    wait_for(lambda: split(r) == [4, 4], bound, "split 4/4 after a clean leave")
+    print(f"clean leave: balanced in {time.monotonic() - began:.2f} s")
+    began = time.monotonic()
+    workers[1].kill()  # dies: its leases must expire first
+    wait_for(lambda: split(r) == [8], lease_s + bound, "one worker owning all after a kill")
+    print(f"kill: taken over in {time.monotonic() - began:.2f} s")

@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from worker.connection import Client, connect, text
+from worker.connection import Client, connect, is_cluster, text
 from worker.protocol import Keys, pack, parse_id, partition_of
 
 
@@ -113,10 +113,24 @@ class MemnetClient:
         chosen = list(range(self.partitions)) if partitions is None else partitions
         positions = {self.keys.out(p): start for p in chosen}
         owner = {self.keys.out(p): p for p in chosen}
+        if start == "$":  # pin "now" per stream, so no response slips between reads
+            for key in positions:
+                last = self.redis.xrevrange(key, count=1)
+                positions[key] = text(last[0][0]) if last else "0-0"
         while True:
-            reply = self.redis.xread(positions, count=1000, block=block_ms)
-            for stream, entries in reply or []:
+            for stream, entries in self._read(positions, block_ms):
                 key = text(stream)
                 for entry_id, fields in entries:
                     positions[key] = text(entry_id)
                     yield owner[key], text(entry_id), msgpack.unpackb(fields[b"msg"], raw=False)
+
+    def _read(self, positions: dict[str, str], block_ms: int) -> list[Any]:
+        if not is_cluster(self.redis):
+            return self.redis.xread(positions, count=1000, block=block_ms) or []
+        # A cluster serves one slot per command: read each partition's stream in turn.
+        replies: list[Any] = []
+        for key, after in positions.items():
+            replies += self.redis.xread({key: after}, count=1000) or []
+        if not replies:
+            time.sleep(min(block_ms, 50) / 1000)
+        return replies

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memnet import Answer, Engine, InvalidInput, Memory, Rejected
-from memnet.snapshot import SnapshotStore
+from memnet.snapshot import Snapshots
 from worker import protocol
 from worker.protocol import BadMessage, parse_id
 
@@ -39,7 +39,7 @@ class Partition:
         number: int,
         epoch: int,
         engine: Engine,
-        store: SnapshotStore,
+        store: Snapshots,
         partitions: int,
         max_message_bytes: int,
     ) -> None:

@@ -19,10 +19,16 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 """
 
-# KEYS: lease, epoch  ARGV: worker id, lease ms  ->  the new epoch, or nil if the lease is held
+# KEYS: lease, epoch  ARGV: worker id, lease ms, floor  ->  the new epoch, or nil if held.
+# The epoch always exceeds floor (the newest snapshot's epoch), even if Redis lost its data.
 ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
+  local epoch = redis.call('INCR', KEYS[2])
+  if epoch <= tonumber(ARGV[3]) then
+    epoch = tonumber(ARGV[3]) + 1
+    redis.call('SET', KEYS[2], epoch)
+  end
+  return epoch
 end
 return false
 """

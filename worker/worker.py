@@ -20,14 +20,16 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from memnet import Engine, SnapshotError, load_model
 from memnet.errors import StaleSnapshot
-from memnet.snapshot import SnapshotStore
+from memnet.snapshot import Snapshots, SnapshotStore
 from worker import metrics
 from worker.connection import ERRORS, connect, is_cluster, text
 from worker.leases import LeaseKeeper, fair_share
@@ -62,6 +64,7 @@ class Worker:
         self._refused_until: dict[int, float] = {}
         self._idle: set[int] = set()
         self._run_id: str | None = None
+        self._resync = False  # a Redis call failed: re-plan from Redis's state before reading
         self.burst = False
         self.keeper = LeaseKeeper(
             settings,
@@ -76,9 +79,11 @@ class Worker:
     def run(self, burst: bool = False) -> None:
         """Serve until stopped; with burst, stop once every partition it holds is drained."""
         self.burst = burst
+        # Compile first, join after: a worker that joins takes its share at once, which
+        # keeps takeovers after a crash short.
+        self.engine.warm_up(self.s.batch_size)
         self._until_reachable(self._start_up)
         self.keeper.start()
-        self.engine.warm_up(self.s.batch_size)
         self._started = time.monotonic()
         try:
             while not self.stopping.is_set():
@@ -104,14 +109,15 @@ class Worker:
             self.s.partitions,
             redact(self.s.redis_url),
         )
-        self.keeper.tick()  # be counted by peers before compiling (which takes a while)
+        self.keeper.tick()  # be counted by peers from now on
 
     def _until_reachable(self, action: Any) -> None:
         """Run action, retrying with backoff while Redis is unreachable (until stopped)."""
         delay = 0.1
         while True:
             try:
-                action()
+                with credentials_checked():
+                    action()
                 return
             except ERRORS as e:
                 if self.stopping.is_set():
@@ -124,12 +130,14 @@ class Worker:
         """One pass; True when a burst run is done."""
         self._progress = time.monotonic()
         self._drop_lost()
+        if self._resync:
+            self._resynchronise()
         if time.monotonic() >= self._next_cycle:
             self.rebalance()
             self._next_cycle = time.monotonic() + self.s.renew_every_s
         if self.step():
             return False
-        if self.burst and self.parts and len(self._idle) == len(self.parts):
+        if self.burst and len(self._idle) == len(self.parts):
             return not self._free_partitions()
         self.wait()
         return False
@@ -219,15 +227,13 @@ class Worker:
         return free[shift:] + free[:shift]
 
     def take(self, p: int) -> None:
+        store = open_store(self.s, p, self.engine)
         epoch = self.scripts.acquire(
             keys=[self.keys.part(p, "lease"), self.keys.part(p, "epoch")],
-            args=[self.s.worker_id, self.s.lease_ms],
+            args=[self.s.worker_id, self.s.lease_ms, store.newest_epoch()],
         )
         if epoch is None:
             return
-        store = SnapshotStore(
-            Path(self.s.snapshot_dir) / f"p{p}", self.engine, self.s.snapshots_kept
-        )
         part = Partition(
             p, int(epoch), self.engine, store, self.s.partitions, self.s.max_message_bytes
         )
@@ -266,7 +272,7 @@ class Worker:
                 part.number,
                 refused or "none found",
                 trimmed.decode(),
-                part.store.directory,
+                Path(self.s.snapshot_dir) / f"p{part.number}",
             )
             return False
         if refused:
@@ -418,6 +424,7 @@ class Worker:
                     log.warning("partition %d: giving up commit on stop: %s", p, e)
                     return False
                 log.warning("partition %d: commit failed (%s); retrying", p, e)
+                self._resync = True
                 self.stopping.wait(delay)
                 delay = min(2.0, delay * 2)
 
@@ -473,13 +480,16 @@ class Worker:
         self._backoff = min(5.0, max(0.1, self._backoff * 2))
         log.warning("Redis unavailable (%s); retrying in %.1f s", error, self._backoff)
         metrics.ERRORS.labels("redis").inc()
+        self._resync = True
         self.stopping.wait(self._backoff)
-        try:
-            run_id = self._redis_run_id()
-        except ERRORS:
-            return
+
+    def _resynchronise(self) -> None:
+        """After a Redis error: entries delivered to us may never have reached us, and a
+        restarted Redis may have lost acknowledged writes. Re-plan every partition's replay
+        from Redis's own state, rebuilding from its snapshot if Redis restarted. Raises (and
+        stays due) while Redis is unreachable."""
+        run_id = self._redis_run_id()
         restarted = run_id != self._run_id
-        self._run_id = run_id
         for p in sorted(self.parts):
             part = self.parts[p]
             if restarted or part.uncommitted:
@@ -499,16 +509,19 @@ class Worker:
                     self.parts[p] = fresh
                 part = fresh
             self._plan_replay(part)
+        self._run_id = run_id  # only now: a failure above leaves the rebuild due
+        self._resync = False
 
     def _redis_run_id(self) -> str:
+        """Identifies the Redis process(es): a change means Redis restarted."""
+        if self.cluster:
+            info = self.client.info("server", target_nodes=RedisCluster.ALL_NODES)
+            return ",".join(sorted(str(v.get("run_id")) for v in info.values()))
         try:
-            info = self.client.info("server")
-        except redis.ResponseError:  # no INFO (fakeredis): restarts cannot be told apart
+            return str(self.client.info("server").get("run_id"))
+        except redis.ResponseError:  # no INFO (fakeredis, or an ACL without it)
             self.client.connection_pool.disconnect()  # fakeredis garbles the next reply
             return "unknown"
-        if self.cluster:
-            return ",".join(sorted(str(v.get("run_id")) for v in info.values()))
-        return str(info.get("run_id"))
 
     def _report_lag(self) -> None:
         for p in list(self.parts):
@@ -518,6 +531,25 @@ class Worker:
                 continue
             lag = next((g.get("lag") for g in groups if text(g["name"]) == GROUP), None)
             metrics.LAG.labels(str(p)).set(-1 if lag is None else lag)
+
+
+@contextlib.contextmanager
+def credentials_checked() -> Iterator[None]:
+    """Turn Redis's refusal of our credentials or rights into a start-up error."""
+    try:
+        yield
+    except redis.AuthenticationError as e:
+        raise SettingsError(f"REDIS_URL: Redis refused the credentials ({e})") from None
+    except redis.exceptions.NoPermissionError as e:
+        raise SettingsError(
+            f"REDIS_URL: the Redis user lacks a permission the worker needs ({e}); it needs "
+            "stream, string, hash, sorted-set and scripting commands on the prefix's keys"
+        ) from None
+
+
+def open_store(settings: Settings, p: int, engine: Engine) -> Snapshots:
+    """The snapshot store of partition p: a directory every worker can reach."""
+    return SnapshotStore(Path(settings.snapshot_dir) / f"p{p}", engine, settings.snapshots_kept)
 
 
 def _entries(reply: Any) -> list[tuple[str, dict[bytes, Any]]]:
@@ -539,7 +571,8 @@ def serve(settings: Settings, burst: bool = False) -> None:
     delay = 0.1
     while True:
         try:
-            worker = Worker(settings)
+            with credentials_checked():
+                worker = Worker(settings)
             break
         except ERRORS as e:
             log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)

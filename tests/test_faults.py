@@ -1,0 +1,327 @@
+"""Faults: zombies are fenced, damaged or foreign snapshots are handled, Redis restarts."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from memnet import Engine, load_model, random_model, save_model
+from tests.conftest import WORKER_MODEL
+from tests.servers import RedisServer
+from tests.streams import (
+    WorkerProcess,
+    assert_same_answer,
+    events,
+    library_answers,
+    outputs,
+    send,
+    wait_for,
+    worker_settings,
+)
+from worker.protocol import Keys, partition_of
+from worker.scripts import Fenced, fenced
+from worker.worker import Worker
+
+PREFIX = "f"
+PARTITIONS = 4
+DIMS = (WORKER_MODEL.input_dim, WORKER_MODEL.memory_dim)
+MEMORIES = [f"f{i}" for i in range(12)]
+
+
+def settings(redis_url, tmp_path, model_file, **overrides):
+    values = {"batch_size": 10, "lease_ms": 600, **overrides}
+    return worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS, **values)
+
+
+def started(s, engine):
+    """A worker driven by hand (no threads), holding its fair share."""
+    w = Worker(s, engine)
+    w.burst = True
+    w._start_up()
+    w.rebalance()
+    return w
+
+
+def redis_state(r):
+    keys = Keys(PREFIX)
+    return [
+        (
+            r.xlen(keys.out(p)),
+            r.xlen(keys.dead(p)),
+            r.xlen(keys.inp(p)),
+            r.xpending(keys.inp(p), "memnet")["pending"],
+        )
+        for p in range(PARTITIONS)
+    ]
+
+
+def assert_all_answered_once(r, batch, model_file):
+    expected = library_answers(Engine(load_model(model_file)), batch)
+    out = outputs(r, PREFIX, PARTITIONS)
+    ids = [m["id"] for _, m in out]
+    assert sorted(ids) == sorted(expected), "missing or duplicated responses"
+    for _, response in out:
+        assert_same_answer(response, expected[response["id"]])
+
+
+def test_a_zombie_cannot_publish_ack_or_trim(redis_url, redis_server, tmp_path, model_file, caplog):
+    r = redis_server.client()
+    engine = Engine(load_model(model_file))
+    batch = events(240, MEMORIES, DIMS, np.random.default_rng(20))
+    send(r, PREFIX, PARTITIONS, batch[:120])
+    a = started(settings(redis_url, tmp_path, model_file, worker_id="A"), engine)
+    assert sorted(a.parts) == list(range(PARTITIONS))
+    a.step()  # A commits a batch per partition
+    send(r, PREFIX, PARTITIONS, batch[120:])
+    p = partition_of(MEMORIES[0], PARTITIONS)
+    part = a.parts[p]
+    in_flight = part.handle(a.read(part))  # A applied a batch but has not committed it...
+    old_epoch = part.epoch
+    time.sleep(0.8)  # ...when it stalls past its lease (nothing renews it)
+    b = started(settings(redis_url, tmp_path, model_file, worker_id="B"), engine)
+    assert sorted(b.parts) == list(range(PARTITIONS)) and b.parts[p].epoch > old_epoch
+
+    before = redis_state(r)
+    with caplog.at_level(logging.WARNING, logger="worker.worker"):
+        assert a.commit(part, in_flight) is False  # publish + ack refused
+        a.step()  # reads of every other partition refused too
+    assert a.parts == {}
+    assert "MEMNET_FENCED" in caplog.text and "dropping partition" in caplog.text
+    keys = Keys(PREFIX)
+    with pytest.raises(Fenced):
+        fenced(
+            a.scripts.trim,
+            keys=[keys.part(p, "epoch"), keys.inp(p), keys.part(p, "trimmed")],
+            args=[old_epoch, "9999999999999-0"],
+        )
+    assert (
+        a.scripts.renew(
+            keys=[keys.part(p, "epoch"), keys.part(p, "lease")], args=[old_epoch, "A", 600]
+        )
+        == 0
+    )
+    assert redis_state(r) == before  # the zombie changed nothing
+
+    while b.step():
+        pass
+    assert_all_answered_once(r, batch, model_file)
+
+
+def run_burst(redis_url, tmp_path, model_file, **overrides):
+    s = settings(redis_url, tmp_path, model_file, lease_ms=2000, **overrides)
+    Worker(s, Engine(load_model(s.model))).run(burst=True)
+
+
+def three_runs(r, redis_url, tmp_path, model_file, rng_seed=21):
+    """Three bursts with events in between: two snapshots kept, input trimmed."""
+    batch = events(450, MEMORIES, DIMS, np.random.default_rng(rng_seed))
+    for chunk in (batch[:150], batch[150:300]):
+        send(r, PREFIX, PARTITIONS, chunk)
+        run_burst(redis_url, tmp_path, model_file)
+    return batch
+
+
+def test_a_corrupt_newest_snapshot_falls_back_to_an_older_one(
+    redis_url, redis_server, tmp_path, model_file, caplog
+):
+    r = redis_server.client()
+    batch = three_runs(r, redis_url, tmp_path, model_file)
+    for p in range(PARTITIONS):
+        newest = sorted((tmp_path / "snap" / f"p{p}").glob("snap-*"))[-1]
+        data = bytearray((newest / "state.safetensors").read_bytes())
+        data[-3] ^= 0xFF
+        (newest / "state.safetensors").write_bytes(bytes(data))
+    send(r, PREFIX, PARTITIONS, batch[300:])
+    with caplog.at_level(logging.WARNING):
+        run_burst(redis_url, tmp_path, model_file)
+    assert caplog.text.count("checksum mismatch (file corrupted)") >= PARTITIONS
+    assert_all_answered_once(r, batch, model_file)  # longer replay, nothing twice
+
+
+def test_missing_snapshots_with_trimmed_input_are_refused_not_guessed(
+    redis_url, redis_server, tmp_path, model_file, caplog
+):
+    r = redis_server.client()
+    batch = three_runs(r, redis_url, tmp_path, model_file)
+    assert r.exists(Keys(PREFIX).part(0, "trimmed"))
+    shutil.rmtree(tmp_path / "snap")
+    send(r, PREFIX, PARTITIONS, batch[300:])
+    answered = len(outputs(r, PREFIX, PARTITIONS))
+    with caplog.at_level(logging.ERROR):
+        run_burst(redis_url, tmp_path, model_file)
+    assert caplog.text.count("cannot be rebuilt exactly: no usable snapshot") == PARTITIONS
+    assert len(outputs(r, PREFIX, PARTITIONS)) == answered  # no answers from a wrong memory
+
+
+def test_no_snapshot_but_full_history_replays_everything_once(
+    redis_url, redis_server, tmp_path, model_file
+):
+    r = redis_server.client()
+    batch = events(300, MEMORIES, DIMS, np.random.default_rng(22))
+    send(r, PREFIX, PARTITIONS, batch[:150])
+    crashed = started(
+        settings(redis_url, tmp_path, model_file, worker_id="crashed"),
+        Engine(load_model(model_file)),
+    )
+    while crashed.step():  # answers everything, then dies before any snapshot
+        pass
+    assert not (tmp_path / "snap").exists() and not r.exists(Keys(PREFIX).part(0, "trimmed"))
+    time.sleep(0.8)
+    send(r, PREFIX, PARTITIONS, batch[150:])
+    run_burst(redis_url, tmp_path, model_file)
+    assert_all_answered_once(r, batch, model_file)
+
+
+def test_snapshots_of_another_model_are_refused(
+    redis_url, redis_server, tmp_path, model_file, caplog
+):
+    r = redis_server.client()
+    three_runs(r, redis_url, tmp_path, model_file)
+    other = tmp_path / "other.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=99), other)
+    with caplog.at_level(logging.WARNING):
+        run_burst(redis_url, tmp_path, model_file, model=other)
+    assert caplog.text.count("(another model)") >= PARTITIONS
+    assert caplog.text.count("cannot be rebuilt exactly") == PARTITIONS
+
+
+@pytest.mark.slow
+def test_redis_restart_mid_stream_loses_nothing(tmp_path, model_file):
+    server = RedisServer(tmp_path / "aof", "--appendonly", "yes", "--appendfsync", "always")
+    r = server.client()
+    try:
+        worker = WorkerProcess(
+            {
+                "REDIS_URL": server.url,
+                "MEMNET_MODEL": str(model_file),
+                "MEMNET_SNAPSHOT_DIR": str(tmp_path / "snap"),
+                "MEMNET_PREFIX": PREFIX,
+                "MEMNET_PARTITIONS": str(PARTITIONS),
+                "MEMNET_LEASE_MS": "2000",
+                "MEMNET_BATCH_SIZE": "20",
+                "MEMNET_SNAPSHOT_EVERY_ENTRIES": "100",
+            },
+            tmp_path / "worker.log",
+        )
+        wait_for(lambda: r.exists(Keys(PREFIX).part(0, "lease")), 90, "the worker to start")
+        batch = events(1200, MEMORIES, DIMS, np.random.default_rng(23))
+        send(r, PREFIX, PARTITIONS, batch[:600])
+        time.sleep(0.3)
+        server.stop()  # graceful: the append-only file is complete
+        time.sleep(1.0)
+        server.start()
+        r = server.client()
+        send(r, PREFIX, PARTITIONS, batch[600:])
+        queries = sum(e["op"] == "query" for e in batch)
+        wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries, 90, "all responses")
+        assert worker.stop() == 0
+        assert_all_answered_once(r, batch, model_file)
+        log = (tmp_path / "worker.log").read_text()
+        assert "Redis unavailable" in log
+    finally:
+        server.stop()
+
+
+def test_wrong_password_stops_start_up_with_a_clear_message(
+    tmp_path, model_file, monkeypatch, capsys
+):
+    from worker.cli import main as cli
+
+    secret = "s3cret/p@ss%word"
+    server = RedisServer(tmp_path / "acl", "--requirepass", secret)
+    try:
+        monkeypatch.setenv("REDIS_URL", f"redis://:wrong@127.0.0.1:{server.port}/0")
+        monkeypatch.setenv("MEMNET_MODEL", str(model_file))
+        monkeypatch.setenv("MEMNET_SNAPSHOT_DIR", str(tmp_path / "snap"))
+        assert cli(["worker", "--burst"]) == 2
+        err = capsys.readouterr().err
+        assert "REDIS_URL: Redis refused the credentials" in err and "wrong" not in err
+    finally:
+        server.stop()
+
+
+def test_acl_user_with_password_in_the_url_only(tmp_path, model_file):
+    from urllib.parse import quote
+
+    secret = "s3cret/p@ss%word:x"
+    server = RedisServer(tmp_path / "acl")
+    admin = server.client()
+    admin.execute_command(
+        "ACL", "SETUSER", "memnet", "on", f">{secret}", "~f:*", "+@all", "-@dangerous"
+    )
+    admin.execute_command("ACL", "SETUSER", "default", "off")
+    url = f"redis://memnet:{quote(secret, safe='')}@127.0.0.1:{server.port}/0"
+    try:
+        worker = WorkerProcess(
+            {
+                "REDIS_URL": url,
+                "MEMNET_MODEL": str(model_file),
+                "MEMNET_SNAPSHOT_DIR": str(tmp_path / "snap"),
+                "MEMNET_PREFIX": PREFIX,
+                "MEMNET_PARTITIONS": str(PARTITIONS),
+                "MEMNET_LOG_LEVEL": "DEBUG",
+            },
+            tmp_path / "worker.log",
+        )
+        import redis
+
+        r = redis.Redis.from_url(url)
+        wait_for(lambda: r.exists(Keys(PREFIX).part(0, "lease")), 90, "the worker to start")
+        batch = events(200, MEMORIES, DIMS, np.random.default_rng(24))
+        send(r, PREFIX, PARTITIONS, batch)
+        queries = sum(e["op"] == "query" for e in batch)
+        wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries, 60, "responses")
+        assert worker.stop() == 0
+        assert_all_answered_once(r, batch, model_file)
+        log = (tmp_path / "worker.log").read_text()
+        assert "memnet:***@" in log  # the URL is logged, redacted
+        assert secret not in log and quote(secret, safe="") not in log
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from tests.servers import RedisCluster
+
+    c = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.stop()
+
+
+@pytest.mark.slow
+def test_workers_run_unchanged_on_a_redis_cluster(cluster, tmp_path, model_file):
+    r = cluster.client()
+    r.flushall()
+    env = {
+        "REDIS_URL": cluster.url,
+        "MEMNET_MODEL": str(model_file),
+        "MEMNET_SNAPSHOT_DIR": str(tmp_path / "snap"),
+        "MEMNET_PREFIX": PREFIX,
+        "MEMNET_PARTITIONS": str(PARTITIONS),
+        "MEMNET_LEASE_MS": "2000",
+    }
+    workers = [
+        WorkerProcess({**env, "MEMNET_WORKER_ID": f"c{i}"}, tmp_path / f"c{i}.log")
+        for i in range(2)
+    ]
+    try:
+        keys = Keys(PREFIX)
+        wait_for(
+            lambda: all(r.exists(keys.part(p, "lease")) for p in range(PARTITIONS)),
+            90,
+            "the workers to take the partitions",
+        )
+        slots = {r.keyslot(keys.inp(p)) for p in range(PARTITIONS)}
+        assert len(slots) == PARTITIONS  # partitions really live in different slots
+        batch = events(600, MEMORIES, DIMS, np.random.default_rng(25))
+        send(r, PREFIX, PARTITIONS, batch)
+        queries = sum(e["op"] == "query" for e in batch)
+        wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries, 90, "responses")
+        assert_all_answered_once(r, batch, model_file)
+    finally:
+        assert all(w.stop() == 0 for w in workers)
