@@ -9,18 +9,23 @@ batch share one jitted O+R call. hnswlib and Python control flow stay outside ji
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from memnet.batching import CHUNK, rowwise
+from memnet.distance import squared_norms
 from memnet.errors import InvalidInput
+from memnet.graph import GraphBase, InitGraphCache
 from memnet.memory import Memory
 from memnet.model import Model
-from memnet.search import ExactSlots, GraphBase, GraphSlots
+from memnet.search import ExactSlots, GraphSlots
 from memnet.vectors import as_vector
 
 
@@ -55,17 +60,26 @@ Result = Answer | Rejected | None
 
 
 class Engine:
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        """cache_dir: where the initial graph of a large memory is published and shared
+        (workers pass one directory); without it the graph is built on one thread."""
         self.model = model
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        one_blas_thread()
         self.config = model.config
         parts = model.components
         self.encoder, self.generalizer = parts.encoder, parts.generalizer
         self.output, self.response = parts.output, parts.response
         self._np = dict(model.params)
-        self._jax = {name: jnp.asarray(value) for name, value in model.params.items()}
+        self._jax = {  # memory_init never enters jitted code: no device copy of it
+            name: jnp.asarray(value)
+            for name, value in model.params.items()
+            if name != "memory_init"
+        }
         self._encode = rowwise(self.encoder.encode)
         self._answer = rowwise(self._o_then_r)
         self._init_base: GraphBase | None = None
+        self._init_norms: tuple[np.ndarray, float] | None = None
 
     # ---- events --------------------------------------------------------------------------
     def write(self, x: Any) -> Write:
@@ -86,16 +100,27 @@ class Engine:
         cfg = self.config
         filled = None if self.generalizer.starts_filled else np.zeros(cfg.slots, bool)
         if cfg.slots <= cfg.index.exact_max_slots:
-            return Memory(ExactSlots(self.model.params["memory_init"], filled))
+            if self._init_norms is None:  # computed once, shared read-only by new memories
+                norms, top = squared_norms(self.model.params["memory_init"], filled)
+                norms.flags.writeable = False
+                self._init_norms = (norms, top)
+            return Memory(
+                ExactSlots(self.model.params["memory_init"], filled, norms=self._init_norms)
+            )
         return Memory(GraphSlots(self.init_base(), cfg.index))
 
     def init_base(self) -> GraphBase:
         """The graph over memory_init, built once and shared by every memory until it
         re-indexes."""
-        if self._init_base is None:
+        if self._init_base is None or not self._init_base.shared:  # (a memory took it over)
             cfg = self.config
+            vectors = self.model.params["memory_init"]  # read-only: shared, never copied
             filled = np.full(cfg.slots, self.generalizer.starts_filled)
-            base = GraphBase.build(self.model.params["memory_init"], filled, cfg.index, "init")
+            if self.cache_dir is None:
+                base = GraphBase.build(vectors, filled, cfg.index, "init")
+            else:
+                cache = InitGraphCache(self.cache_dir, self.model.fingerprint)
+                base = cache.get(vectors, filled, cfg.index)
             base.shared = True
             self._init_base = base
         return self._init_base
@@ -175,10 +200,21 @@ class Engine:
         return self.response.respond(p, o), weights
 
 
+def one_blas_thread() -> None:
+    """Run BLAS on one thread in this process. memnet's matrix products are small (one
+    query against a slot matrix); OpenBLAS's worker threads spin against each other and
+    against other processes on a busy machine: a 1x64 by 64x10,000 product took 8 ms instead
+    of 48 us here with another process busy. Set MEMNET_BLAS_THREADS to keep more."""
+    threadpool_limits(int(os.environ.get("MEMNET_BLAS_THREADS", "1")), user_api="blas")
+
+
 def _finite_in_memory_space(v: np.ndarray) -> bool:
     """All values finite, and the squared norm too (so every distance stays finite)."""
-    with np.errstate(over="ignore"):
-        return bool(np.isfinite(v).all() and np.isfinite(np.dot(v, v)))
+    wide = v.astype(np.float64)  # float64 cannot overflow here, so no warning to silence
+    return bool(np.dot(wide, wide) <= _FLOAT32_MAX)  # False for inf and NaN too
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _by_memory(

@@ -16,48 +16,11 @@ how events were batched.
 
 from __future__ import annotations
 
-import copy
-import uuid
-from dataclasses import dataclass
-
-import hnswlib
 import numpy as np
 
 from memnet.config import IndexConfig
-
-
-def sqdist(vectors: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Squared L2 distances [N] from each row of vectors [N, M] to v [M].
-
-    Each entry depends only on its own row and v, never on N.
-    """
-    d = vectors - v
-    return (d * d).sum(axis=1)
-
-
-def rank(cand: np.ndarray, dist: np.ndarray, k: int) -> np.ndarray:
-    """The first k of cand ordered by (distance, slot number)."""
-    return cand[np.lexsort((cand, dist))[:k]]
-
-
-def _within(row: np.ndarray, k: int, slack: float) -> np.ndarray | None:
-    """Indices whose value is within slack of the k-th smallest of row (None on overflow).
-
-    The k-th smallest is first bounded from above by the largest of k block minima (one
-    pass; np.partition over the whole row costs far more), then refined on the survivors.
-    """
-    if k == 1:
-        bound = row.min()
-    else:
-        n = len(row) // k * k
-        bound = row[:n].reshape(k, -1).min(axis=1).max()
-    cand = np.flatnonzero(row <= bound + slack)
-    if k > 1 and len(cand) > 4 * k:
-        kth = np.partition(row[cand], k - 1)[k - 1]
-        cand = cand[row[cand] <= kth + slack]
-    if len(cand) < k or not np.isfinite(row[cand]).all():
-        return None
-    return cand
+from memnet.distance import estimate_candidates, rank, sqdist, squared_norms
+from memnet.graph import GraphBase
 
 
 class ExactSlots:
@@ -75,13 +38,17 @@ class ExactSlots:
         vectors: np.ndarray,
         filled: np.ndarray | None = None,
         changed: np.ndarray | None = None,
+        norms: tuple[np.ndarray, float] | None = None,
     ) -> None:
+        """norms: (squared norms, max norm) of vectors if already known (shared, read-only)."""
         self._vectors = vectors  # [S, M]; shared and read-only until the first write
         self._owned = vectors.flags.writeable
         self.filled = filled  # [S] bool, or None when every slot is filled
         self.changed = changed if changed is not None else np.zeros(len(vectors), bool)
         self._norms: np.ndarray | None = None  # [S] squared norms, +inf for empty slots
         self._max_norm = 0.0  # an upper bound of sqrt(max(norms)) over filled slots
+        if norms is not None:
+            self._norms, self._max_norm = norms
 
     @property
     def slots(self) -> int:
@@ -106,38 +73,23 @@ class ExactSlots:
         if k == 0:
             return out
         norms = self._cached_norms()
-        with np.errstate(over="ignore", invalid="ignore"):
-            estimate = norms[None, :] - 2 * (V @ self._vectors.T)  # [Q, S]
-        slack = self._slack(V)  # [Q]
-        for q, row in enumerate(estimate):
-            cand = _within(row, k, 2 * slack[q])
+        for q, cand in enumerate(estimate_candidates(self._vectors, norms, self._max_norm, V, k)):
             if cand is None:  # overflow made the estimate useless: do a full pass
                 cand = np.flatnonzero(np.isfinite(norms))
             best = rank(cand, sqdist(self._vectors[cand], V[q]), k)
             out[q, : len(best)] = best
         return out
 
-    def _slack(self, V: np.ndarray) -> np.ndarray:
-        """[Q] bound on |estimate - exact| per query (worst-case float32 rounding, x4)."""
-        dim = V.shape[1]
-        v_norm = np.sqrt((V.astype(np.float64) ** 2).sum(axis=1))
-        scale = self._max_norm**2 + 2 * self._max_norm * v_norm
-        return 4 * (dim + 2) * float(np.finfo(np.float32).eps) * scale
-
     def _cached_norms(self) -> np.ndarray:
         if self._norms is None:
-            x = self._vectors.astype(np.float64)
-            norms = (x * x).sum(axis=1)
-            if self.filled is not None:
-                norms[~self.filled] = np.inf
-            finite = norms[np.isfinite(norms)]
-            self._max_norm = float(np.sqrt(finite.max())) if len(finite) else 0.0
-            self._norms = norms.astype(np.float32)
+            self._norms, self._max_norm = squared_norms(self._vectors, self.filled)
         return self._norms
 
     def set(self, slot: int, vector: np.ndarray) -> None:
         if not self._owned:
             self._vectors = self._vectors.copy()
+            if self._norms is not None:
+                self._norms = self._norms.copy()
             self._owned = True
         self._vectors[slot] = vector
         self.changed[slot] = True
@@ -149,47 +101,12 @@ class ExactSlots:
             self._max_norm = max(self._max_norm, float(np.sqrt(norm)))
 
 
-@dataclass(eq=False)
-class GraphBase:
-    """An hnswlib graph (labels = slot numbers) and the slot vectors it was built from."""
-
-    vectors: np.ndarray  # [S, M] slot vectors as indexed
-    filled: np.ndarray  # [S] bool: slot is in the graph
-    index: hnswlib.Index
-    id: str  # names this exact state; a base is never changed once another memory shares it
-    shared: bool = False
-
-    @classmethod
-    def build(
-        cls, vectors: np.ndarray, filled: np.ndarray, cfg: IndexConfig, base_id: str
-    ) -> GraphBase:
-        """Build on one thread with a fixed seed: every worker gets the same graph."""
-        slots, dim = vectors.shape
-        index = hnswlib.Index(space="l2", dim=dim)
-        index.init_index(
-            max_elements=slots, ef_construction=cfg.ef_construction, M=cfg.m, random_seed=cfg.seed
-        )
-        labels = np.flatnonzero(filled)
-        if len(labels):
-            index.add_items(vectors[labels], labels, num_threads=1)
-        index.set_ef(cfg.ef_search)
-        return cls(np.array(vectors, np.float32), filled.copy(), index, base_id)
-
-    def clone(self) -> GraphBase:
-        index = copy.deepcopy(self.index)
-        index.set_ef(self.index.ef)
-        return GraphBase(self.vectors.copy(), self.filled.copy(), index, uuid.uuid4().hex)
-
-    @property
-    def count(self) -> int:
-        return int(self.index.get_current_count())
-
-
 class GraphSlots:
     """hnswlib candidates re-ranked exactly, plus an exactly searched overlay of changed slots."""
 
     def __init__(self, base: GraphBase, cfg: IndexConfig) -> None:
         self.base = base
+        base.users.add(self)
         self.cfg = cfg
         slots, dim = base.vectors.shape
         self._row = np.full(slots, -1, np.int32)  # slot -> overlay row, -1 if not overlaid
@@ -225,26 +142,61 @@ class GraphSlots:
         return int(self.topk(v[None], 1)[0, 0])
 
     def topk(self, V: np.ndarray, k: int) -> np.ndarray:
-        """[Q, M] queries -> [Q, k] slots, nearest first, -1 where fewer slots are filled."""
+        """[Q, M] queries -> [Q, k] slots, nearest first, -1 where fewer slots are filled.
+
+        Per query, the cheapest way that still finds the true nearest slots:
+          - "overlay": every graph row is at least (|v| - R)^2 away (R bounds their norms);
+            if the overlay already has k slots closer than that, the graph is not searched;
+          - "exact": a query far outside the graph's rows (|v| > 2R), where graph navigation
+            goes astray, is checked against every graph row with one matrix product;
+          - "graph": otherwise hnswlib's candidates (stale overlay rows dropped).
+        Overlay slots are always scored from their current vectors.
+        """
         out = np.full((len(V), k), -1, np.int64)
-        n_graph = self.base.count
-        if n_graph:
-            want = min(max(k, self.cfg.candidates), n_graph)
-            labels = self.base.index.knn_query(V, k=want, num_threads=1)[0].astype(np.int64)
-        else:
-            labels = np.zeros((len(V), 0), np.int64)
+        k = min(k, self._filled)
+        if k == 0:
+            return out
+        base = self.base
+        norms = base.norms()
         ov_slots, ov = self.overlay()
+        ov_dist = [sqdist(ov, v) for v in V]
+        v_norm = np.sqrt((V.astype(np.float64) ** 2).sum(axis=1))
+        floor = np.where(v_norm > base.max_norm, (v_norm - base.max_norm) ** 2, 0.0)
+        plan = [self._route(d, f, n, k) for d, f, n in zip(ov_dist, floor, v_norm, strict=True)]
+        base_cand = self._graph_candidates(V, plan, k)
+        base_cand.update(self._exact_candidates(V, plan, norms, k))
         for q, v in enumerate(V):
-            cand = labels[q]
-            if len(ov_slots):
-                cand = cand[self._row[cand] < 0]  # overlay slots are scored from the overlay
-                dist = np.concatenate((sqdist(self.base.vectors[cand], v), sqdist(ov, v)))
-                cand = np.concatenate((cand, ov_slots))
-            else:
-                dist = sqdist(self.base.vectors[cand], v)
-            best = rank(cand, dist, k)
+            cand = base_cand.get(q, np.zeros(0, np.int64))
+            dist = np.concatenate((sqdist(base.vectors[cand], v), ov_dist[q]))
+            best = rank(np.concatenate((cand, ov_slots)), dist, k)
             out[q, : len(best)] = best
         return out
+
+    def _route(self, ov_dist: np.ndarray, floor: float, v_norm: float, k: int) -> str:
+        if len(ov_dist) >= k and np.partition(ov_dist, k - 1)[k - 1] < floor * (1 - 1e-4):
+            return "overlay"
+        return "exact" if v_norm > 2 * self.base.max_norm else "graph"
+
+    def _graph_candidates(self, V: np.ndarray, plan: list[str], k: int) -> dict:
+        todo = [q for q, how in enumerate(plan) if how == "graph"]
+        n_graph = self.base.count
+        if not todo or not n_graph:
+            return {}
+        want = min(max(k, self.cfg.candidates), n_graph)
+        labels = self.base.index.knn_query(V[todo], k=want, num_threads=1)[0].astype(np.int64)
+        return {q: row[self._row[row] < 0] for q, row in zip(todo, labels, strict=True)}
+
+    def _exact_candidates(self, V: np.ndarray, plan: list[str], norms: np.ndarray, k: int) -> dict:
+        todo = [q for q, how in enumerate(plan) if how == "exact"]
+        if not todo:
+            return {}
+        ov_slots, _ = self.overlay()
+        if len(ov_slots):
+            norms = norms.copy()
+            norms[ov_slots] = np.inf  # stale rows: their slots are scored from the overlay
+        found = estimate_candidates(self.base.vectors, norms, self.base.max_norm, V[todo], k)
+        live = np.flatnonzero(np.isfinite(norms))
+        return {q: live if c is None else c for q, c in zip(todo, found, strict=True)}
 
     def set(self, slot: int, vector: np.ndarray) -> None:
         row = self._row[slot]
@@ -267,14 +219,21 @@ class GraphSlots:
         slots, vectors = self.overlay()
         if not len(slots):
             return
-        if self.base.shared:
-            self.base = self.base.clone()
+        self._own_base()
         order = np.argsort(slots)
         slots, vectors = slots[order], vectors[order]
-        self.base.vectors[slots] = vectors
-        self.base.filled[slots] = True
-        self.base.index.add_items(vectors, slots, num_threads=1)
-        self.base.id = uuid.uuid4().hex
+        self.base.update(slots, vectors)
         self._row[slots] = -1
         self._ov_slots = np.zeros(0, np.int64)
         self._ov = self._ov[:0].copy()
+
+    def _own_base(self) -> None:
+        """Make the graph this memory's own before changing it: copy it if another memory
+        uses it, else take it over (the engine loads a fresh shared one when next needed)."""
+        base = self.base
+        if base.shared and any(user is not self for user in base.users):
+            self.base = base.clone()
+            self.base.users.add(self)
+            base.users.discard(self)
+            return
+        base.take_over()

@@ -35,15 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import hnswlib
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from memnet.engine import Engine
 from memnet.errors import SnapshotError, StaleSnapshot
+from memnet.graph import GraphBase, fsync_path, sha256_file
 from memnet.memory import Memory
-from memnet.search import ExactSlots, GraphBase, GraphSlots
+from memnet.search import ExactSlots, GraphSlots
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +92,6 @@ class Loaded:
     epoch: int
     name: str
     refused: list[str]  # why newer snapshots were skipped
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _canonical(body: Any) -> bytes:
@@ -193,14 +177,14 @@ class SnapshotStore:
             body.update(position=position, epoch=epoch, serial=serial, created=time.time())
             manifest = {"manifest": body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            _fsync(tmp / MANIFEST)
-            _fsync(tmp)
+            fsync_path(tmp / MANIFEST)
+            fsync_path(tmp)
             final = self.directory / f"snap-{epoch:012d}-{serial:012d}"
             newest = self.snapshots()
             if newest and newest[0].epoch > epoch:
                 raise StaleSnapshot(f"{newest[0].path}: a snapshot of a newer epoch appeared")
             os.rename(tmp, final)
-            _fsync(self.directory)
+            fsync_path(self.directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -268,13 +252,13 @@ class SnapshotStore:
 
     @staticmethod
     def _seal(path: Path) -> dict[str, Any]:
-        _fsync(path)
-        return {"size": path.stat().st_size, "sha256": _sha256(path)}
+        fsync_path(path)
+        return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
     def _retire(self) -> None:
         for info in self.snapshots()[self.keep :]:
             shutil.rmtree(info.path, ignore_errors=True)
-        _fsync(self.directory)
+        fsync_path(self.directory)
 
     # ---- loading -------------------------------------------------------------------------
     def load(self) -> Loaded | None:
@@ -331,7 +315,7 @@ class SnapshotStore:
             raise SnapshotError(f"{path}: missing") from None
         if size != meta["size"]:
             raise SnapshotError(f"{path}: {size} bytes, expected {meta['size']} (truncated?)")
-        if _sha256(path) != meta["sha256"]:
+        if sha256_file(path) != meta["sha256"]:
             raise SnapshotError(f"{path}: checksum mismatch (file corrupted)")
 
     @staticmethod
@@ -387,10 +371,13 @@ class SnapshotStore:
             or filled.shape != (cfg.slots,)
         ):
             raise SnapshotError(f"{path / f'base-{base_id}.safetensors'}: does not fit this model")
-        index = hnswlib.Index(space="l2", dim=cfg.memory_dim)  # always a fresh Index
-        index.load_index(str(path / f"base-{base_id}.hnsw"), max_elements=cfg.slots)
-        index.set_ef(cfg.index.ef_search)
-        return GraphBase(np.array(vectors), filled.astype(bool), index, base_id)
+        return GraphBase.load(
+            path / f"base-{base_id}.hnsw",
+            np.array(vectors),
+            filled.astype(bool),
+            cfg.index,
+            base_id,
+        )
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from memnet.config import IndexConfig
-from memnet.search import ExactSlots, GraphBase, GraphSlots
+from memnet.graph import GraphBase
+from memnet.search import ExactSlots, GraphSlots
 
 
 def brute_topk(matrix, v, k, filled=None):
@@ -110,3 +111,57 @@ def test_graph_recall_at_100k_slots(rng):
     print(f"recall@1 at 100k: near-data {near_recall:.3f}, fresh Gaussian {fresh_recall:.3f}")
     assert near_recall >= 0.99
     assert fresh_recall >= 0.95
+
+
+def test_far_out_queries_are_answered_exactly(rng):
+    """Queries far outside the graph's rows (where graph navigation fails) are answered by
+    the overlay when the triangle inequality rules the graph out, else by a full product."""
+    cfg = IndexConfig(exact_max_slots=1, overlay_max=10_000)
+    X = rng.standard_normal((5000, 16)).astype(np.float32)
+    search, truth = graph(X, cfg), X.copy()
+    for _ in range(200):
+        v = (rng.standard_normal(16) * 40).astype(np.float32)  # |v| ~ 160 vs rows ~ 4
+        got = search.topk(v[None], 3)[0]
+        np.testing.assert_array_equal(got, brute_topk(truth, v, 3))
+        slot = int(got[0])
+        search.set(slot, v * 0.9)  # writes move slots far out, as an untrained I does
+        truth[slot] = v * 0.9
+
+
+def test_a_sole_user_takes_the_shared_graph_over_instead_of_copying_it(rng):
+    from memnet import Engine
+    from tests.conftest import make_model
+
+    model = make_model(0, input_dim=8, memory_dim=8, slots=3000)
+    config = type(model.config)(
+        **{**model.config.__dict__, "index": IndexConfig(exact_max_slots=100, overlay_max=8)}
+    )
+    engine = Engine(type(model).create(config, model.params))
+    memory = engine.new_memory()
+    shared = memory.search.base
+    for slot in range(8):
+        memory.search.set(slot, np.full(8, 3.0, np.float32))
+    assert memory.search.base is shared and not shared.shared  # taken over, not copied
+    assert engine.new_memory().search.base is not shared  # the engine made a fresh one
+    np.testing.assert_array_equal(engine.new_memory().matrix(), model.params["memory_init"])
+
+
+def test_the_initial_graph_cache_is_shared_and_verified(tmp_path, rng):
+    from memnet import Engine, SnapshotError
+    from tests.conftest import make_model
+
+    model = make_model(0, input_dim=8, memory_dim=8, slots=3000)
+    config = type(model.config)(
+        **{**model.config.__dict__, "index": IndexConfig(exact_max_slots=100)}
+    )
+    model = type(model).create(config, model.params)
+    first = Engine(model, cache_dir=tmp_path).init_base()
+    second = Engine(model, cache_dir=tmp_path).init_base()
+    V = rng.standard_normal((50, 8)).astype(np.float32)
+    assert np.array_equal(first.index.knn_query(V, k=5)[0], second.index.knn_query(V, k=5)[0])
+    [graph_file] = tmp_path.glob("init-*.hnsw")
+    data = bytearray(graph_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph_file.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="damaged index cache"):
+        Engine(model, cache_dir=tmp_path).init_base()

@@ -33,6 +33,16 @@ class Batch:
     counts: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass
+class Pending:
+    """A batch between decoding and the engine: its items, and what each came from."""
+
+    batch: Batch
+    entries: int
+    items: list[tuple[Memory, Any]] = field(default_factory=list)
+    applied: list[tuple[str, protocol.Message, bytes | None]] = field(default_factory=list)
+
+
 class Partition:
     def __init__(
         self,
@@ -54,6 +64,7 @@ class Partition:
         self.seen: str | None = None  # last entry id delivered to us (XREAD waits after it)
         self.replay_until: str | None = None  # replay (position, replay_until] before ">"
         self.uncommitted = False  # memories are ahead of what Redis acknowledged
+        self.tidy = False  # other consumers of the group removed after replay
         self.since_snapshot = 0
         self.snapshot_at = time.monotonic()
 
@@ -97,9 +108,13 @@ class Partition:
     # ---- processing ----------------------------------------------------------------------
     def handle(self, entries: list[tuple[str, dict[bytes, Any]]]) -> Batch:
         """Apply entries (in stream order) and return the batch's outputs."""
-        batch = Batch(last_id=entries[-1][0])
-        items: list[tuple[Memory, Any]] = []
-        applied: list[tuple[str, protocol.Message, bytes | None]] = []
+        pending = self.prepare(entries)
+        return self.finish(pending, self.engine.process(pending.items))
+
+    def prepare(self, entries: list[tuple[str, dict[bytes, Any]]]) -> Pending:
+        """Decode and check entries; the valid ones become engine items (nothing applied)."""
+        pending = Pending(Batch(last_id=entries[-1][0]), len(entries))
+        batch, items, applied = pending.batch, pending.items, pending.applied
         after = parse_id(self.position) if self.position else None
         for entry_id, fields in entries:
             batch.acks.append(entry_id)
@@ -115,15 +130,18 @@ class Partition:
                 continue
             items.append((self.memory(message.memory), event))
             applied.append((entry_id, message, raw))
-        for (entry_id, message, raw), result in zip(
-            applied, self.engine.process(items), strict=True
-        ):
+        return pending
+
+    def finish(self, pending: Pending, results: list[Answer | Rejected | None]) -> Batch:
+        """Turn the engine's results for pending.items into the batch's outputs."""
+        batch = pending.batch
+        for (entry_id, message, raw), result in zip(pending.applied, results, strict=True):
             self._emit(batch, entry_id, message, raw, result)
         batch.responses.sort(key=lambda r: parse_id(r[0]))
         batch.dead.sort(key=lambda r: parse_id(r[0]))
         self.position = batch.last_id
         self.seen = max(self.seen or batch.last_id, batch.last_id, key=parse_id)
-        self.since_snapshot += len(entries)
+        self.since_snapshot += pending.entries
         self.uncommitted = True
         return batch
 

@@ -29,29 +29,40 @@ from redis.cluster import RedisCluster
 
 from memnet import Engine, SnapshotError, load_model
 from memnet.errors import StaleSnapshot
-from memnet.snapshot import Snapshots, SnapshotStore
 from worker import metrics
 from worker.connection import ERRORS, connect, is_cluster, text
-from worker.leases import LeaseKeeper, fair_share
+from worker.leases import LeaseKeeper
+from worker.ownership import Ownership
 from worker.partition import Batch, Partition
-from worker.protocol import GROUP, PROTOCOL, Keys, parse_id
+from worker.protocol import GROUP, PROTOCOL, Keys
 from worker.scripts import Fenced, Scripts, fenced
 from worker.settings import Settings, SettingsError, redact
+from worker.streams import Entries, StreamIO
 
 log = logging.getLogger(__name__)
 
 
-class Worker:
+class Worker(Ownership):
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.s = settings
         self.keys = Keys(settings.prefix)
         if engine is None:
             if settings.model is None:
                 raise SettingsError("MEMNET_MODEL is not set: give the model file to serve")
-            engine = Engine(load_model(settings.model))
+            engine = Engine(
+                load_model(settings.model), cache_dir=Path(settings.snapshot_dir) / "index-cache"
+            )
         self.engine = engine
         self.client = connect(settings.redis_url, timeout_s=settings.block_ms / 1000 + 5)
         self.scripts = Scripts(self.client)
+        self.io = StreamIO(
+            self.client,
+            self.scripts,
+            self.keys,
+            settings.worker_id,
+            settings.batch_size,
+            settings.response_maxlen,
+        )
         self.cluster = is_cluster(self.client)
         self.parts: dict[int, Partition] = {}
         self.stopping = threading.Event()
@@ -81,7 +92,8 @@ class Worker:
         self.burst = burst
         # Compile first, join after: a worker that joins takes its share at once, which
         # keeps takeovers after a crash short.
-        self.engine.warm_up(self.s.batch_size)
+        # One step applies a batch of every owned partition with one engine call.
+        self.engine.warm_up(self.s.batch_size * self.s.partitions)
         self._until_reachable(self._start_up)
         self.keeper.start()
         self._started = time.monotonic()
@@ -175,258 +187,100 @@ class Worker:
                 f"{meta} speaks protocol {stored['protocol']}, this worker speaks {PROTOCOL}"
             )
 
-    # ---- ownership -----------------------------------------------------------------------
-    def _owned(self) -> dict[int, int]:
-        with self._lock:
-            return {p: part.epoch for p, part in self.parts.items()}
-
-    def _mark_lost(self, p: int) -> None:
-        with self._lock:
-            self._lost.add(p)
-
-    def _drop_lost(self) -> None:
-        with self._lock:
-            lost, self._lost = self._lost, set()
-        for p in lost:
-            self.drop(p, "lease lost")
-
-    def drop(self, p: int, why: str) -> None:
-        """Forget a partition at once (its memories may be ahead of Redis)."""
-        with self._lock:
-            part = self.parts.pop(p, None)
-        self._idle.discard(p)
-        if part is not None:
-            log.warning("dropping partition %d (epoch %d): %s", p, part.epoch, why)
-        metrics.OWNED.set(len(self.parts))
-
-    def rebalance(self) -> None:
-        target = fair_share(self.s.partitions, self.keeper.members, self.s.worker_id)
-        for p in sorted(self.parts, reverse=True)[: max(0, len(self.parts) - target)]:
-            self.hand_over(p)
-        grace = self.burst or time.monotonic() - self._started >= self.s.renew_every_s
-        if len(self.parts) < target and grace:
-            for p in self._free_partitions():
-                if len(self.parts) >= target:
-                    break
-                self.take(p)
-        metrics.OWNED.set(len(self.parts))
-        self._report_lag()
-
-    def _free_partitions(self) -> list[int]:
-        pipe = self.client.pipeline(transaction=False)
-        for p in range(self.s.partitions):
-            pipe.exists(self.keys.part(p, "lease"))
-        held = pipe.execute()
-        now = time.monotonic()
-        free = [
-            p
-            for p in range(self.s.partitions)
-            if not held[p] and p not in self.parts and self._refused_until.get(p, 0) <= now
-        ]
-        shift = sum(map(ord, self.s.worker_id)) % max(1, len(free))  # spread first tries
-        return free[shift:] + free[:shift]
-
-    def take(self, p: int) -> None:
-        store = open_store(self.s, p, self.engine)
-        epoch = self.scripts.acquire(
-            keys=[self.keys.part(p, "lease"), self.keys.part(p, "epoch")],
-            args=[self.s.worker_id, self.s.lease_ms, store.newest_epoch()],
-        )
-        if epoch is None:
-            return
-        part = Partition(
-            p, int(epoch), self.engine, store, self.s.partitions, self.s.max_message_bytes
-        )
-        if not self._restore(part):
-            self._release(part)
-            self._refused_until[p] = time.monotonic() + 60
-            return
-        self._ensure_group(p)
-        self._plan_replay(part)
-        with self._lock:
-            self.parts[p] = part
-        self._idle.discard(p)
-        log.info(
-            "took partition %d (epoch %d) at %s, replaying to %s",
-            p,
-            part.epoch,
-            part.position,
-            part.replay_until,
-        )
-
-    def _restore(self, part: Partition) -> bool:
-        """Load the newest good snapshot; False if the partition cannot be rebuilt exactly."""
-        try:
-            for reason in part.restore():
-                log.warning("partition %d: skipped snapshot: %s", part.number, reason)
-            refused = None
-        except SnapshotError as e:
-            refused = str(e)
-        if part.position is not None:
-            return True
-        trimmed = self.client.get(self.keys.part(part.number, "trimmed"))
-        if trimmed is not None:
-            log.error(
-                "partition %d cannot be rebuilt exactly: no usable snapshot (%s) and the "
-                "input was trimmed up to %s. Restore a good snapshot into %s.",
-                part.number,
-                refused or "none found",
-                trimmed.decode(),
-                Path(self.s.snapshot_dir) / f"p{part.number}",
-            )
-            return False
-        if refused:
-            log.warning(
-                "partition %d: %s; replaying its whole history instead", part.number, refused
-            )
-        return True
-
-    def _ensure_group(self, p: int) -> None:
-        try:
-            self.client.xgroup_create(self.keys.inp(p), GROUP, id="0", mkstream=True)
-        except Exception as e:  # only BUSYGROUP (the group exists) is expected
-            if "BUSYGROUP" not in str(e):
-                raise
-
-    def _plan_replay(self, part: Partition) -> None:
-        """Replay (position, last delivered] before reading new entries."""
-        groups = self.client.xinfo_groups(self.keys.inp(part.number))
-        last = next(
-            (text(g["last-delivered-id"]) for g in groups if text(g["name"]) == GROUP), None
-        )
-        if (
-            last
-            and last != "0-0"
-            and (part.position is None or parse_id(last) > parse_id(part.position))
-        ):
-            part.replay_until = last
-            part.seen = last
-        elif part.seen is None and last:
-            part.seen = last
-
-    def hand_over(self, p: int) -> None:
-        """Snapshot (if everything applied is committed) and release the lease."""
-        part = self.parts.get(p)
-        if part is None:
-            return
-        if not part.uncommitted and part.since_snapshot:
-            self.snapshot(part)
-        self._release(part)
-        self._forget(p)
-        log.info("released partition %d (epoch %d) at %s", p, part.epoch, part.position)
-
-    def _forget(self, p: int) -> None:
-        with self._lock:
-            self.parts.pop(p, None)
-        self._idle.discard(p)
-        metrics.OWNED.set(len(self.parts))
-
-    def _release(self, part: Partition) -> None:
-        self.scripts.release(
-            keys=[self.keys.part(part.number, "epoch"), self.keys.part(part.number, "lease")],
-            args=[part.epoch, self.s.worker_id],
-        )
-
     # ---- the data path -------------------------------------------------------------------
     def step(self) -> bool:
-        """Read and process one batch per owned partition; True if any had entries."""
-        worked = False
-        for p in sorted(self.parts):
-            part = self.parts.get(p)
-            if part is None or self.stopping.is_set():
-                continue
-            try:
-                entries = self.read(part)
-            except Fenced as e:
-                self.drop(p, str(e))
-                continue
-            if entries:
-                worked = True
-                self._idle.discard(p)
-                self.process(part, entries)
+        """Read every owned partition in one round trip, apply all their entries with one
+        engine call, commit every batch in one round trip; True if there was work."""
+        parts = [self.parts[p] for p in sorted(self.parts)]
+        if not parts or self.stopping.is_set():
+            return False
+        work = {}
+        for part, got in self._read_all(parts).items():
+            if isinstance(got, Fenced):
+                self.drop(part.number, str(got))
+            elif isinstance(got, Exception):
+                raise got
+            elif got:
+                work[part] = got
+                self._idle.discard(part.number)
             else:
-                self._idle.add(p)
-            if p in self.parts and part.snapshot_due(
-                self.s.snapshot_every_entries, self.s.snapshot_every_s
-            ):
-                self.snapshot(part)
-        return worked
-
-    def read(self, part: Partition) -> list[tuple[str, dict[bytes, Any]]]:
-        key = self.keys.inp(part.number)
-        if part.replay_until is not None:
-            low = f"({part.position}" if part.position else "-"
-            entries = self.client.xrange(
-                key, min=low, max=part.replay_until, count=self.s.batch_size
-            )
-            if len(entries) < self.s.batch_size:
-                part.replay_until = None
-                if not entries:
+                self._idle.add(part.number)
+                if part.replay_until is None and not part.tidy:
                     self._tidy(part)
-            return [(text(i), f) for i, f in entries]
-        reply = fenced(
-            self.scripts.read,
-            keys=[self.keys.part(part.number, "epoch"), key],
-            args=[part.epoch, self.s.worker_id, self.s.batch_size],
-        )
-        return _entries(reply)
+        if work:
+            self.process(work)
+        for part in parts:
+            every = (self.s.snapshot_every_entries, self.s.snapshot_every_s)
+            if part.number in self.parts and part.snapshot_due(*every):
+                self.snapshot(part)
+        return bool(work)
 
-    def process(self, part: Partition, entries: list[tuple[str, dict[bytes, Any]]]) -> None:
+    def _read_all(self, parts: list[Partition]) -> dict[Partition, Any]:
+        out: dict[Partition, Any] = {p: self.io.replay(p) for p in parts if p.replay_until}
+        live = [p for p in parts if p not in out]
+        if live:
+            out.update(self.io.read(live))
+        return out
+
+    def read(self, part: Partition) -> Entries:
+        """One partition's next entries (raises Fenced if it was lost)."""
+        got = self._read_all([part])[part]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def process(self, work: dict[Partition, Entries]) -> None:
         started = time.perf_counter()
         try:
-            batch = part.handle(entries)
+            pending = {part: part.prepare(entries) for part, entries in work.items()}
+            results = self.engine.process([it for p in pending.values() for it in p.items])
+            batches, at = {}, 0
+            for part, p in pending.items():
+                batches[part] = part.finish(p, results[at : at + len(p.items)])
+                at += len(p.items)
         except Exception:
-            log.exception(
-                "partition %d: unexpected error applying a batch; reloading it", part.number
-            )
+            log.exception("unexpected error applying a batch; reloading its partitions")
             metrics.ERRORS.labels("process").inc()
-            self._release(part)
-            self.drop(part.number, "unexpected error while applying")
+            for part in work:
+                self._release(part)
+                self.drop(part.number, "unexpected error while applying")
             return
-        if self.commit(part, batch):
+        committed = self.commit_all(batches)
+        for batch in (b for part, b in batches.items() if committed.get(part)):
             for op, n in batch.counts.items():
-                if op == "dead":
-                    metrics.DEAD_LETTERS.inc(n)
-                else:
-                    metrics.ENTRIES.labels(op).inc(n)
-            metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+                metrics.DEAD_LETTERS.inc(n) if op == "dead" else metrics.ENTRIES.labels(op).inc(n)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
     def commit(self, part: Partition, batch: Batch) -> bool:
-        p = part.number
-        keys = [
-            self.keys.part(p, "epoch"),
-            self.keys.inp(p),
-            self.keys.out(p),
-            self.keys.dead(p),
-            self.keys.part(p, "offset"),
-        ]
-        args: list[Any] = [
-            part.epoch,
-            batch.last_id,
-            self.s.response_maxlen,
-            len(batch.responses),
-            len(batch.dead),
-        ]
-        for entry_id, msg in batch.responses + batch.dead:
-            args += [entry_id, msg]
-        args += batch.acks
+        return self.commit_all({part: batch})[part]
+
+    def commit_all(self, batches: dict[Partition, Batch]) -> dict[Partition, bool]:
+        """Commit in one round trip; retried until it lands, the partition is lost, or we
+        stop (committing is idempotent)."""
+        done: dict[Partition, bool] = {}
         delay = 0.05
-        while True:
+        while batches:
             try:
-                fenced(self.scripts.commit, keys=keys, args=args)
-                part.uncommitted = False
-                return True
-            except Fenced as e:
-                self.drop(p, str(e))
-                return False
-            except ERRORS as e:  # the commit is idempotent: retry until it lands or we stop
+                outcome = self.io.commit(batches)
+            except ERRORS as e:
                 if self.stopping.is_set():
-                    log.warning("partition %d: giving up commit on stop: %s", p, e)
-                    return False
-                log.warning("partition %d: commit failed (%s); retrying", p, e)
+                    log.warning("giving up a commit on stop: %s", e)
+                    return {**done, **dict.fromkeys(batches, False)}
+                log.warning("commit failed (%s); retrying", e)
                 self._resync = True
                 self.stopping.wait(delay)
                 delay = min(2.0, delay * 2)
+                continue
+            for part, error in outcome.items():
+                if isinstance(error, Fenced):
+                    self.drop(part.number, str(error))
+                elif error is not None:
+                    raise error
+                else:
+                    part.uncommitted = False
+                done[part] = error is None
+            batches = {}
+        return done
 
     def snapshot(self, part: Partition) -> None:
         started = time.perf_counter()
@@ -457,6 +311,8 @@ class Worker:
                 self.drop(p, str(e))
 
     def _tidy(self, part: Partition) -> None:
+        """Once replay is over, drop the group's other consumers (nothing pending there)."""
+        part.tidy = True
         try:
             fenced(
                 self.scripts.tidy,
@@ -545,25 +401,6 @@ def credentials_checked() -> Iterator[None]:
             f"REDIS_URL: the Redis user lacks a permission the worker needs ({e}); it needs "
             "stream, string, hash, sorted-set and scripting commands on the prefix's keys"
         ) from None
-
-
-def open_store(settings: Settings, p: int, engine: Engine) -> Snapshots:
-    """The snapshot store of partition p: a directory every worker can reach."""
-    return SnapshotStore(Path(settings.snapshot_dir) / f"p{p}", engine, settings.snapshots_kept)
-
-
-def _entries(reply: Any) -> list[tuple[str, dict[bytes, Any]]]:
-    """Normalise an XREADGROUP reply from a script into [(id, {field: value})]."""
-    if not reply:
-        return []
-    if isinstance(reply[0], bytes):  # fakeredis returns a single stream without nesting
-        reply = [reply]
-    out = []
-    for _stream, entries in reply:
-        for entry_id, fields in entries:
-            flat = fields or []
-            out.append((text(entry_id), dict(zip(flat[::2], flat[1::2], strict=True))))
-    return out
 
 
 def serve(settings: Settings, burst: bool = False) -> None:

@@ -1,0 +1,204 @@
+"""hnswlib graphs over slot vectors, and the on-disk cache of a model's initial graph.
+
+Building the graph over ``memory_init`` costs minutes at a million slots, and every worker
+must search the very same graph for replays to be deterministic. So the graph is built once
+per model (on all cores), saved under a name derived from the model's fingerprint and the
+file's sha256, and published atomically; every worker loads that one file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+
+from memnet.config import IndexConfig
+from memnet.distance import squared_norms
+from memnet.errors import SnapshotError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class GraphBase:
+    """An hnswlib graph (labels = slot numbers) and the slot vectors it was built from."""
+
+    vectors: np.ndarray  # [S, M] slot vectors as indexed (read-only while shared)
+    filled: np.ndarray  # [S] bool: slot is in the graph
+    index: hnswlib.Index
+    id: str  # names this exact state; a base is never changed while another memory uses it
+    shared: bool = False
+    users: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet, repr=False)
+    max_norm: float = 0.0  # an upper bound of every filled row's norm (valid after norms())
+    _norms: np.ndarray | None = field(default=None, repr=False)
+
+    def norms(self) -> np.ndarray:
+        """[S] float32 squared norms of the rows, +inf for empty slots (computed once)."""
+        if self._norms is None:
+            self._norms, self.max_norm = squared_norms(self.vectors, self.filled)
+        return self._norms
+
+    def take_over(self) -> None:
+        """Its last user makes it private: it may change from now on."""
+        self.shared = False
+        if not self.vectors.flags.writeable:  # the model's memory_init: copy, never modify
+            self.vectors = self.vectors.copy()
+
+    def update(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+        """Re-index slots [n] (sorted) with vectors [n, M]; only on a base nobody shares."""
+        assert not self.shared
+        self.vectors[slots] = vectors
+        self.filled[slots] = True
+        if self._norms is not None:
+            norms, top = squared_norms(vectors, None)
+            self._norms[slots] = norms
+            self.max_norm = max(self.max_norm, top)
+        self.index.add_items(vectors, slots, num_threads=1)
+        self.id = uuid.uuid4().hex
+
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        filled: np.ndarray,
+        cfg: IndexConfig,
+        base_id: str,
+        threads: int = 1,
+    ) -> GraphBase:
+        """Build with a fixed seed; on one thread the graph is the same on every machine."""
+        slots, dim = vectors.shape
+        index = hnswlib.Index(space="l2", dim=dim)
+        index.init_index(
+            max_elements=slots, ef_construction=cfg.ef_construction, M=cfg.m, random_seed=cfg.seed
+        )
+        labels = np.flatnonzero(filled)
+        if len(labels):
+            index.add_items(vectors[labels], labels, num_threads=threads)
+        index.set_ef(cfg.ef_search)
+        return cls(vectors, filled.copy(), index, base_id)
+
+    @classmethod
+    def load(
+        cls, path: Path, vectors: np.ndarray, filled: np.ndarray, cfg: IndexConfig, base_id: str
+    ) -> GraphBase:
+        """Load a graph file whose checksum the caller verified, into a fresh Index."""
+        index = hnswlib.Index(space="l2", dim=vectors.shape[1])  # never reuse an Index
+        index.load_index(str(path), max_elements=len(vectors))
+        index.set_ef(cfg.ef_search)  # ef is not stored in the file
+        if index.get_current_count() != int(filled.sum()):
+            raise SnapshotError(
+                f"{path}: holds {index.get_current_count()} items, expected {int(filled.sum())}"
+            )
+        return cls(vectors, filled, index, base_id)
+
+    def clone(self) -> GraphBase:
+        index = copy.deepcopy(self.index)
+        index.set_ef(self.index.ef)
+        copied = GraphBase(self.vectors.copy(), self.filled.copy(), index, uuid.uuid4().hex)
+        if self._norms is not None:
+            copied._norms, copied.max_norm = self._norms.copy(), self.max_norm
+        return copied
+
+    @property
+    def count(self) -> int:
+        return int(self.index.get_current_count())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class InitGraphCache:
+    """``<dir>/init-<fingerprint>.json`` names the published graph file and its checksum."""
+
+    def __init__(self, directory: Path, fingerprint: str) -> None:
+        self.directory = Path(directory)
+        self.stem = f"init-{fingerprint[:24]}"
+        self.pointer = self.directory / f"{self.stem}.json"
+
+    def get(self, vectors: np.ndarray, filled: np.ndarray, cfg: IndexConfig) -> GraphBase:
+        """The published graph; built and published first if there is none."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.pointer.exists():
+            self._build_or_wait(vectors, filled, cfg)
+        info = json.loads(self.pointer.read_text())
+        path = self.directory / info["file"]
+        if (
+            not path.exists()
+            or path.stat().st_size != info["size"]
+            or (sha256_file(path) != info["sha256"])
+        ):
+            raise SnapshotError(
+                f"{path}: does not match {self.pointer} (damaged index cache); "
+                f"delete both to rebuild"
+            )
+        return GraphBase.load(path, vectors, filled, cfg, "init")
+
+    def _build_or_wait(self, vectors: np.ndarray, filled: np.ndarray, cfg: IndexConfig) -> None:
+        lock = self.directory / f"{self.stem}.lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if time.time() - lock.stat().st_mtime < 3600:
+                return self._wait_for_pointer()
+            fd = os.open(lock, os.O_CREAT | os.O_WRONLY)  # a builder died: build anyway
+        os.close(fd)
+        try:
+            self._publish(vectors, filled, cfg)
+        finally:
+            lock.unlink(missing_ok=True)
+        return None
+
+    def _wait_for_pointer(self) -> None:
+        log.info("another process is building %s; waiting", self.pointer)
+        while not self.pointer.exists():
+            time.sleep(0.5)
+
+    def _publish(self, vectors: np.ndarray, filled: np.ndarray, cfg: IndexConfig) -> None:
+        started = time.monotonic()
+        log.info("building the initial graph over %d slots (once per model)", len(vectors))
+        base = GraphBase.build(vectors, filled, cfg, "init", threads=os.cpu_count() or 1)
+        tmp = self.directory / f".{self.stem}-{uuid.uuid4().hex}.hnsw"
+        base.index.save_index(str(tmp))
+        if not tmp.exists() or tmp.stat().st_size == 0:
+            raise SnapshotError(f"{tmp}: hnswlib wrote no index (disk full?)")
+        fsync_path(tmp)
+        digest = sha256_file(tmp)
+        final = self.directory / f"{self.stem}-{digest[:16]}.hnsw"
+        os.replace(tmp, final)
+        pointer_tmp = self.directory / f".{self.stem}-{uuid.uuid4().hex}.json"
+        pointer_tmp.write_text(
+            json.dumps({"file": final.name, "sha256": digest, "size": final.stat().st_size})
+        )
+        fsync_path(pointer_tmp)
+        try:
+            os.link(pointer_tmp, self.pointer)  # the first published graph wins
+        except FileExistsError:
+            final.unlink(missing_ok=True)
+        finally:
+            pointer_tmp.unlink(missing_ok=True)
+        fsync_path(self.directory)
+        log.info("initial graph built and published in %.1f s", time.monotonic() - started)

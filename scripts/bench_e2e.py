@@ -1,0 +1,249 @@
+"""End-to-end benchmark pieces: a producer and a subscriber process, and the harness that
+runs them around real `memnet worker` processes on a private redis-server.
+
+    python scripts/bench_e2e.py produce URL WORKLOAD N MEMORIES SEED RATE
+    python scripts/bench_e2e.py subscribe URL EXPECTED OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import RedisServer  # noqa: E402
+from worker.protocol import Keys, pack, partition_of  # noqa: E402
+
+PREFIX, PARTITIONS = "bench", 8
+
+
+def workload(kind: str, n: int, memories: int, seed: int, dims: tuple[int, int]) -> list[dict]:
+    """writes / queries / mixed (alternating) events; queries in memory space as the
+    reference does."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(n):
+        memory = f"m{j % memories}" if memories > 1 else "m"
+        write = kind == "writes" or (kind == "mixed" and j % 2 == 0)
+        if write:
+            out.append(
+                {
+                    "op": "write",
+                    "memory": memory,
+                    "x": rng.standard_normal(dims[0]).astype("<f4").tobytes(),
+                }
+            )
+        else:
+            out.append(
+                {
+                    "op": "query",
+                    "memory": memory,
+                    "id": str(j),
+                    "q": rng.standard_normal(dims[1]).astype("<f4").tobytes(),
+                }
+            )
+    return out
+
+
+def produce(
+    url: str, kind: str, n: int, memories: int, seed: int, rate: float, dims: tuple[int, int]
+) -> None:
+    client, keys = redis.Redis.from_url(url), Keys(PREFIX)
+    events = [
+        (keys.inp(partition_of(e["memory"], PARTITIONS)), pack(e))
+        for e in workload(kind, n, memories, seed, dims)
+    ]
+    last: dict[str, str] = {}
+    started = time.time()
+    chunk = 4 if rate else 500  # at a set rate, a near-steady stream rather than bursts
+    for i in range(0, n, chunk):
+        if rate:
+            wait = started + i / rate - time.time()
+            if wait > 0:
+                time.sleep(wait)
+        pipe = client.pipeline(transaction=False)
+        for key, msg in events[i : i + chunk]:
+            pipe.xadd(key, {"msg": msg})
+        for (key, _), entry_id in zip(events[i : i + chunk], pipe.execute(), strict=True):
+            last[key] = entry_id.decode()
+    print(json.dumps({"started": started, "last": last}))
+
+
+def subscribe(url: str, expected: int, out: str) -> None:
+    client, keys = redis.Redis.from_url(url), Keys(PREFIX)
+    positions = {keys.out(p): "0-0" for p in range(PARTITIONS)}
+    latencies = []
+    while len(latencies) < expected:
+        for stream, entries in client.xread(positions, count=1000, block=1000) or []:
+            now = time.time() * 1000
+            for entry_id, fields in entries:
+                positions[stream.decode()] = entry_id.decode()
+                assert "error" not in msgpack.unpackb(fields[b"msg"], raw=False)
+                latencies.append(now - int(entry_id.split(b"-")[0]))
+    Path(out).write_text(json.dumps({"latencies_ms": latencies, "done": time.time()}))
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    fields = {line.split(":")[0]: line.split()[1] for line in status if line.startswith("Vm")}
+    return {"rss_mb": int(fields["VmRSS"]) / 1024, "peak_rss_mb": int(fields["VmHWM"]) / 1024}
+
+
+def run(
+    model: Path,
+    cache: Path,
+    workers: int,
+    kind: str,
+    n: int,
+    memories: int,
+    rate: float,
+    dims: tuple[int, int],
+    seed: int = 1,
+) -> dict:
+    """One end-to-end measurement: events/s, query latency percentiles, worker RSS."""
+    with tempfile.TemporaryDirectory(prefix="memnet-bench-") as tmp:
+        work = Path(tmp)
+        (work / "snap").mkdir()
+        (work / "snap" / "index-cache").symlink_to(cache.resolve())
+        server = RedisServer(work / "redis")
+        procs = []
+        try:
+            procs = [_worker(server.url, model, work, i) for i in range(workers)]
+            _wait_owned(server.client(), procs)
+            return _measure(server, procs, work, kind, n, memories, rate, dims, seed)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(30)
+            server.stop()
+
+
+def _worker(url: str, model: Path, work: Path, i: int) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "MEMNET_MODEL": str(model),
+        "MEMNET_PREFIX": PREFIX,
+        "MEMNET_SNAPSHOT_DIR": str(work / "snap"),
+        "MEMNET_PARTITIONS": str(PARTITIONS),
+        "MEMNET_LOG_LEVEL": "WARNING",
+        "MEMNET_WORKER_ID": f"bench{i}",
+    }
+    env.pop("PORT", None)
+    env.pop("MEMNET_METRICS_PORT", None)
+    with open(work / f"worker{i}.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+
+def _wait_owned(client: redis.Redis, procs: list[subprocess.Popen]) -> None:
+    keys = Keys(PREFIX)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a benchmark worker exited during start-up")
+        holders = [client.get(keys.part(p, "lease")) for p in range(PARTITIONS)]
+        if None not in holders and len(set(holders)) == len(procs):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("benchmark workers did not take the partitions")
+
+
+def _measure(
+    server: RedisServer,
+    procs: list[subprocess.Popen],
+    work: Path,
+    kind: str,
+    n: int,
+    memories: int,
+    rate: float,
+    dims: tuple[int, int],
+    seed: int,
+) -> dict:
+    queries = sum(e["op"] == "query" for e in workload(kind, n, memories, seed, dims))
+    me = [sys.executable, str(Path(__file__).resolve())]
+    sub = subprocess.Popen([*me, "subscribe", server.url, str(queries), str(work / "sub.json")])
+    out = subprocess.run(
+        [
+            *me,
+            "produce",
+            server.url,
+            kind,
+            str(n),
+            str(memories),
+            str(seed),
+            str(rate),
+            str(dims[0]),
+            str(dims[1]),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    produced = json.loads(out.stdout)
+    done = _wait_committed(server.client(), produced["last"])
+    sub.wait(120)
+    latencies = np.array(json.loads((work / "sub.json").read_text())["latencies_ms"] or [0.0])
+    result = {
+        "events": n,
+        "events_per_s": n / (done - produced["started"]),
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+    }
+    rss = [rss_mb(p.pid) for p in procs]
+    result["worker_rss_mb"] = max(r["rss_mb"] for r in rss)
+    result["worker_peak_rss_mb"] = max(r["peak_rss_mb"] for r in rss)
+    return result
+
+
+def _wait_committed(client: redis.Redis, last: dict[str, str]) -> float:
+    """Wall time when every partition's committed offset reached its last input entry."""
+    keys = Keys(PREFIX)
+    offsets = {key: key.replace(":in", ":offset") for key in last}
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        values = client.mget(list(offsets.values()))
+        if all(
+            v is not None and _ge(v.decode(), last[k]) for k, v in zip(offsets, values, strict=True)
+        ):
+            return time.time()
+        time.sleep(0.01)
+    del keys
+    raise RuntimeError("the workers did not finish the benchmark stream")
+
+
+def _ge(a: str, b: str) -> bool:
+    return tuple(map(int, a.split("-"))) >= tuple(map(int, b.split("-")))
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "produce":
+        produce(
+            args[0],
+            args[1],
+            int(args[2]),
+            int(args[3]),
+            int(args[4]),
+            float(args[5]),
+            (int(args[6]), int(args[7])),
+        )
+    elif cmd == "subscribe":
+        subscribe(args[0], int(args[1]), args[2])

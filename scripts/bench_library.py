@@ -1,0 +1,135 @@
+"""In-process measurements of the memnet engine: throughput, the write path against
+hnswlib's in-place update, recall against exact search, snapshot and restore times."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from memnet import Engine, load_model
+from memnet.memory import Memory
+from memnet.search import ExactSlots, GraphSlots, rank, sqdist
+from memnet.snapshot import SnapshotStore
+
+BATCH = 1000
+
+
+def raw_events(
+    kind: str, n: int, memories: int, dims: tuple[int, int], seed: int = 1
+) -> list[tuple[str, str, np.ndarray]]:
+    """(memory, "write" | "query", vector): writes carry x, queries q (memory space)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(n):
+        memory = f"m{j % memories}"
+        if kind == "writes" or (kind == "mixed" and j % 2 == 0):
+            out.append((memory, "write", rng.standard_normal(dims[0]).astype(np.float32)))
+        else:
+            out.append((memory, "query", rng.standard_normal(dims[1]).astype(np.float32)))
+    return out
+
+
+def throughput(engine: Engine, kind: str, n: int, memories: int, dims: tuple[int, int]) -> float:
+    """Events per second through Engine.process in batches of 1,000."""
+    events = raw_events(kind, n, memories, dims)
+    mems: dict[str, Memory] = {}
+    started = time.perf_counter()
+    for i in range(0, n, BATCH):
+        items = []
+        for name, op, v in events[i : i + BATCH]:
+            memory = mems.get(name) or mems.setdefault(name, engine.new_memory())
+            items.append((memory, engine.write(v) if op == "write" else engine.query(q=v)))
+        engine.process(items)
+    return n / (time.perf_counter() - started)
+
+
+class InPlaceSlots(GraphSlots):
+    """The baseline write path: every write updates the hnswlib graph in place."""
+
+    def set(self, slot: int, vector: np.ndarray) -> None:
+        self._own_base()
+        self.base.update(np.array([slot]), vector[None])
+
+
+def encoded_writes(engine: Engine, n: int, dims: tuple[int, int], seed: int) -> np.ndarray:
+    xs = np.stack([v for _, _, v in raw_events("writes", n, 1, dims, seed)])
+    return engine._encode(engine._jax, xs)  # [n, M]: I(x) of each write
+
+
+def write_path(engine: Engine, n: int, dims: tuple[int, int]) -> dict:
+    """G writes per second: overlay + batched re-indexing (ours) vs in-place add_items."""
+    encoded = encoded_writes(engine, n, dims, seed=2)
+    g = engine.generalizer
+    rates = {}
+    for name, make in (
+        ("in_place", lambda: InPlaceSlots(engine.init_base(), engine.config.index)),
+        ("overlay", lambda: engine.new_memory().search),
+    ):
+        memory = Memory(make())
+        started = time.perf_counter()
+        for i in encoded:
+            g.write(engine._np, memory, i)
+        rates[f"{name}_writes_per_s"] = n / (time.perf_counter() - started)
+    rates["speedup"] = rates["overlay_writes_per_s"] / rates["in_place_writes_per_s"]
+    return rates
+
+
+def exact_topk(search: ExactSlots | GraphSlots, v: np.ndarray, k: int) -> np.ndarray:
+    """Brute force over the current slot vectors (the truth the index must find)."""
+    if isinstance(search, ExactSlots):
+        vectors = search.vectors(np.arange(search.slots))
+        return rank(np.arange(search.slots), sqdist(vectors, v), k)
+    dist = sqdist(search.base.vectors, v)
+    dist[~search.base.filled] = np.inf
+    slots, rows = search.overlay()
+    if len(slots):
+        dist[slots] = sqdist(rows, v)
+    return rank(np.arange(len(dist)), dist, k)
+
+
+def recall(engine: Engine, samples: int, dims: tuple[int, int]) -> dict:
+    """recall@1 of G's nearest-slot choice and recall@k of O, against exact search, on the
+    benchmark's own workload (the seed model's writes, memory-space queries)."""
+    memory, g, k = engine.new_memory(), engine.generalizer, engine.config.k
+    encoded = encoded_writes(engine, samples, dims, seed=3)
+    queries = np.stack([v for _, _, v in raw_events("queries", samples, 1, dims, seed=4)])
+    hits_g = hits_o = 0
+    for i, q in zip(encoded, queries, strict=True):
+        hits_g += int(memory.nearest(i) == exact_topk(memory.search, i, 1)[0])
+        g.write(engine._np, memory, i)
+        hits_o += len(set(memory.topk(q[None], k)[0]) & set(exact_topk(memory.search, q, k)))
+    return {"g_recall_at_1": hits_g / samples, "o_recall_at_k": hits_o / (samples * k)}
+
+
+def snapshot_restore(engine: Engine, model_path: Path, cache: Path, dims: tuple[int, int]) -> dict:
+    """Snapshot a written memory (with its own graph for large ones) and restore it in a
+    fresh engine; times and size."""
+    memory = engine.new_memory()
+    for i in encoded_writes(engine, 500, dims, seed=5):
+        engine.generalizer.write(engine._np, memory, i)
+    if isinstance(memory.search, GraphSlots):
+        memory.search.reindex()  # the worst case: the whole graph goes into the snapshot
+    with tempfile.TemporaryDirectory(prefix="memnet-bench-snap-") as tmp:
+        started = time.perf_counter()
+        info = SnapshotStore(tmp, engine).save({"m": memory}, "1-0")
+        saved = time.perf_counter() - started
+        size = sum(f.stat().st_size for f in info.path.iterdir())
+        fresh = Engine(load_model(model_path), cache_dir=cache)
+        started = time.perf_counter()
+        loaded = SnapshotStore(tmp, fresh).load()
+        restored = time.perf_counter() - started
+    same = bool(
+        np.array_equal(
+            loaded.memories["m"].search.vectors(np.arange(memory.slots)),
+            memory.search.vectors(np.arange(memory.slots)),
+        )
+    )
+    return {
+        "snapshot_s": saved,
+        "restore_s": restored,
+        "snapshot_mb": size / 2**20,
+        "restored_equal": same,
+    }

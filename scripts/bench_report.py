@@ -1,0 +1,152 @@
+"""The benchmark's table, its targets (met or not, with the numbers) and its plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _size(results: dict, slots: int) -> dict | None:
+    return next((s for s in results["sizes"] if s["slots"] == slots), None)
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| slots | workload | reference ev/s | library ev/s | e2e 1 worker ev/s | "
+        "e2e 2 workers ev/s | p50 / p99 ms at half rate | worker RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in results["sizes"]:
+        e2e, lib, ref = s["e2e"], s["library"], s.get("reference", {})
+        for key, lib_key in (
+            ("mixed/one/1w", "mixed/one"),
+            ("mixed/many/1w", "mixed/many"),
+            ("writes/many/1w", "writes/many"),
+            ("queries/many/1w", "queries/many"),
+        ):
+            if key not in e2e:
+                continue
+            two = e2e.get(key.replace("/1w", "/2w"), {}).get("events_per_s")
+            half = e2e.get(f"{key}@half")
+            latency = f"{half['p50_ms']:.1f} / {half['p99_ms']:.1f}" if half else "-"
+            lines.append(
+                f"| {s['slots']:,} | {lib_key} | {_n(ref.get(lib_key))} | {_n(lib.get(lib_key))}"
+                f" | {_n(e2e[key]['events_per_s'])} | {_n(two)} | "
+                f"{latency} | "
+                f"{e2e[key]['worker_peak_rss_mb']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def _n(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def targets(results: dict) -> list[tuple[str, bool | None, str]]:
+    out: list[tuple[str, bool | None, str]] = []
+    s = _size(results, 100_000)
+    if s:
+        e2e = s["e2e"]
+        one = e2e.get("mixed/one/1w") or e2e["mixed/many/1w"]
+        ref = s.get("reference", {}).get("mixed/one")
+        if ref:
+            ratio = one["events_per_s"] / ref
+            out.append(
+                (
+                    "e2e 1 worker, mixed, 100k >= 20x reference",
+                    ratio >= 20,
+                    f"{one['events_per_s']:,.0f} vs {ref:,.0f} ev/s = {ratio:.1f}x",
+                )
+            )
+        lib_key = "mixed/one" if "mixed/one/1w" in e2e else "mixed/many"
+        share = one["events_per_s"] / s["library"][lib_key]
+        out.append(
+            (
+                "e2e >= 60% of in-process",
+                share >= 0.6,
+                f"{one['events_per_s']:,.0f} vs {s['library'][lib_key]:,.0f} = {share:.0%}",
+            )
+        )
+        wp, rc = s["write_path"], s["recall"]
+        ok = wp["speedup"] >= 5 and min(rc["g_recall_at_1"], rc["o_recall_at_k"]) >= 0.99
+        out.append(
+            (
+                "write path >= 5x in-place at 100k, recall >= 0.99",
+                ok,
+                f"{wp['overlay_writes_per_s']:,.0f} vs {wp['in_place_writes_per_s']:,.0f} "
+                f"writes/s = {wp['speedup']:.1f}x; G recall@1 {rc['g_recall_at_1']:.3f}, "
+                f"O recall@k {rc['o_recall_at_k']:.3f}",
+            )
+        )
+        two, single = e2e["mixed/many/2w"]["events_per_s"], e2e["mixed/many/1w"]["events_per_s"]
+        out.append(
+            (
+                "2 workers >= 1.6x one",
+                two / single >= 1.6,
+                f"{two:,.0f} vs {single:,.0f} = {two / single:.2f}x",
+            )
+        )
+        half = next(v for k, v in e2e.items() if k.endswith("@half"))
+        out.append(
+            (
+                "query p99 <= 5 ms at half max throughput",
+                half["p99_ms"] <= 5,
+                f"p99 {half['p99_ms']:.1f} ms at {half['events_per_s']:,.0f} ev/s",
+            )
+        )
+    big = _size(results, 1_000_000)
+    if big:
+        rss = max(r["worker_peak_rss_mb"] for r in big["e2e"].values())
+        snap = big["snapshot"]
+        out.append(("1M slots: worker RSS <= 1 GiB", rss <= 1024, f"peak {rss:.0f} MB"))
+        out.append(
+            (
+                "1M slots: snapshot and restore <= 5 s each",
+                snap["snapshot_s"] <= 5 and snap["restore_s"] <= 5,
+                f"snapshot {snap['snapshot_s']:.1f} s, restore {snap['restore_s']:.1f} s "
+                f"({snap['snapshot_mb']:.0f} MB)",
+            )
+        )
+    return out
+
+
+def report(results: dict) -> str:
+    lines = ["", table(results), "", "targets:"]
+    for name, ok, detail in targets(results):
+        lines.append(f"  [{'met' if ok else 'NOT met'}] {name}: {detail}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [s["slots"] for s in results["sizes"]]
+    series = {
+        "reference": [s.get("reference", {}).get("mixed/one") for s in results["sizes"]],
+        "library": [s["library"].get("mixed/one") for s in results["sizes"]],
+        "e2e 1 worker": [
+            (s["e2e"].get("mixed/one/1w") or s["e2e"]["mixed/many/1w"])["events_per_s"]
+            for s in results["sizes"]
+        ],
+        "e2e 2 workers": [
+            s["e2e"].get("mixed/many/2w", {}).get("events_per_s") for s in results["sizes"]
+        ],
+    }
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.2
+    for n, (name, values) in enumerate(series.items()):
+        xs = [i + (n - 1.5) * width for i, v in enumerate(values) if v]
+        ax.bar(xs, [v for v in values if v], width, label=name)
+    ax.set_xticks(range(len(sizes)), [f"{s:,} slots" for s in sizes])
+    ax.set_yscale("log")
+    ax.set_ylabel("events/s (50/50 writes and queries)")
+    ax.set_title(
+        f"memnet vs the reference code ({results['machine']['cores']} cores, "
+        f"{results['machine']['date']})"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

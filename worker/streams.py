@@ -1,0 +1,149 @@
+"""The data path's Redis traffic, batched across partitions: one round trip reads every
+live partition (fenced XREADGROUP), one round trip commits every batch (fenced COMMIT)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from worker.connection import Client, is_cluster, text
+from worker.partition import Batch, Partition
+from worker.protocol import Keys
+from worker.scripts import FENCED, Fenced, Scripts
+
+Entries = list[tuple[str, dict[bytes, Any]]]
+
+
+class StreamIO:
+    def __init__(
+        self,
+        client: Client,
+        scripts: Scripts,
+        keys: Keys,
+        worker_id: str,
+        batch_size: int,
+        response_maxlen: int,
+    ) -> None:
+        self.client, self.scripts, self.keys = client, scripts, keys
+        self.worker_id, self.batch_size, self.maxlen = worker_id, batch_size, response_maxlen
+
+    def replay(self, part: Partition) -> Entries:
+        """The next entries of (position, replay_until]; replay ends with a short read."""
+        low = f"({part.position}" if part.position else "-"
+        entries = self.client.xrange(
+            self.keys.inp(part.number), min=low, max=part.replay_until, count=self.batch_size
+        )
+        if len(entries) < self.batch_size:
+            part.replay_until = None
+        return [(text(i), f) for i, f in entries]
+
+    def read(self, parts: list[Partition]) -> dict[Partition, Entries | Exception]:
+        """New entries of each partition (">"), or Fenced for a partition we lost."""
+
+        def build(pipe: Any) -> None:
+            for part in parts:
+                self.scripts.read(
+                    keys=[self.keys.part(part.number, "epoch"), self.keys.inp(part.number)],
+                    args=[part.epoch, self.worker_id, self.batch_size],
+                    client=pipe,
+                )
+
+        replies = self._run(build)
+        return {
+            part: reply if isinstance(reply, Exception) else entries(reply)
+            for part, reply in zip(parts, replies, strict=True)
+        }
+
+    def commit(self, batches: dict[Partition, Batch]) -> dict[Partition, Exception | None]:
+        """Publish, dead-letter, ack and record the offset of each batch (idempotent)."""
+        calls = [self._commit_call(part, batch) for part, batch in batches.items()]
+
+        def build(pipe: Any) -> None:
+            for keys, args in calls:
+                self.scripts.commit(keys=keys, args=args, client=pipe)
+
+        replies = self._run(build)
+        return {
+            part: reply if isinstance(reply, Exception) else None
+            for part, reply in zip(batches, replies, strict=True)
+        }
+
+    def _commit_call(self, part: Partition, batch: Batch) -> tuple[list[str], list[Any]]:
+        p = part.number
+        keys = [
+            self.keys.part(p, "epoch"),
+            self.keys.inp(p),
+            self.keys.out(p),
+            self.keys.dead(p),
+            self.keys.part(p, "offset"),
+        ]
+        args: list[Any] = [
+            part.epoch,
+            batch.last_id,
+            self.maxlen,
+            len(batch.responses),
+            len(batch.dead),
+        ]
+        for entry_id, msg in batch.responses + batch.dead:
+            args += [entry_id, msg]
+        return keys, args + batch.acks
+
+    def _run(self, build: Any) -> list[Any]:
+        """Run a pipeline built by build(pipe); per-command errors come back as Fenced or
+        the error itself. Scripts Redis lost (it restarted) are loaded again and the
+        pipeline re-run: a script that was not found did not run."""
+        replies = self._once(build)
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+            self.scripts.load()
+            replies = self._once(build)
+        return [
+            Fenced(str(r)) if isinstance(r, redis.ResponseError) and FENCED in str(r) else r
+            for r in replies
+        ]
+
+    def _once(self, build: Any) -> list[Any]:
+        pipe = (
+            _Sequential(self.client)
+            if is_cluster(self.client)
+            else self.client.pipeline(transaction=False)
+        )
+        build(pipe)
+        return pipe.execute(raise_on_error=False)
+
+
+class _Sequential:
+    """Stands in for a pipeline where Redis Cluster refuses to pipeline scripts: the calls
+    run one by one (each partition's keys live on one node anyway)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.calls: list[tuple[Any, ...]] = []
+
+    def evalsha(self, *args: Any) -> None:
+        self.calls.append(args)
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        replies: list[Any] = []
+        for args in self.calls:
+            try:
+                replies.append(self.client.evalsha(*args))
+            except redis.ResponseError as e:
+                if raise_on_error:
+                    raise
+                replies.append(e)
+        return replies
+
+
+def entries(reply: Any) -> Entries:
+    """Normalise an XREADGROUP reply from a script into [(id, {field: value})]."""
+    if not reply:
+        return []
+    if isinstance(reply[0], bytes):  # fakeredis returns a single stream without nesting
+        reply = [reply]
+    out = []
+    for _stream, stream_entries in reply:
+        for entry_id, fields in stream_entries:
+            flat = fields or []
+            out.append((text(entry_id), dict(zip(flat[::2], flat[1::2], strict=True))))
+    return out
