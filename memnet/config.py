@@ -36,11 +36,11 @@ def _positive_int(where: str, key: str, value: Any) -> int:
 class IndexConfig:
     """How a memory is searched. Part of the model so every worker searches identically.
 
-    Memories of at most ``exact_max_slots`` slots are searched by brute force (exact).
-    Larger ones use an hnswlib graph (``m``, ``ef_construction``, ``ef_search``, built with
-    ``seed`` on one thread, so every worker builds the same graph) whose candidates are
-    re-ranked with current vectors; slots changed since the graph was built (at most
-    ``overlay_max``) are searched exactly, then re-indexed together.
+    Memories of at most ``exact_max_slots`` slots are searched exactly. Larger ones use an
+    hnswlib graph (``m``, ``ef_construction``, ``ef_search``, ``seed``; built once per model
+    and shared by every worker through a cache file) whose ``candidates`` are re-ranked
+    with current vectors; slots changed since the graph was built (at most ``overlay_max``)
+    are searched exactly, then re-indexed together. See memnet/search.py.
     """
 
     exact_max_slots: int = 16384
@@ -48,6 +48,9 @@ class IndexConfig:
     ef_construction: int = 200
     ef_search: int = 160
     candidates: int = 8
+    # Queries far outside the graph's rows are checked against every row (exactly) in
+    # memories up to this size; beyond it the graph serves them too (faster, less exact).
+    far_exact_max_slots: int = 262_144
     overlay_max: int = 1024
     seed: int = 100
 

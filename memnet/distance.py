@@ -63,8 +63,10 @@ def estimate_candidates(
 
 def squared_norms(vectors: np.ndarray, filled: np.ndarray | None) -> tuple[np.ndarray, float]:
     """([S] float32 squared norms, +inf for empty slots; the largest norm among the rest)."""
-    x = vectors.astype(np.float64)
-    norms = (x * x).sum(axis=1)
+    norms = np.empty(len(vectors), np.float64)
+    for start in range(0, len(vectors), 65536):  # in slices: no full float64 copy at 1M rows
+        x = vectors[start : start + 65536].astype(np.float64)
+        norms[start : start + 65536] = (x * x).sum(axis=1)
     if filled is not None:
         norms[~filled] = np.inf
     finite = norms[np.isfinite(norms)]

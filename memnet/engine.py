@@ -59,6 +59,9 @@ Event = Write | Query
 Result = Answer | Rejected | None
 
 
+MAX_BATCH = 1024  # events per jitted call at most
+
+
 class Engine:
     def __init__(self, model: Model, cache_dir: str | os.PathLike[str] | None = None) -> None:
         """cache_dir: where the initial graph of a large memory is published and shared
@@ -126,11 +129,13 @@ class Engine:
         return self._init_base
 
     def warm_up(self, max_batch: int) -> None:
-        """Compile the jitted I and O+R for every batch shape up to max_batch events, so
-        the first real batches do not pay for compilation."""
+        """Compile the jitted I and O+R for every batch shape up to max_batch events, and
+        load a large memory's shared graph, so the first real batches do not wait."""
         c = self.config
+        if c.slots > c.index.exact_max_slots:
+            self.init_base().norms()  # load (or build) the shared graph now, not mid-stream
         sizes = [CHUNK]
-        while sizes[-1] < max_batch:
+        while sizes[-1] < min(max_batch, MAX_BATCH):
             sizes.append(sizes[-1] * 2)
         row = self.encoder.example()
         for n in sizes:
@@ -150,7 +155,15 @@ class Engine:
 
     def process(self, items: Sequence[tuple[Memory, Event]]) -> list[Result]:
         """Apply events in order: an Answer for each query, None for each write, Rejected
-        for an event whose encoding is not finite (it changes nothing)."""
+        for an event whose encoding is not finite (it changes nothing). Long sequences go
+        through in slices of MAX_BATCH (the same results: batching never changes them),
+        which bounds memory and the number of compiled shapes."""
+        results: list[Result] = []
+        for start in range(0, len(items), MAX_BATCH):
+            results += self._process(items[start : start + MAX_BATCH])
+        return results
+
+    def _process(self, items: Sequence[tuple[Memory, Event]]) -> list[Result]:
         results: list[Result] = [None] * len(items)
         encoded = self._encode_all([event for _, event in items])
         for j, v in encoded.items():

@@ -107,16 +107,24 @@ def check_params(
             problems.append(
                 f"tensor {name!r} has shape {array.shape}, expected {specs[name].shape}"
             )
-        elif not np.isfinite(array).all():
+        elif not _all_finite(array):
             bad = int(array.size - np.isfinite(array).sum())
             problems.append(f"tensor {name!r} has {bad} NaN or infinite values")
         else:
-            array = np.array(array, dtype=np.float32, order="C")
+            shares = array.base is not None and np.asarray(array.base).size != array.size
+            if not array.flags.c_contiguous or shares:
+                array = np.array(array, dtype=np.float32, order="C")  # our own copy
             array.flags.writeable = False
             checked[name] = array
     if problems:
         raise ModelFileError("; ".join(problems))
     return checked
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """np.isfinite(array).all() without a full boolean temporary for large tensors."""
+    flat = array.reshape(-1)
+    return all(np.isfinite(flat[i : i + 1 << 22]).all() for i in range(0, flat.size, 1 << 22))
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> Model:

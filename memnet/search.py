@@ -175,7 +175,8 @@ class GraphSlots:
     def _route(self, ov_dist: np.ndarray, floor: float, v_norm: float, k: int) -> str:
         if len(ov_dist) >= k and np.partition(ov_dist, k - 1)[k - 1] < floor * (1 - 1e-4):
             return "overlay"
-        return "exact" if v_norm > 2 * self.base.max_norm else "graph"
+        far = v_norm > 2 * self.base.max_norm and self.slots <= self.cfg.far_exact_max_slots
+        return "exact" if far else "graph"
 
     def _graph_candidates(self, V: np.ndarray, plan: list[str], k: int) -> dict:
         todo = [q for q, how in enumerate(plan) if how == "graph"]

@@ -73,6 +73,10 @@ def measure_size(slots: int, args: argparse.Namespace, out: Path, cache: Path) -
         result["write_path"] = bench_library.write_path(engine, args.write_events, DIMS)
         result["recall"] = bench_library.recall(engine, args.recall_samples, DIMS)
         print(json.dumps({**result["write_path"], **result["recall"]}), flush=True)
+        result["ef_sweep"] = bench_library.ef_sweep(
+            engine, [32, 64, 160, 400], args.recall_samples, DIMS
+        )
+        print(json.dumps(result["ef_sweep"]), flush=True)
     section(f"{slots:,} slots: snapshot and restore")
     result["snapshot"] = bench_library.snapshot_restore(engine, path, cache, DIMS)
     print(json.dumps(result["snapshot"]), flush=True)
@@ -97,8 +101,8 @@ def e2e(path: Path, cache: Path, slots: int, args: argparse.Namespace) -> dict:
                 "queries/many/1w": (1, "queries", MANY),
             }
         )
-        if slots >= 1_000_000:
-            runs = {"mixed/one/1w": (1, "mixed", 1)}
+    if slots >= 1_000_000:  # one memory of a million slots per worker is the point here
+        runs = {"mixed/one/1w": (1, "mixed", 1)}
     out = {}
     for name, (workers, kind, memories) in runs.items():
         out[name] = bench_e2e.run(path, cache, workers, kind, args.e2e_events, memories, 0.0, DIMS)

@@ -133,3 +133,28 @@ def snapshot_restore(engine: Engine, model_path: Path, cache: Path, dims: tuple[
         "snapshot_mb": size / 2**20,
         "restored_equal": same,
     }
+
+
+def ef_sweep(engine: Engine, efs: list[int], n: int, dims: tuple[int, int]) -> dict:
+    """Queries per second and O recall@k against exact search for several ef_search values
+    (the graph's speed/recall knob, a model setting: index.ef_search)."""
+    out = {}
+    base = engine.init_base()
+    default = base.index.ef
+    queries = np.stack([v for _, _, v in raw_events("queries", n, 1, dims, seed=6)])
+    k = engine.config.k
+    try:
+        for ef in efs:
+            base.index.set_ef(ef)
+            memory = engine.new_memory()
+            started = time.perf_counter()
+            found = memory.topk(queries, k)
+            rate = n / (time.perf_counter() - started)
+            hits = sum(
+                len(set(row) & set(exact_topk(memory.search, q, k)))
+                for row, q in zip(found, queries, strict=True)
+            )
+            out[str(ef)] = {"queries_per_s": rate, "o_recall_at_k": hits / (n * k)}
+    finally:
+        base.index.set_ef(default)
+    return out

@@ -14,8 +14,11 @@ import threading
 import time
 from collections.abc import Callable
 
+import redis
+
+from worker import metrics
 from worker.connection import ERRORS, Client, text
-from worker.protocol import Keys
+from worker.protocol import GROUP, Keys
 from worker.scripts import Scripts
 from worker.settings import Settings
 
@@ -82,6 +85,17 @@ class LeaseKeeper(threading.Thread):
             keys = [self.keys.part(p, "epoch"), self.keys.part(p, "lease")]
             if not self.scripts.renew(keys=keys, args=[epoch, s.worker_id, s.lease_ms]):
                 self.on_lost(p)
+            self.report_lag(p)
+
+    def report_lag(self, p: int) -> None:
+        """The group's lag, as Redis counts it, into the partition's metric (off the data
+        path: this thread has its own connection)."""
+        try:
+            groups = self.client.xinfo_groups(self.keys.inp(p))
+        except redis.ResponseError:  # the stream is gone (deleted by hand)
+            return
+        lag = next((g.get("lag") for g in groups if text(g["name"]) == GROUP), None)
+        metrics.LAG.labels(str(p)).set(-1 if lag is None else lag)
 
     def leave(self) -> None:
         """Remove this worker from the live set (on shutdown)."""

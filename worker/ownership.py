@@ -43,9 +43,6 @@ class Ownership:
     def snapshot(self, part: Partition) -> None:
         raise NotImplementedError
 
-    def _report_lag(self) -> None:
-        raise NotImplementedError
-
     def _owned(self) -> dict[int, int]:
         with self._lock:
             return {p: part.epoch for p, part in self.parts.items()}
@@ -80,7 +77,6 @@ class Ownership:
                     break
                 self.take(p)
         metrics.OWNED.set(len(self.parts))
-        self._report_lag()
 
     def _free_partitions(self) -> list[int]:
         pipe = self.client.pipeline(transaction=False)

@@ -15,6 +15,7 @@ SIGTERM: finish the batch, snapshot, release the leases, exit. A second one exit
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -30,11 +31,11 @@ from redis.cluster import RedisCluster
 from memnet import Engine, SnapshotError, load_model
 from memnet.errors import StaleSnapshot
 from worker import metrics
-from worker.connection import ERRORS, connect, is_cluster, text
+from worker.connection import ERRORS, connect, is_cluster
 from worker.leases import LeaseKeeper
 from worker.ownership import Ownership
 from worker.partition import Batch, Partition
-from worker.protocol import GROUP, PROTOCOL, Keys
+from worker.protocol import PROTOCOL, Keys
 from worker.scripts import Fenced, Scripts, fenced
 from worker.settings import Settings, SettingsError, redact
 from worker.streams import Entries, StreamIO
@@ -94,6 +95,7 @@ class Worker(Ownership):
         # keeps takeovers after a crash short.
         # One step applies a batch of every owned partition with one engine call.
         self.engine.warm_up(self.s.batch_size * self.s.partitions)
+        release_free_heap()
         self._until_reachable(self._start_up)
         self.keeper.start()
         self._started = time.monotonic()
@@ -379,14 +381,11 @@ class Worker(Ownership):
             self.client.connection_pool.disconnect()  # fakeredis garbles the next reply
             return "unknown"
 
-    def _report_lag(self) -> None:
-        for p in list(self.parts):
-            try:
-                groups = self.client.xinfo_groups(self.keys.inp(p))
-            except redis.ResponseError:  # the stream is gone (deleted by hand)
-                continue
-            lag = next((g.get("lag") for g in groups if text(g["name"]) == GROUP), None)
-            metrics.LAG.labels(str(p)).set(-1 if lag is None else lag)
+
+def release_free_heap() -> None:
+    """Hand the heap that loading and compiling freed back to the OS (glibc keeps it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @contextlib.contextmanager
