@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -383,7 +384,11 @@ class Worker(Ownership):
 
 
 def release_free_heap() -> None:
-    """Hand the heap that loading and compiling freed back to the OS (glibc keeps it)."""
+    """After start-up: hand the heap that loading and compiling freed back to the OS
+    (glibc keeps it), and move start-up objects out of the collector's sight (fewer and
+    shorter GC pauses on the data path)."""
+    gc.collect()
+    gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
