@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint
+.PHONY: demo test lint train
+TASK ?= 1
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +22,6 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+train: $(STAMP)
+	$(BIN)/memnet train --task $(TASK)

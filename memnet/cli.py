@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from memnet.config import ConfigValueError, ModelConfig
 from memnet.errors import MemnetError
 from memnet.model import load_model, random_model, save_model
+from memnet.training.settings import Settings
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "babi" / "en"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,6 +26,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_init)
+
+    p = sub.add_parser("train", help="train a text memory network on a bAbI task")
+    p.add_argument("--task", type=int, required=True, choices=range(1, 21), metavar="1..20")
+    p.add_argument(
+        "--data", type=Path, default=DATA, help="a bAbI directory (default: %(default)s)"
+    )
+    p.add_argument("--out", type=Path, help="model file (default: var/models/qaTASK.safetensors)")
+    p.add_argument("--seeds", type=int, default=3, help="runs; the best on validation is kept")
+    p.add_argument("--dim", type=int, default=64, help="embedding size (memory_dim is twice it)")
+    p.add_argument("--hops", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=Settings.epochs)
+    p.add_argument("--patience", type=int, default=Settings.patience)
+    p.add_argument("--no-support", action="store_true",
+                   help="train on answers only, without the supporting facts")  # fmt: skip
+    p.add_argument("--output", default="multi-hop", help="the O component")
+    p.add_argument("--response", default="answer", help="the R component")
+    p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("inspect", help="check a model file and print its config")
     p.add_argument("model")
@@ -44,6 +65,30 @@ def cmd_init(args: argparse.Namespace) -> int:
     model = random_model(config, seed=args.seed)
     save_model(model, args.out)
     print(f"wrote {args.out} (fingerprint {model.fingerprint[:12]})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from memnet.training.train import spread, train_task
+
+    out = args.out or Path("var/models") / f"qa{args.task}.safetensors"
+    settings = Settings(
+        epochs=args.epochs, patience=args.patience, supervise_support=not args.no_support
+    )
+    try:
+        summary = train_task(
+            args.data, args.task, out, seeds=args.seeds, dim=args.dim, hops=args.hops,
+            output=args.output, response=args.response, settings=settings,
+        )  # fmt: skip
+    except (MemnetError, ConfigValueError) as e:
+        print(f"memnet train: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"qa{args.task}: validation accuracy {summary['val_accuracy']:.1%} (seed "
+        f"{summary['seed']}; {args.seeds} seeds: {spread(summary['seed_accuracies'])}) in "
+        f"{summary['seconds']} s\nwrote {out}, {out.with_suffix('.png')} and "
+        f"{out.with_suffix('.json')}"
+    )
     return 0
 
 

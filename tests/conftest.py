@@ -56,3 +56,11 @@ def model_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.safetensors"
     save_model(random_model(WORKER_MODEL, seed=11), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def babi_model(tmp_path_factory):
+    """qa1 trained for a few seconds: good enough to answer its validation stories."""
+    from tests.babi import train_small
+
+    return train_small(tmp_path_factory.mktemp("babi"))

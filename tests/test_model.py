@@ -143,7 +143,7 @@ def _nan(p):
         ),
         (
             *tampered(config=lambda c: {**c, "generalizer": "telepathy"}),
-            "unknown generalizer 'telepathy' in model config (known: gated-nearest",
+            "unknown generalizer 'telepathy' in model config (known: append-only, gated-nearest)",
         ),
         (*tampered(config=lambda c: {**c, "slots": -1}), "'slots' must be a positive integer"),
         (*tampered(config=lambda c: {**c, "colour": "red"}), "unknown keys ['colour']"),

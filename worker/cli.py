@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from memnet import MemnetError
@@ -70,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="partitions, owners, lag and snapshots")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser(
+        "eval-babi", help="score models on bAbI through Redis and workers (or in-process)"
+    )
+    p.add_argument("--model", type=Path, help="a model file or a directory of qaN.safetensors "
+                   "(default: the models shipped in models/babi)")  # fmt: skip
+    p.add_argument("--data", type=Path, help="a bAbI directory (default: data/babi/en)")
+    p.add_argument("--tasks", default=",".join(map(str, range(1, 21))), help="e.g. 1,2,3")
+    p.add_argument("--split", choices=("validation", "train", "all"), default="validation")
+    p.add_argument("--workers", type=int, default=2, help="worker processes to stream through")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--in-process", action="store_true", help="the library alone, no Redis")
+    mode.add_argument("--both", action="store_true", help="both paths; check they agree")
+    p.add_argument("--json", action="store_true", help='print {"qa1": accuracy, ...} last')
+    p.set_defaults(run=cmd_eval_babi)
 
     p = sub.add_parser("demo", help="the main job on an embedded default (see README)")
     p.add_argument("--events", type=int, default=4000)
@@ -156,6 +172,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     return print_status(settings, as_json=args.json)
+
+
+def cmd_eval_babi(args: argparse.Namespace) -> int:
+    from worker import babi_eval
+
+    try:
+        tasks = babi_eval.parse_tasks(args.tasks)
+    except ValueError as e:
+        print(f"memnet eval-babi: {e}", file=sys.stderr)
+        return 2
+    mode = "in-process" if args.in_process else "both" if args.both else "stream"
+    return babi_eval.run_eval(
+        args.model, args.data or babi_eval.DATA, tasks, mode, args.split, args.workers, args.json
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from memnet.config import ModelConfig
+from memnet.config import ConfigValueError, ModelConfig
 
 if TYPE_CHECKING:
     import jax
@@ -126,3 +126,20 @@ def register(cls: type[Component]) -> type[Component]:
         raise ValueError(f"{cls.kind} {cls.name!r} is registered twice")
     table[cls.name] = cls
     return cls
+
+
+_MISSING = object()
+
+
+def option(config: ModelConfig, key: str, kind: type, default: Any = _MISSING) -> Any:
+    """A component setting from the config's ``options``; ConfigValueError names a bad one."""
+    if key not in config.options:
+        if default is _MISSING:
+            raise ConfigValueError(f"model config options need {key!r}")
+        return default
+    value = config.options[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigValueError(f"model config option {key!r} must be a positive integer")
+    if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise ConfigValueError(f"model config option {key!r} must be a list of strings")
+    return value

@@ -1,0 +1,120 @@
+"""The bAbI QA tasks (Weston et al. 2015, arXiv 1502.05698): reading the files, splitting
+off validation stories, and the events a story becomes (statements are writes, questions
+are queries on the story's own memory).
+
+File format: "ID text" lines; a question line is "ID question<TAB>answer<TAB>support IDs";
+IDs restart at 1 for each new story; support IDs name statements of the same story.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memnet.errors import MemnetError
+
+TASKS = range(1, 21)
+NAMES = {
+    1: "single supporting fact",
+    2: "two supporting facts",
+    3: "three supporting facts",
+    4: "two argument relations",
+    5: "three argument relations",
+    6: "yes/no questions",
+    7: "counting",
+    8: "lists/sets",
+    9: "simple negation",
+    10: "indefinite knowledge",
+    11: "basic coreference",
+    12: "conjunction",
+    13: "compound coreference",
+    14: "time reasoning",
+    15: "basic deduction",
+    16: "basic induction",
+    17: "positional reasoning",
+    18: "size reasoning",
+    19: "path finding",
+    20: "agent's motivation",
+}
+VALIDATION_SHARE = 0.1  # the last tenth of each training file's stories
+
+
+class BabiError(MemnetError):
+    """A bAbI file is missing or malformed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answer: str
+    support: tuple[int, ...]  # indices into the story's statements, in the file's order
+    after: int  # how many statements precede the question
+
+
+@dataclass
+class Story:
+    statements: list[str] = field(default_factory=list)
+    questions: list[Question] = field(default_factory=list)
+
+
+def task_file(data: Path, task: int) -> Path:
+    """The training file of a task in a bAbI directory (en/ or en-10k/)."""
+    found = sorted(Path(data).glob(f"qa{task}_*_train.txt"))
+    if len(found) != 1:
+        raise BabiError(f"{data}: expected one qa{task}_*_train.txt, found {len(found)}")
+    return found[0]
+
+
+def read_stories(path: Path) -> list[Story]:
+    stories: list[Story] = []
+    numbers: dict[int, int] = {}  # file ID -> statement index, in the current story
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        head, _, rest = line.partition(" ")
+        if not head.isdigit() or not rest:
+            raise BabiError(f"{path}:{n}: expected 'ID text'")
+        if int(head) == 1 or not stories:
+            stories.append(Story())
+            numbers = {}
+        story = stories[-1]
+        if "\t" not in rest:
+            numbers[int(head)] = len(story.statements)
+            story.statements.append(rest.strip())
+            continue
+        parts = rest.split("\t")
+        if len(parts) < 3:
+            raise BabiError(f"{path}:{n}: a question needs 'question<TAB>answer<TAB>IDs'")
+        try:
+            support = tuple(numbers[int(i)] for i in parts[2].split())
+        except (KeyError, ValueError):
+            raise BabiError(
+                f"{path}:{n}: supporting fact IDs {parts[2]!r} name no statement"
+            ) from None
+        story.questions.append(
+            Question(parts[0].strip(), parts[1].strip(), support, len(story.statements))
+        )
+    if not stories:
+        raise BabiError(f"{path}: no stories")
+    return stories
+
+
+def split(stories: list[Story]) -> tuple[list[Story], list[Story]]:
+    """(training, validation): validation is the last VALIDATION_SHARE of the stories."""
+    cut = len(stories) - max(1, round(len(stories) * VALIDATION_SHARE))
+    return stories[:cut], stories[cut:]
+
+
+def events(story: Story, memory: str, prefix: str) -> list[dict]:
+    """The story as protocol events in reading order: statements as writes, each question
+    as a query with id f"{prefix}{question number}" (answers are not sent)."""
+    out: list[dict] = []
+    done = 0
+    for number, question in enumerate(story.questions):
+        for text in story.statements[done : question.after]:
+            out.append({"op": "write", "memory": memory, "text": text})
+        done = question.after
+        out.append(
+            {"op": "query", "memory": memory, "id": f"{prefix}{number}", "text": question.text}
+        )
+    return out

@@ -1,0 +1,66 @@
+"""O = "multi-hop": several rounds of attention over the retrieved slots (End-To-End Memory
+Networks, Sukhbaatar et al. 2015), with the slot's age as a learned time encoding.
+
+A slot holds a key half and a value half (M = 2d, as position-bow writes them). With
+u_1 = the key half of the query vector v, for hop h = 1..hops:
+
+    a_h = softmax over retrieved slots j of (key_j + T_key[age_j]) . u_h
+    o_h = sum_j a_hj (value_j + T_value[age_j]);      u_{h+1} = u_h . H + o_h
+
+The output feature is concat(u_{hops+1}, o_hops) [M]; the weights returned are a_hops.
+Options: ``hops`` (default 3). Set ``top_k`` to ``slots`` to attend over the whole memory,
+as the paper does and as ``memnet train`` trains it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from memnet.components.base import Output, Params, ParamSpec, option, register
+from memnet.components.topk_attention import masked_softmax
+from memnet.config import ConfigValueError
+
+
+@register
+class MultiHop(Output):
+    name = "multi-hop"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        if config.memory_dim % 2:
+            raise ConfigValueError("multi-hop needs an even memory_dim (key and value halves)")
+        self.d = config.memory_dim // 2
+        self.hops = option(config, "hops", int, 3)
+
+    def params(self) -> dict[str, ParamSpec]:
+        s, d = self.config.slots, self.d
+        return {
+            "time_key": ParamSpec((s, d)),
+            "time_value": ParamSpec((s, d)),
+            "hop_h": ParamSpec((d, d)),
+        }
+
+    def attend(
+        self, p: Params, v: jax.Array, cand: jax.Array, mask: jax.Array, age: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        feature, attention = self.hop_attention(p, v, cand, mask, age)
+        return feature, attention[-1]
+
+    def hop_attention(
+        self, p: Params, v: jax.Array, cand: jax.Array, mask: jax.Array, age: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """-> (feature [B, M], attention of every hop [hops, B, K]); training reads them all."""
+        d = self.d
+        keys = cand[..., :d] + p["time_key"][age]  # [B, K, d]
+        values = cand[..., d:] + p["time_value"][age]
+        u = v[:, :d]  # [B, d]
+        attention = []
+        for _ in range(self.hops):
+            a = masked_softmax(jnp.einsum("bkd,bd->bk", keys, u), mask)  # [B, K]
+            o = jnp.einsum("bk,bkd->bd", a, values)
+            u = u @ p["hop_h"] + o
+            attention.append(a)
+        return jnp.concatenate([u, o], axis=-1), jnp.stack(attention)

@@ -1,0 +1,125 @@
+"""Tokenizer, vocabulary and the text components: edge cases, unknown words, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memnet import Engine, InvalidInput, ModelConfig, load_model, random_model, save_model
+from memnet.config import ConfigValueError
+from memnet.errors import ModelFileError
+from memnet.text import Vocabulary, tokenize
+
+
+def test_tokenize_lowercases_and_drops_punctuation():
+    assert tokenize("Where is Mary?") == ["where", "is", "mary"]
+    assert tokenize("John's apple,milk  \t done.") == ["john's", "apple", "milk", "done"]
+    assert tokenize("  ...?! ") == []
+    assert tokenize("Ünïcode, ok") == ["ünïcode", "ok"]
+
+
+def test_vocabulary_is_deterministic_and_reserves_padding_and_unknown():
+    a = Vocabulary.build(["Mary went home.", "John went out"])
+    b = Vocabulary.build(["John went out", "mary WENT home"])
+    assert a.words == b.words == ["<pad>", "<unk>", "home", "john", "mary", "out", "went"]
+    row = a.encode("Mary went to Paris", 6)
+    assert row.dtype == np.int32 and row.shape == (6,)
+    assert row.tolist() == [a.ids["mary"], a.ids["went"], 1, 1, 0, 0]  # unknown -> 1, pad 0
+    assert a.unknown("Mary went to Paris") == ["to", "paris"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "no words"), ("?!", "no words"), ("a b c d e f g", "at most 6"), (3, "reads text")],
+)
+def test_vocabulary_refuses_text_it_cannot_encode(text, message):
+    with pytest.raises(InvalidInput, match=message):
+        Vocabulary(["<pad>", "<unk>", "a"]).encode(text, 6)
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["a", "b"], "must start"),
+        (["<pad>", "<unk>", "a", "a"], "twice"),
+        (["<pad>", "<unk>", ""], "non-empty"),
+    ],
+)
+def test_bad_vocabularies_are_refused(words, message):
+    with pytest.raises(ConfigValueError, match=message):
+        Vocabulary(words)
+
+
+def text_config(**options):
+    return ModelConfig(
+        input_dim=6, memory_dim=8, output_dim=3, hidden=4, slots=5, top_k=5,
+        encoder="position-bow", generalizer="append-only", output="multi-hop", response="answer",
+        options={"vocabulary": ["<pad>", "<unk>", "mary", "went", "home", "where", "is"],
+                 "answers": ["home", "garden", "apple,milk"], "hops": 2, **options},
+    )  # fmt: skip
+
+
+def test_text_model_round_trips_with_its_vocabulary(tmp_path):
+    path = tmp_path / "text.safetensors"
+    save_model(random_model(text_config(), seed=1), path)
+    model = load_model(path)
+    assert model.config.options["vocabulary"][2] == "mary"
+    engine = Engine(model)
+    memory = engine.new_memory()
+    engine.apply(memory, engine.write("Mary went home."))
+    for query in ("Where is Mary?", "Where is Zorblax the Unknown?"):  # unknown words answer too
+        answer = engine.apply(memory, engine.query(x=query))
+        assert answer.extra["answer"] in ("home", "garden", "apple,milk")
+        assert answer.extra["answers"] == answer.extra["answer"].split(",")
+        assert answer.slots.tolist() == [0] and answer.weights.tolist() == [1.0]
+    with pytest.raises(InvalidInput, match="reads text"):
+        engine.write([0.1] * 6)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"answers": ["a"]}, "output_dim"), ({"hops": 0}, "hops"), ({"vocabulary": "abc"}, "list")],
+)
+def test_bad_text_options_stop_loading_with_the_reason(tmp_path, options, message):
+    config = text_config(**options)
+    with pytest.raises(ModelFileError, match=message):
+        random_model(config)
+
+
+def test_append_only_keeps_write_order_and_overwrites_the_oldest():
+    engine = Engine(random_model(text_config(), seed=2))
+    memory = engine.new_memory()
+    assert memory.filled_count() == 0
+    sentences = [f"{w} went home" for w in ("mary", "is", "where", "home", "went", "mary", "is")]
+    for s in sentences:
+        engine.apply(memory, engine.write(s))
+    # 7 writes into 5 slots: writes 5 and 6 replaced writes 0 and 1 (slots 0 and 1)
+    assert memory.writes == 7 and memory.filled_count() == 5
+    expected = engine._encode(engine._jax, np.stack([engine.write(s).row for s in sentences]))
+    np.testing.assert_array_equal(memory.matrix(), expected[[5, 6, 2, 3, 4]])
+    ages = engine.generalizer.ages(memory, np.array([0, 1, 2, 3, 4, -1]))
+    assert ages.tolist() == [1, 0, 4, 3, 2, 0]
+
+
+def test_a_text_memory_resumes_from_a_snapshot_with_its_write_order(tmp_path):
+    from memnet.snapshot import SnapshotStore
+
+    engine = Engine(random_model(text_config(), seed=3))
+    first = [f"{w} went home" for w in ("mary", "is", "where", "home", "went", "mary")]
+    then = ["is went home", "where is mary"]
+    straight, memory = engine.new_memory(), engine.new_memory()
+    for s in first:
+        engine.apply(straight, engine.write(s))
+        engine.apply(memory, engine.write(s))
+    SnapshotStore(tmp_path, engine).save({"m": memory}, position="1-0")
+    loaded = SnapshotStore(tmp_path, Engine(random_model(text_config(), seed=3))).load()
+    resumed = loaded.memories["m"]
+    assert resumed.writes == 6 and resumed.filled_count() == 5
+    for s in then:
+        a = engine.apply(straight, engine.write(s))
+        b = engine.apply(resumed, engine.write(s))
+        assert a is None and b is None
+    q = engine.query(x="where is mary")
+    expected, got = engine.apply(straight, q), engine.apply(resumed, q)
+    np.testing.assert_array_equal(expected.y, got.y)
+    assert expected.slots.tolist() == got.slots.tolist()

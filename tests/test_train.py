@@ -1,0 +1,104 @@
+"""Training: the bAbI reader, the objective, and that a trained model serves what it learned."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memnet import Engine, load_model
+from memnet.babi import BabiError, events, read_stories, split, task_file
+from memnet.model import Components
+from memnet.training.examples import build
+from memnet.training.fit import fit, forward, init_params
+from memnet.training.settings import Settings
+from memnet.training.train import task_config
+from tests.babi import DATA
+
+STORY = """1 Mary moved to the bathroom.
+2 John went to the hallway.
+3 Where is Mary? \tbathroom\t1
+4 Mary went back to the garden.
+5 Where is Mary? \tgarden\t4
+1 Sandra travelled to the office.
+2 Where is Sandra? \toffice\t1
+"""
+
+
+def test_reader_splits_stories_and_maps_supporting_facts(tmp_path):
+    path = tmp_path / "qa1_x_train.txt"
+    path.write_text(STORY)
+    assert task_file(tmp_path, 1) == path
+    stories = read_stories(path)
+    assert [len(s.statements) for s in stories] == [3, 1]
+    q = stories[0].questions[1]
+    assert (q.text, q.answer, q.support, q.after) == ("Where is Mary?", "garden", (2,), 3)
+    ops = [e["op"] for e in events(stories[0], "m", "q")]
+    assert ops == ["write", "write", "query", "write", "query"]
+    train, val = split(read_stories(task_file(DATA, 1)))
+    assert (len(train), len(val)) == (180, 20)  # the last tenth is held out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("x Mary\n", "expected 'ID text'"),
+        ("1 Where? \tx\t7\n", "supporting fact IDs .7. name no statement"),
+        ("1 Where? \tx\n", "a question needs"),
+    ],
+)
+def test_malformed_files_are_refused_with_the_line(tmp_path, text, message):
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(BabiError, match=f"bad.txt:1: {message}"):
+        read_stories(path)
+
+
+def small_task(stories, dim=16):
+    train, val = split(stories)
+    config = task_config(stories, train, dim, 3, "multi-hop", "answer")
+    parts = Components.build(config)
+    shape = (config.slots, config.input_dim, 3)
+    answers = config.options["answers"]
+    ex = [build(s, parts.encoder.vocabulary, answers, *shape) for s in (train, val)]
+    return config, parts, ex
+
+
+def test_training_steps_decrease_the_loss_on_a_tiny_set():
+    stories = read_stories(task_file(DATA, 1))[:30]
+    _, parts, (train, val) = small_task(stories)
+    params = init_params(parts.param_specs(), 0, 0.1)
+    settings = Settings(epochs=12, patience=100, batch=8)
+    trio = (parts.encoder, parts.output, parts.response)
+    _, history = fit(trio, params, train, val, settings, seed=0)
+    assert len(history.train_loss) == 12
+    assert history.train_loss[-1] < 0.5 * history.train_loss[0]
+    # without the supporting facts the objective is the answer's cross-entropy alone
+    _, plain = fit(trio, params, train, val, Settings(epochs=2, supervise_support=False), 0)
+    assert plain.train_loss[0] < history.train_loss[0]
+
+
+def test_serving_computes_what_training_computed(babi_model):
+    """The dense training forward pass and the engine give the same logits."""
+    model = load_model(babi_model)
+    stories = read_stories(task_file(DATA, 1))
+    _, val = split(stories)
+    parts = model.components
+    ex = build(val, parts.encoder.vocabulary, model.config.options["answers"],
+               model.config.slots, model.config.input_dim, 3)  # fmt: skip
+    run = forward(parts.encoder, parts.output, parts.response)
+    logits, _ = run({k: jnp.asarray(v) for k, v in model.params.items()}, ex)
+    engine = Engine(model)
+    served = []
+    for i, story in enumerate(val):
+        memory = engine.new_memory()
+        items = [
+            (memory, engine.write(e["text"]) if e["op"] == "write" else engine.query(x=e["text"]))
+            for e in events(story, "m", "q")
+        ]
+        served += [r.y for r in engine.process(items) if r is not None]
+        assert i < 20
+    served = np.stack(served)
+    np.testing.assert_allclose(served, np.asarray(logits), rtol=1e-4, atol=1e-4)
+    accuracy = float((served.argmax(1) == ex.answer).mean())
+    assert accuracy >= 0.95  # qa1 is learned in seconds

@@ -1,0 +1,134 @@
+"""``memnet eval-babi``: score models on bAbI by streaming each story into its own memory
+through Redis and workers (statements as writes, questions as queries), reading the answers
+from the response streams. ``--in-process`` runs the same events through the library's
+engine without Redis; ``--both`` runs both and checks that they agree answer for answer.
+
+Scores the validation stories (the held-out tail of each training file, as ``memnet train``
+splits it) unless ``--split`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from pathlib import Path
+
+from memnet import Answer, Engine, InvalidInput, Memory, load_model
+from memnet.babi import NAMES, Story, events, read_stories, split, task_file
+from worker.local import collect, local_redis, local_workers, send
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models" / "babi"
+DATA = ROOT / "data" / "babi" / "en"
+
+Answers = dict[str, str | None]  # query id -> answer (None: an error response)
+
+
+def stories_of(data: Path, task: int, which: str) -> list[Story]:
+    stories = read_stories(task_file(data, task))
+    train, val = split(stories)
+    return {"validation": val, "train": train, "all": stories}[which]
+
+
+def task_events(task: int, stories: list[Story]) -> tuple[list[dict], dict[str, str]]:
+    """(events in order, expected answer by query id); story i is memory "qa{task}-{i}"."""
+    out: list[dict] = []
+    expected: dict[str, str] = {}
+    for i, story in enumerate(stories):
+        prefix = f"qa{task}-{i}-"
+        out += events(story, f"qa{task}-{i}", prefix)
+        expected.update({f"{prefix}{n}": q.answer for n, q in enumerate(story.questions)})
+    return out, expected
+
+
+def in_process(model: Path, batch: list[dict]) -> Answers:
+    engine = Engine(load_model(model))
+    memories: dict[str, Memory] = {}
+    items, ids, answers = [], [], {}
+    for e in batch:
+        if e["memory"] not in memories:
+            memories[e["memory"]] = engine.new_memory()
+        memory = memories[e["memory"]]
+        try:
+            event = engine.write(e["text"]) if e["op"] == "write" else engine.query(x=e["text"])
+        except InvalidInput:
+            if e["op"] == "query":
+                answers[e["id"]] = None
+            continue
+        items.append((memory, event))
+        ids.append(e.get("id"))
+    for query_id, result in zip(ids, engine.process(items), strict=True):
+        if query_id is not None:
+            answers[query_id] = result.extra.get("answer") if isinstance(result, Answer) else None
+    return answers
+
+
+def streamed(url: str, workdir: Path, model: Path, batch: list[dict], workers: int) -> Answers:
+    prefix = f"memnet-babi-{uuid.uuid4().hex[:8]}"
+    queries = {e["id"] for e in batch if e["op"] == "query"}
+    with local_workers(url, model, prefix, workdir, count=workers) as client:
+        send(client, batch)
+        responses, _ = collect(client, queries, timeout_s=120)
+    missing = queries - set(responses)
+    if missing:
+        raise SystemExit(f"memnet eval-babi: {len(missing)} queries got no response in 120 s")
+    return {i: r.get("answer") for i, r in responses.items()}
+
+
+def model_for(model: Path | None, task: int) -> Path:
+    if model is None:
+        return MODELS / f"qa{task}.safetensors"
+    return model / f"qa{task}.safetensors" if model.is_dir() else model
+
+
+def accuracy(answers: Answers, expected: dict[str, str]) -> float:
+    return sum(answers.get(i) == a for i, a in expected.items()) / len(expected)
+
+
+def run_eval(
+    model: Path | None,
+    data: Path,
+    tasks: list[int],
+    mode: str = "stream",
+    which: str = "validation",
+    workers: int = 2,
+    as_json: bool = False,
+) -> int:
+    scores: dict[str, float] = {}
+    disagree = 0
+    print(f"{'task':<28} {'questions':>9} {'accuracy':>9}" + ("  agree" if mode == "both" else ""))
+    with (
+        tempfile.TemporaryDirectory(prefix="memnet-babi-") as tmp,
+        local_redis(Path(tmp)) as (url, _),
+    ):
+        for task in tasks:
+            path = model_for(model, task)
+            batch, expected = task_events(task, stories_of(data, task, which))
+            if mode == "in-process":
+                answers = in_process(path, batch)
+            else:
+                answers = streamed(url, Path(tmp), path, batch, workers)
+            note = ""
+            if mode == "both":
+                local = in_process(path, batch)
+                differ = sum(local.get(i) != answers.get(i) for i in expected)
+                disagree += differ
+                note = "  yes" if not differ else f"  NO ({differ} answers differ)"
+            scores[f"qa{task}"] = accuracy(answers, expected)
+            label = f"qa{task} {NAMES[task]}"
+            print(f"{label:<28} {len(expected):>9} {scores[f'qa{task}']:>9.1%}{note}", flush=True)
+    mean = sum(scores.values()) / len(scores)
+    failed = sum(s < 0.95 for s in scores.values())
+    print(f"{'mean':<28} {'':>9} {mean:>9.1%}   ({failed} tasks below 95%)")
+    if as_json:
+        print(json.dumps(scores))
+    return 1 if disagree else 0
+
+
+def parse_tasks(value: str) -> list[int]:
+    tasks = [int(t) for t in value.split(",") if t.strip()]
+    bad = [t for t in tasks if not 1 <= t <= 20]
+    if bad or not tasks:
+        raise ValueError(f"tasks must be numbers from 1 to 20, got {value!r}")
+    return tasks

@@ -1,0 +1,167 @@
+"""Workers on this machine for commands that bring their own (``memnet demo``,
+``memnet eval-babi``): a Redis to use, worker processes under a private key prefix, and
+collecting responses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+
+from worker.client import MemnetClient
+from worker.connection import connect, text
+from worker.protocol import pack, parse_id
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_redis(workdir: Path) -> Iterator[tuple[str, str]]:
+    """(url, description): REDIS_URL if set, else a private redis-server if one is
+    installed, else an embedded fakeredis server."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"], "REDIS_URL"
+        return
+    if shutil.which("redis-server"):
+        port = _free_port()
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            _wait_ping(url)
+            yield url, "a private redis-server"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        return
+    import fakeredis
+
+    server = fakeredis.TcpFakeServer(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{server.server_address[1]}/0", "an embedded fakeredis server"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _wait_ping(url: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            connect(url).ping()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def local_workers(
+    url: str, model: Path, prefix: str, workdir: Path, count: int = 2, partitions: int = 8
+) -> Iterator[MemnetClient]:
+    """``count`` worker processes serving model under prefix; yields a client once they
+    hold every partition; stops them (SIGTERM) and deletes the prefix's keys after."""
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "MEMNET_MODEL": str(model),
+        "MEMNET_SNAPSHOT_DIR": str(workdir / f"snapshots-{prefix}"),
+        "MEMNET_PREFIX": prefix,
+        "MEMNET_PARTITIONS": str(partitions),
+        "MEMNET_LEASE_MS": "2000",
+        "MEMNET_LOG_LEVEL": "WARNING",
+    }
+    env.pop("MEMNET_METRICS_PORT", None)
+    env.pop("PORT", None)
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env)
+        for _ in range(count)
+    ]
+    try:
+        client = MemnetClient(url, prefix)
+        _wait_owned(client, workers, partitions)
+        yield client
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(10)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        _cleanup(url, prefix)
+
+
+def _wait_owned(client: MemnetClient, workers: list[subprocess.Popen], partitions: int) -> None:
+    deadline = time.monotonic() + 120
+    fair = sorted([partitions // len(workers) + (i < partitions % len(workers)) for i in
+                   range(len(workers))])  # fmt: skip
+    while time.monotonic() < deadline:
+        if any(w.poll() is not None for w in workers):
+            raise SystemExit("memnet: a worker exited during start-up")
+        try:
+            owners = [client.redis.get(client.keys.part(p, "lease")) for p in range(partitions)]
+        except Exception:
+            owners = [None]
+        if None not in owners and sorted(owners.count(o) for o in set(owners)) == fair:
+            return
+        time.sleep(0.1)
+    raise SystemExit("memnet: workers did not take the partitions within 120 s")
+
+
+def send(client: MemnetClient, events: list[dict]) -> None:
+    """XADD every event to its partition's input stream, pipelined in batches."""
+    pipe = client.redis.pipeline(transaction=False)
+    for event in events:
+        pipe.xadd(client.keys.inp(client.partition(event["memory"])), {"msg": pack(event)})
+        if len(pipe) >= 500:
+            pipe.execute()
+    pipe.execute()
+
+
+def collect(
+    client: MemnetClient, queries: set[str], partitions: int = 8, timeout_s: float = 60.0
+) -> tuple[dict[str, dict], list[float]]:
+    """Responses by query id (until all arrived or the timeout) and each one's latency from
+    its input entry's id time to its arrival, in seconds."""
+    deadline = time.monotonic() + timeout_s
+    responses: dict[str, dict] = {}
+    latencies = []
+    positions = {client.keys.out(p): "0-0" for p in range(partitions)}
+    while len(responses) < len(queries) and time.monotonic() < deadline:
+        for stream, entries in client.redis.xread(positions, count=1000, block=500) or []:
+            now = time.time()
+            for entry_id, fields in entries:
+                positions[text(stream)] = text(entry_id)
+                message = msgpack.unpackb(fields[b"msg"], raw=False)
+                responses[message["id"]] = message
+                latencies.append(now - parse_id(text(entry_id))[0] / 1000)
+    return responses, latencies
+
+
+def _cleanup(url: str, prefix: str) -> None:
+    with contextlib.suppress(Exception):
+        client = connect(url)
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
