@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from memnet.config import ConfigValueError, ModelConfig
+from memnet.config import ConfigValueError, IndexConfig, ModelConfig
 from memnet.errors import MemnetError
 from memnet.model import load_model, random_model, save_model
 from memnet.training.settings import Settings
@@ -25,6 +25,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--exact-max-slots",
+        type=int,
+        default=IndexConfig.exact_max_slots,
+        help="memories up to this many slots are searched exactly, larger ones with an "
+        "hnswlib graph (default %(default)s; see docs/performance.md)",
+    )
     p.set_defaults(run=cmd_init)
 
     p = sub.add_parser("train", help="train a text memory network on a bAbI task")
@@ -58,7 +65,9 @@ def cmd_init(args: argparse.Namespace) -> int:
             hidden=args.hidden,
             slots=args.slots,
             top_k=args.top_k,
+            index=IndexConfig(exact_max_slots=args.exact_max_slots),
         )
+        IndexConfig.from_json({"exact_max_slots": args.exact_max_slots})  # checks the value
     except ConfigValueError as e:
         print(f"memnet init: {e}", file=sys.stderr)
         return 2

@@ -1,10 +1,12 @@
 """The engine: applies writes and answers queries on memories, in order, in batches.
 
 ``process`` takes a sequence of (memory, event) pairs and returns exactly what applying them
-one at a time in that order returns: I runs once for the whole batch (one jitted call),
-writes go through G one by one in order (numpy plus the search structure), each run of
-consecutive queries on a memory is answered with one batched search, and all queries of the
-batch share one jitted O+R call. hnswlib and Python control flow stay outside jit.
+one at a time in that order returns: I runs once for the whole batch (one jitted call), the
+shared base matrix of exactly searched memories is scanned once for every vector of the
+batch that needs it (memnet/exact.py), writes go through G one by one in order (numpy plus
+the search structure), each run of consecutive queries on a memory is answered with one
+batched search, and all queries of the batch share one jitted O+R call. hnswlib and Python
+control flow stay outside jit.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from memnet.batching import CHUNK, rowwise
-from memnet.distance import squared_norms
 from memnet.errors import InvalidInput
+from memnet.exact import Hint, ScanBase, scan
 from memnet.graph import GraphBase, InitGraphCache
 from memnet.memory import Memory
 from memnet.model import Model
@@ -60,6 +62,7 @@ Result = Answer | Rejected | None
 
 
 MAX_BATCH = 1024  # events per jitted call at most
+SCAN_MARGIN = 8  # a batched scan keeps k + this many nearest base rows per vector
 
 
 class Engine:
@@ -82,7 +85,7 @@ class Engine:
         self._encode = rowwise(self.encoder.encode)
         self._answer = rowwise(self._o_then_r)
         self._init_base: GraphBase | None = None
-        self._init_norms: tuple[np.ndarray, float] | None = None
+        self._scan_base: ScanBase | None = None
 
     # ---- events --------------------------------------------------------------------------
     def write(self, x: Any) -> Write:
@@ -101,16 +104,18 @@ class Engine:
     def new_memory(self) -> Memory:
         """A memory holding a copy of memory_init (slots start empty for appending G)."""
         cfg = self.config
-        filled = None if self.generalizer.starts_filled else np.zeros(cfg.slots, bool)
         if cfg.slots <= cfg.index.exact_max_slots:
-            if self._init_norms is None:  # computed once, shared read-only by new memories
-                norms, top = squared_norms(self.model.params["memory_init"], filled)
-                norms.flags.writeable = False
-                self._init_norms = (norms, top)
-            return Memory(
-                ExactSlots(self.model.params["memory_init"], filled, norms=self._init_norms)
-            )
+            return Memory(ExactSlots(self.scan_base(), cfg.index.overlay_max))
         return Memory(GraphSlots(self.init_base(), cfg.index))
+
+    def scan_base(self) -> ScanBase:
+        """memory_init with its norms, computed once and shared read-only by every exactly
+        searched memory until it folds its overlay in."""
+        if self._scan_base is None:
+            filled = None if self.generalizer.starts_filled else np.zeros(self.config.slots, bool)
+            self._scan_base = ScanBase.over(self.model.params["memory_init"], filled)
+            self._scan_base.norms.flags.writeable = False
+        return self._scan_base
 
     def init_base(self) -> GraphBase:
         """The graph over memory_init, built once and shared by every memory until it
@@ -134,6 +139,8 @@ class Engine:
         c = self.config
         if c.slots > c.index.exact_max_slots:
             self.init_base().norms()  # load (or build) the shared graph now, not mid-stream
+        else:
+            self.scan_base()
         sizes = [CHUNK]
         while sizes[-1] < min(max_batch, MAX_BATCH):
             sizes.append(sizes[-1] * 2)
@@ -170,6 +177,7 @@ class Engine:
             if not _finite_in_memory_space(v):
                 results[j] = Rejected("the input maps to non-finite values in memory space")
         live = [j for j in range(len(items)) if results[j] is None]
+        hints = self._scan_ahead(items, encoded, live)
         pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (item, v [M], slots [K])
         cand: list[np.ndarray] = []
         ages: list[np.ndarray] = []
@@ -178,9 +186,11 @@ class Engine:
                 first = items[run[0]][1]
                 if isinstance(first, Write):
                     for j in run:
+                        memory.use_hints([hints.get(j)])
                         self.generalizer.write(self._np, memory, encoded[j])
                     continue
                 V = np.stack([encoded[j] for j in run])  # [R, M]
+                memory.use_hints([hints.get(j) for j in run])
                 slots = memory.topk(V, self.config.k)  # [R, K]
                 cand.append(
                     memory.vectors(np.maximum(slots, 0).ravel()).reshape(*slots.shape, -1)
@@ -198,6 +208,30 @@ class Engine:
                     continue
                 results[j] = Answer(y[r], slots[keep], w[r][keep], self.response.describe(y[r]))
         return results
+
+    def _scan_ahead(
+        self, items: Sequence[tuple[Memory, Event]], encoded: dict[int, np.ndarray], live: list[int]
+    ) -> dict[int, Hint]:
+        """Scan each shared base once for every vector of the batch that will search it:
+        every query, and the writes of a searching G whose memory's overlay does not
+        already rule the base out. Hints only speed searches up; results never change."""
+        groups: dict[int, tuple[ScanBase, list[int]]] = {}
+        for j in live:
+            memory, event = items[j]
+            search = memory.search
+            if not isinstance(search, ExactSlots) or search.base.count == 0:
+                continue
+            if isinstance(event, Write) and not self._write_scans(search, encoded[j]):
+                continue
+            groups.setdefault(id(search.base), (search.base, []))[1].append(j)
+        hints: dict[int, Hint] = {}
+        for base, todo in groups.values():
+            found = scan(base, np.stack([encoded[j] for j in todo]), self.config.k + SCAN_MARGIN)
+            hints.update(zip(todo, found, strict=True))
+        return hints
+
+    def _write_scans(self, search: ExactSlots, i: np.ndarray) -> bool:
+        return self.generalizer.searches and bool(search.wants_base(i[None], 1)[0])
 
     def _encode_all(self, events: list[Event]) -> dict[int, np.ndarray]:
         """I over every event that carries encoder input, in one jitted call."""

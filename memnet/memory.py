@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from memnet.exact import Hint
 from memnet.search import ExactSlots, GraphSlots
 
 
@@ -16,6 +17,12 @@ class Memory:
     def __init__(self, slots: ExactSlots | GraphSlots, writes: int = 0) -> None:
         self.search = slots
         self.writes = writes
+        self._hints: list[Hint | None] | None = None
+
+    def use_hints(self, hints: list[Hint | None]) -> None:
+        """Scans done ahead for the next nearest/topk call only (one per vector); they
+        make it faster, never different."""
+        self._hints = hints
 
     @property
     def slots(self) -> int:
@@ -38,11 +45,13 @@ class Memory:
 
     def nearest(self, v: np.ndarray) -> int:
         """The filled slot nearest to v [M] in squared L2 (lowest slot number on ties)."""
-        return self.search.nearest(v)
+        hints, self._hints = self._hints, None
+        return self.search.nearest(v, hints)
 
     def topk(self, V: np.ndarray, k: int) -> np.ndarray:
         """[Q, M] -> [Q, k] filled slots, nearest first; -1 pads when fewer are filled."""
-        return self.search.topk(V, k)
+        hints, self._hints = self._hints, None
+        return self.search.topk(V, k, hints)
 
     def set(self, slot: int, vector: np.ndarray) -> None:
         """Overwrite one slot and count the write."""

@@ -5,7 +5,8 @@ results by (squared L2 distance, slot number), computed by ``sqdist`` on current
 they agree wherever the graph finds the right candidates and the answer never depends on
 how events were batched.
 
-- ``ExactSlots`` (memories of at most ``exact_max_slots``): brute force, exact.
+- ``ExactSlots`` (memories of at most ``exact_max_slots``; memnet/exact.py): exact, a shared
+  base matrix scanned for whole batches at once plus an overlay of changed slots.
 - ``GraphSlots`` (larger memories): an hnswlib graph frozen at build time (``GraphBase``,
   shared by every memory that has not re-indexed yet) plus an *overlay* of the slots changed
   since. A search takes the graph's candidates, adds every overlay slot, and re-ranks all of
@@ -19,86 +20,12 @@ from __future__ import annotations
 import numpy as np
 
 from memnet.config import IndexConfig
-from memnet.distance import estimate_candidates, rank, sqdist, squared_norms
+from memnet.distance import estimate_candidates, rank, sqdist
+from memnet.exact import ExactSlots, Hint
 from memnet.graph import GraphBase
+from memnet.overlay import Overlay
 
-
-class ExactSlots:
-    """Exact search over a private copy of the slot matrix (copied on first write).
-
-    Distances are first estimated for every slot with one matrix product using cached squared
-    norms, |m|^2 - 2 m·v, whose float32 error is bounded (``_slack``); every slot whose
-    estimate lies within twice that bound of the k-th best is then re-ranked with ``sqdist``.
-    The result is exactly brute-force ``sqdist`` search, at the cost of a matrix-vector
-    product instead of a pass that materialises every difference.
-    """
-
-    def __init__(
-        self,
-        vectors: np.ndarray,
-        filled: np.ndarray | None = None,
-        changed: np.ndarray | None = None,
-        norms: tuple[np.ndarray, float] | None = None,
-    ) -> None:
-        """norms: (squared norms, max norm) of vectors if already known (shared, read-only)."""
-        self._vectors = vectors  # [S, M]; shared and read-only until the first write
-        self._owned = vectors.flags.writeable
-        self.filled = filled  # [S] bool, or None when every slot is filled
-        self.changed = changed if changed is not None else np.zeros(len(vectors), bool)
-        self._norms: np.ndarray | None = None  # [S] squared norms, +inf for empty slots
-        self._max_norm = 0.0  # an upper bound of sqrt(max(norms)) over filled slots
-        if norms is not None:
-            self._norms, self._max_norm = norms
-
-    @property
-    def slots(self) -> int:
-        return len(self._vectors)
-
-    def filled_count(self) -> int:
-        return self.slots if self.filled is None else int(self.filled.sum())
-
-    def vector(self, slot: int) -> np.ndarray:
-        return self._vectors[slot]
-
-    def vectors(self, slots: np.ndarray) -> np.ndarray:
-        return self._vectors[slots]
-
-    def nearest(self, v: np.ndarray) -> int:
-        return int(self.topk(v[None], 1)[0, 0])
-
-    def topk(self, V: np.ndarray, k: int) -> np.ndarray:
-        """[Q, M] queries -> [Q, k] slots, nearest first, -1 where fewer slots are filled."""
-        out = np.full((len(V), k), -1, np.int64)
-        k = min(k, self.filled_count())
-        if k == 0:
-            return out
-        norms = self._cached_norms()
-        for q, cand in enumerate(estimate_candidates(self._vectors, norms, self._max_norm, V, k)):
-            if cand is None:  # overflow made the estimate useless: do a full pass
-                cand = np.flatnonzero(np.isfinite(norms))
-            best = rank(cand, sqdist(self._vectors[cand], V[q]), k)
-            out[q, : len(best)] = best
-        return out
-
-    def _cached_norms(self) -> np.ndarray:
-        if self._norms is None:
-            self._norms, self._max_norm = squared_norms(self._vectors, self.filled)
-        return self._norms
-
-    def set(self, slot: int, vector: np.ndarray) -> None:
-        if not self._owned:
-            self._vectors = self._vectors.copy()
-            if self._norms is not None:
-                self._norms = self._norms.copy()
-            self._owned = True
-        self._vectors[slot] = vector
-        self.changed[slot] = True
-        if self.filled is not None:
-            self.filled[slot] = True
-        if self._norms is not None:
-            norm = float((vector.astype(np.float64) ** 2).sum())
-            self._norms[slot] = norm
-            self._max_norm = max(self._max_norm, float(np.sqrt(norm)))
+__all__ = ["ExactSlots", "GraphSlots"]
 
 
 class GraphSlots:
@@ -108,10 +35,7 @@ class GraphSlots:
         self.base = base
         base.users.add(self)
         self.cfg = cfg
-        slots, dim = base.vectors.shape
-        self._row = np.full(slots, -1, np.int32)  # slot -> overlay row, -1 if not overlaid
-        self._ov_slots = np.zeros(0, np.int64)  # [n] overlay slots in order of first change
-        self._ov = np.zeros((0, dim), np.float32)  # [n, M] their current vectors
+        self._overlay = Overlay(*base.vectors.shape)
         self._filled = int(base.filled.sum())
 
     @property
@@ -123,25 +47,21 @@ class GraphSlots:
 
     def overlay(self) -> tuple[np.ndarray, np.ndarray]:
         """(slots [n], vectors [n, M]) changed since the base graph was built."""
-        n = len(self._ov_slots)
-        return self._ov_slots, self._ov[:n]
+        return self._overlay.items()
 
     def vector(self, slot: int) -> np.ndarray:
-        row = self._row[slot]
-        return self._ov[row] if row >= 0 else self.base.vectors[slot]
+        row = self._overlay.vector(slot)
+        return self.base.vectors[slot] if row is None else row
 
     def vectors(self, slots: np.ndarray) -> np.ndarray:
         out = self.base.vectors[slots]
-        rows = self._row[slots]
-        hit = rows >= 0
-        if hit.any():
-            out[hit] = self._ov[rows[hit]]
+        self._overlay.fill(slots, out)
         return out
 
-    def nearest(self, v: np.ndarray) -> int:
+    def nearest(self, v: np.ndarray, hints: list[Hint | None] | None = None) -> int:
         return int(self.topk(v[None], 1)[0, 0])
 
-    def topk(self, V: np.ndarray, k: int) -> np.ndarray:
+    def topk(self, V: np.ndarray, k: int, hints: list[Hint | None] | None = None) -> np.ndarray:
         """[Q, M] queries -> [Q, k] slots, nearest first, -1 where fewer slots are filled.
 
         Per query, the cheapest way that still finds the true nearest slots:
@@ -150,7 +70,8 @@ class GraphSlots:
           - "exact": a query far outside the graph's rows (|v| > 2R), where graph navigation
             goes astray, is checked against every graph row with one matrix product;
           - "graph": otherwise hnswlib's candidates (stale overlay rows dropped).
-        Overlay slots are always scored from their current vectors.
+        Overlay slots are always scored from their current vectors. (Hints are for
+        ExactSlots; a graph search needs none.)
         """
         out = np.full((len(V), k), -1, np.int64)
         k = min(k, self._filled)
@@ -185,7 +106,7 @@ class GraphSlots:
             return {}
         want = min(max(k, self.cfg.candidates), n_graph)
         labels = self.base.index.knn_query(V[todo], k=want, num_threads=1)[0].astype(np.int64)
-        return {q: row[self._row[row] < 0] for q, row in zip(todo, labels, strict=True)}
+        return {q: row[~self._overlay.has(row)] for q, row in zip(todo, labels, strict=True)}
 
     def _exact_candidates(self, V: np.ndarray, plan: list[str], norms: np.ndarray, k: int) -> dict:
         todo = [q for q, how in enumerate(plan) if how == "exact"]
@@ -200,19 +121,9 @@ class GraphSlots:
         return {q: live if c is None else c for q, c in zip(todo, found, strict=True)}
 
     def set(self, slot: int, vector: np.ndarray) -> None:
-        row = self._row[slot]
-        if row < 0:
-            row = len(self._ov_slots)
-            if row == len(self._ov):  # grow the buffer geometrically
-                grown = np.zeros((max(16, 2 * row), self._ov.shape[1]), np.float32)
-                grown[:row] = self._ov
-                self._ov = grown
-            self._row[slot] = row
-            self._ov_slots = np.append(self._ov_slots, slot)
-            if not self.base.filled[slot]:
-                self._filled += 1
-        self._ov[row] = vector
-        if len(self._ov_slots) >= self.cfg.overlay_max:
+        if self._overlay.set(slot, vector) and not self.base.filled[slot]:
+            self._filled += 1
+        if len(self._overlay) >= self.cfg.overlay_max:
             self.reindex()
 
     def reindex(self) -> None:
@@ -222,11 +133,8 @@ class GraphSlots:
             return
         self._own_base()
         order = np.argsort(slots)
-        slots, vectors = slots[order], vectors[order]
-        self.base.update(slots, vectors)
-        self._row[slots] = -1
-        self._ov_slots = np.zeros(0, np.int64)
-        self._ov = self._ov[:0].copy()
+        self.base.update(slots[order], vectors[order])
+        self._overlay.clear()
 
     def _own_base(self) -> None:
         """Make the graph this memory's own before changing it: copy it if another memory

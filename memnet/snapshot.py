@@ -341,14 +341,17 @@ class SnapshotStore:
                 f"{path / 'state.safetensors'}: arrays of memory "
                 f"{entry['name']!r} do not fit this model"
             )
-        starts_filled = self.engine.generalizer.starts_filled
         if entry["kind"] == "exact":
-            vectors = np.array(self.engine.model.params["memory_init"])
-            vectors[slots] = rows
-            changed = np.zeros(cfg.slots, bool)
-            changed[slots] = True
-            filled = None if starts_filled else changed.copy()
-            return Memory(ExactSlots(vectors, filled, changed), entry["writes"])
+            if len(np.unique(slots)) != n:
+                raise SnapshotError(
+                    f"{path / 'state.safetensors'}: memory {entry['name']!r} lists a slot twice"
+                )
+            memory = self.engine.new_memory()
+            if not isinstance(memory.search, ExactSlots):
+                raise SnapshotError(f"{path / MANIFEST}: an exact memory, but this model's are not")
+            memory.search.set_many(slots, rows)
+            memory.writes = entry["writes"]
+            return memory
         base = (
             self.engine.init_base()
             if entry["base"] is None

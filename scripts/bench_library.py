@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from memnet import Engine, load_model
+from memnet.distance import rank, sqdist
+from memnet.engine import SCAN_MARGIN
+from memnet.exact import ExactSlots, scan
 from memnet.memory import Memory
-from memnet.search import ExactSlots, GraphSlots, rank, sqdist
+from memnet.search import GraphSlots
 from memnet.snapshot import SnapshotStore
 
 BATCH = 1000
@@ -60,20 +63,21 @@ def encoded_writes(engine: Engine, n: int, dims: tuple[int, int], seed: int) -> 
 
 
 def write_path(engine: Engine, n: int, dims: tuple[int, int]) -> dict:
-    """G writes per second: overlay + batched re-indexing (ours) vs in-place add_items."""
-    encoded = encoded_writes(engine, n, dims, seed=2)
-    g = engine.generalizer
+    """G writes per second through Engine.process in batches of 1,000 (as a worker runs
+    them): memnet's search structure vs every write updating the hnswlib graph in place."""
+    xs = [v for _, _, v in raw_events("writes", n, 1, dims, seed=2)]
     rates = {}
     for name, make in (
-        ("in_place", lambda: InPlaceSlots(engine.init_base(), engine.config.index)),
-        ("overlay", lambda: engine.new_memory().search),
+        ("in_place", lambda: Memory(InPlaceSlots(engine.init_base(), engine.config.index))),
+        ("memnet", engine.new_memory),
     ):
-        memory = Memory(make())
+        memory = make()
+        events = [(memory, engine.write(x)) for x in xs]
         started = time.perf_counter()
-        for i in encoded:
-            g.write(engine._np, memory, i)
+        for i in range(0, n, BATCH):
+            engine.process(events[i : i + BATCH])
         rates[f"{name}_writes_per_s"] = n / (time.perf_counter() - started)
-    rates["speedup"] = rates["overlay_writes_per_s"] / rates["in_place_writes_per_s"]
+    rates["speedup"] = rates["memnet_writes_per_s"] / rates["in_place_writes_per_s"]
     return rates
 
 
@@ -105,13 +109,24 @@ def recall(engine: Engine, samples: int, dims: tuple[int, int]) -> dict:
 
 
 def snapshot_restore(engine: Engine, model_path: Path, cache: Path, dims: tuple[int, int]) -> dict:
-    """Snapshot a written memory (with its own graph for large ones) and restore it in a
-    fresh engine; times and size."""
+    """Snapshot a memory and restore it in a fresh engine: after 500 writes, and in the
+    worst case, where every slot differs from memory_init (for a graph memory: a private
+    re-indexed graph); times and sizes."""
     memory = engine.new_memory()
     for i in encoded_writes(engine, 500, dims, seed=5):
         engine.generalizer.write(engine._np, memory, i)
+    out = _snapshot_round_trip(engine, model_path, cache, memory, "")
     if isinstance(memory.search, GraphSlots):
-        memory.search.reindex()  # the worst case: the whole graph goes into the snapshot
+        memory.search.reindex()
+    else:
+        every = np.arange(memory.slots)
+        memory.search.set_many(every, engine.model.params["memory_init"] + np.float32(0.5))
+    return {**out, **_snapshot_round_trip(engine, model_path, cache, memory, "full_")}
+
+
+def _snapshot_round_trip(
+    engine: Engine, model_path: Path, cache: Path, memory: Memory, key: str
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="memnet-bench-snap-") as tmp:
         started = time.perf_counter()
         info = SnapshotStore(tmp, engine).save({"m": memory}, "1-0")
@@ -121,40 +136,47 @@ def snapshot_restore(engine: Engine, model_path: Path, cache: Path, dims: tuple[
         started = time.perf_counter()
         loaded = SnapshotStore(tmp, fresh).load()
         restored = time.perf_counter() - started
-    same = bool(
-        np.array_equal(
-            loaded.memories["m"].search.vectors(np.arange(memory.slots)),
-            memory.search.vectors(np.arange(memory.slots)),
-        )
-    )
+    same = bool(np.array_equal(loaded.memories["m"].matrix(), memory.matrix()))
     return {
-        "snapshot_s": saved,
-        "restore_s": restored,
-        "snapshot_mb": size / 2**20,
-        "restored_equal": same,
+        f"{key}snapshot_s": saved,
+        f"{key}restore_s": restored,
+        f"{key}snapshot_mb": size / 2**20,
+        f"{key}restored_equal": same,
     }
 
 
 def ef_sweep(engine: Engine, efs: list[int], n: int, dims: tuple[int, int]) -> dict:
-    """Queries per second and O recall@k against exact search for several ef_search values
-    (the graph's speed/recall knob, a model setting: index.ef_search)."""
-    out = {}
-    base = engine.init_base()
-    default = base.index.ef
+    """Queries per second and O recall@k against exact search for the hnswlib graph at
+    several ef_search values (its speed/recall knob, index.ef_search), beside memnet's exact
+    batched scan of the same memory ("exact"), all on the same queries in one batch."""
     queries = np.stack([v for _, _, v in raw_events("queries", n, 1, dims, seed=6)])
     k = engine.config.k
+    memory = engine.new_memory()
+    started = time.perf_counter()
+    if isinstance(memory.search, ExactSlots):
+        memory.use_hints(scan(memory.search.base, queries, k + SCAN_MARGIN))
+    found = memory.topk(queries, k)
+    out = {"exact": {"queries_per_s": n / (time.perf_counter() - started)}}
+    out["exact"]["o_recall_at_k"] = _recall(memory, found, queries, k)
+    base = engine.init_base()
+    default = base.index.ef
     try:
         for ef in efs:
             base.index.set_ef(ef)
-            memory = engine.new_memory()
+            memory = Memory(GraphSlots(base, engine.config.index))
             started = time.perf_counter()
             found = memory.topk(queries, k)
             rate = n / (time.perf_counter() - started)
-            hits = sum(
-                len(set(row) & set(exact_topk(memory.search, q, k)))
-                for row, q in zip(found, queries, strict=True)
-            )
-            out[str(ef)] = {"queries_per_s": rate, "o_recall_at_k": hits / (n * k)}
+            recall = _recall(memory, found, queries, k)
+            out[str(ef)] = {"queries_per_s": rate, "o_recall_at_k": recall}
     finally:
         base.index.set_ef(default)
     return out
+
+
+def _recall(memory: Memory, found: np.ndarray, queries: np.ndarray, k: int) -> float:
+    hits = sum(
+        len(set(row) & set(exact_topk(memory.search, q, k)))
+        for row, q in zip(found, queries, strict=True)
+    )
+    return hits / (len(queries) * k)

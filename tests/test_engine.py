@@ -143,8 +143,8 @@ def same(a, b):
 
 @pytest.mark.parametrize(
     "index",
-    [None, IndexConfig(exact_max_slots=100, overlay_max=16)],
-    ids=["exact", "graph with re-indexing"],
+    [None, IndexConfig(overlay_max=16), IndexConfig(exact_max_slots=100, overlay_max=16)],
+    ids=["exact", "exact with folding", "graph with re-indexing"],
 )
 def test_batched_equals_one_at_a_time_bitwise(index, rng):
     sizes = {"input_dim": 16, "memory_dim": 16, "output_dim": 4, "slots": 500}

@@ -41,7 +41,9 @@ def named_events(engine, rng, n, names=("alpha", "beta", "γάμμα")):
     ]
 
 
-@pytest.mark.parametrize("index", [None, GRAPH], ids=["exact", "graph"])
+@pytest.mark.parametrize(
+    "index", [None, IndexConfig(overlay_max=8), GRAPH], ids=["exact", "exact folded", "graph"]
+)
 def test_round_trip_is_exact_and_continues_as_if_never_stopped(tmp_path, rng, index):
     engine = engine_for(index=index)
     store = SnapshotStore(tmp_path, engine)

@@ -74,6 +74,8 @@ class Generalizer(Component):
     kind = "generalizer"
     # True: every slot starts filled with memory_init; False: slots start empty.
     starts_filled: ClassVar[bool] = True
+    # Whether write() looks up the nearest slot (the engine then scans for it ahead).
+    searches: ClassVar[bool] = False
 
     def write(self, p: Params, memory: Memory, i: np.ndarray) -> None:
         """Apply one write of the encoded input i [M] to memory (numpy, host side)."""

@@ -27,6 +27,7 @@ def sigmoid(z: np.float32) -> np.float32:
 class GatedNearest(Generalizer):
     name = "gated-nearest"
     starts_filled = True
+    searches = True
 
     def params(self) -> dict[str, ParamSpec]:
         m = self.config.memory_dim

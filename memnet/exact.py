@@ -1,0 +1,323 @@
+"""Exact search: a read-only base matrix shared by every memory that started from it, plus
+each memory's overlay of changed slots.
+
+Every memory starts as a copy of ``memory_init``, and a write changes one slot, so a memory
+is kept as the shared matrix (``ScanBase``: never copied, never changed) plus an overlay of
+the slots it has changed. Because the base never changes, the engine can search it for every
+event of a batch at once, whatever memory and whatever order they belong to: ``scan`` is one
+blocked matrix product for all of them, the only way a scan over 100k slots runs at the
+speed of the hardware (a product for one vector at a time is ~6x slower per vector here).
+The order-dependent part, the overlay, is small and searched per event, in order.
+
+``scan`` estimates each distance as |m|^2 - 2 m·v from cached squared norms; ``slack``
+bounds the float32 error of both that estimate and of ``sqdist``, so keeping every row whose
+estimate is within 2·slack of the ``want``-th best keeps every row that brute-force
+``sqdist`` search could rank among the first ``want``. The survivors are re-ranked with
+``sqdist``: results are exactly brute force's, ties going to the lower slot number.
+
+A hint from a batched scan stays valid while the memory's base is the one it was computed
+on: rows overwritten since (now in the overlay) are dropped from it, and if fewer than k of
+its ``want`` best rows are left, the memory scans again with those rows excluded. When the
+overlay reaches ``fold_at`` slots it is folded into a private copy of the base.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from memnet.distance import rank, sqdist, squared_norms
+from memnet.overlay import Overlay
+
+QUERY_CHUNK = 256  # vectors per matrix product
+SLOT_CHUNK = 1024  # base rows per matrix product: [256, 1024] float32 = 1 MiB, cache-sized
+GROUP = 16  # rows per group: a scan keeps each group's smallest estimate
+_EPS = float(np.finfo(np.float32).eps)
+_EMPTY = np.zeros(0, np.int64)
+
+
+@dataclass(eq=False)
+class ScanBase:
+    """A read-only slot matrix with its squared norms (+inf for empty slots)."""
+
+    vectors: np.ndarray  # [S, M], read-only
+    norms: np.ndarray  # [S] float32
+    max_norm: float  # an upper bound of every filled row's norm
+    filled: np.ndarray | None  # [S] bool, None when every slot is filled
+    count: int  # filled rows
+
+    @classmethod
+    def over(
+        cls,
+        vectors: np.ndarray,
+        filled: np.ndarray | None = None,
+        norms: tuple[np.ndarray, float] | None = None,
+    ) -> ScanBase:
+        view = vectors.view()
+        view.flags.writeable = False
+        squared, top = norms if norms is not None else squared_norms(vectors, filled)
+        count = len(vectors) if filled is None else int(filled.sum())
+        return cls(view, squared, top, None if filled is None else filled.copy(), count)
+
+    def is_filled(self, slot: int) -> bool:
+        return self.filled is None or bool(self.filled[slot])
+
+    def with_rows(self, slots: np.ndarray, rows: np.ndarray) -> ScanBase:
+        """A private copy with rows [n, M] written into slots [n]."""
+        vectors = self.vectors.copy()
+        vectors[slots] = rows
+        filled = None if self.filled is None else self.filled.copy()
+        if filled is not None:
+            filled[slots] = True
+        norms = self.norms.copy()
+        squared, top = squared_norms(rows, None)
+        norms[slots] = squared
+        return ScanBase.over(vectors, filled, (norms, max(self.max_norm, top)))
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    """The base rows that can be among one vector's ``want`` nearest, from a scan."""
+
+    base: ScanBase
+    slots: np.ndarray  # [c] int64
+    estimates: np.ndarray  # [c] their distance estimates (without |v|^2)
+    kth: float  # the want-th smallest estimate; +inf when slots holds every filled row
+
+    def candidates(self, overlay: Overlay, k: int) -> np.ndarray | None:
+        """The hinted rows not overwritten since, if they surely hold the k nearest of the
+        base rows left; None if too many of the best were overwritten."""
+        live = ~overlay.has(self.slots)
+        if np.isfinite(self.kth) and np.count_nonzero(live & (self.estimates <= self.kth)) < k:
+            return None
+        return self.slots[live]
+
+
+def slack(V: np.ndarray, max_norm: float) -> np.ndarray:
+    """[Q] bound (times 4) on the float32 error of |m|^2 - 2 m·v and of sqdist(m, v) for any
+    row m of norm at most max_norm: (M + 2) eps (|m| + |v|)^2."""
+    v_norm = np.sqrt((V.astype(np.float64) ** 2).sum(axis=1))
+    return 4 * (V.shape[1] + 2) * _EPS * (max_norm + v_norm) ** 2
+
+
+def scan(base: ScanBase, V: np.ndarray, want: int, exclude: np.ndarray | None = None) -> list[Hint]:
+    """Per vector of V [Q, M], the base rows that can be among its ``want`` nearest (rows in
+    ``exclude`` left out).
+
+    Pass 1, blocked matrix products: every row's estimate, kept only as the minimum of each
+    group of GROUP rows (rows s0 + w + W·t of a chunk). Pass 2, per vector: the groups whose
+    minimum is within the margin of a bound on the want-th smallest estimate are estimated
+    again row by row, and the rows within the margin of the want-th best are kept.
+    """
+    skip = None
+    if exclude is not None and len(exclude):
+        skip = np.zeros(len(base.vectors), bool)
+        skip[exclude] = True
+    margin = 2 * slack(V, base.max_norm)
+    hints: list[Hint] = []
+    for q0 in range(0, len(V), QUERY_CHUNK):
+        chunk = V[q0 : q0 + QUERY_CHUNK]
+        minima, first, stride = _group_minima(base, chunk, skip)
+        hints += _refine(
+            base, chunk, want, margin[q0 : q0 + len(chunk)], minima, first, stride, skip
+        )
+    return hints
+
+
+def _group_minima(
+    base: ScanBase, V: np.ndarray, skip: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """([Q, n] smallest estimate of each group, [n] each group's first row, [n] its stride)."""
+    scaled = V * np.float32(-2)  # exact: a power of two
+    slots = len(base.vectors)
+    step = SLOT_CHUNK * max(1, QUERY_CHUNK // len(V))  # estimates per product stay ~1 MiB
+    minima, first, stride = [], [], []
+    for s0 in range(0, slots, step):
+        rows = min(step, slots - s0)
+        est = scaled @ base.vectors[s0 : s0 + rows].T  # [Q, rows]
+        est += base.norms[s0 : s0 + rows]
+        if skip is not None:
+            est[:, skip[s0 : s0 + rows]] = np.inf
+        width = -(-rows // GROUP)  # groups in this chunk
+        if rows % GROUP:  # the last chunk: pad with +inf to whole groups
+            est = np.concatenate((est, np.full((len(V), GROUP * width - rows), np.inf)), 1)
+        minima.append(est.reshape(len(V), GROUP, width).min(axis=1))  # [Q, width]
+        first.append(s0 + np.arange(width))
+        stride.append(np.full(width, width))
+    return np.concatenate(minima, axis=1), np.concatenate(first), np.concatenate(stride)
+
+
+def _refine(
+    base: ScanBase,
+    V: np.ndarray,
+    want: int,
+    margin: np.ndarray,
+    minima: np.ndarray,
+    first: np.ndarray,
+    stride: np.ndarray,
+    skip: np.ndarray | None,
+) -> list[Hint]:
+    q, n = minima.shape
+    if n >= 2 * want:  # the largest of `want` block minima bounds the want-th smallest
+        bound = minima[:, : n // want * want].reshape(q, want, -1).min(axis=2).max(axis=1)
+    else:
+        bound = np.full(q, np.inf, np.float32)
+    with np.errstate(invalid="ignore"):  # inf - inf where a whole block is empty
+        qi, gi = np.nonzero(minima <= (bound + margin)[:, None])
+    # Tighten: the want-th smallest minimum among those groups bounds the want-th row.
+    qi, gi = _within_kth(qi, gi, minima[qi, gi], want, margin, q)
+    rows = first[gi, None] + stride[gi, None] * np.arange(GROUP)  # [c, GROUP]
+    inside = rows < len(base.vectors)
+    rows = np.where(inside, rows, 0)
+    est = np.einsum("cgm,cm->cg", base.vectors[rows], V[qi] * np.float32(-2)) + base.norms[rows]
+    est[~inside] = np.inf
+    if skip is not None:
+        est[skip[rows]] = np.inf
+    qr, est, rows = np.repeat(qi, GROUP), est.ravel(), rows.ravel()
+    finite = np.isfinite(est)
+    qr, est, rows = qr[finite], est[finite], rows[finite].astype(np.int64)
+    kth = _kth(qr, est, want, q)
+    keep = est <= (kth + margin)[qr]
+    qr, est, rows = qr[keep], est[keep], rows[keep]
+    starts = np.searchsorted(qr, np.arange(q + 1))
+    return [
+        Hint(base, rows[a:b], est[a:b], float(kth[i]))
+        for i, (a, b) in enumerate(itertools.pairwise(starts))
+    ]
+
+
+def _kth(qi: np.ndarray, values: np.ndarray, want: int, q: int) -> np.ndarray:
+    """[q] the want-th smallest value of each query's entries (qi sorted), +inf where a
+    query has fewer than want."""
+    starts = np.searchsorted(qi, np.arange(q + 1))
+    counts = np.diff(starts)
+    width = int(counts.max(initial=0))
+    if width < want:
+        return np.full(q, np.inf)
+    table = np.full((q, width), np.inf, values.dtype)  # each query's values in a row
+    table[qi, np.arange(len(qi)) - starts[qi]] = values
+    return np.partition(table, want - 1, axis=1)[:, want - 1].astype(np.float64)
+
+
+def _within_kth(
+    qi: np.ndarray, gi: np.ndarray, minima: np.ndarray, want: int, margin: np.ndarray, q: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (query, group) pairs whose minimum is within the margin of the query's want-th
+    smallest group minimum (all of a query's pairs if it has fewer than want finite ones)."""
+    finite = np.isfinite(minima)
+    kth = _kth(qi[finite], minima[finite], want, q)
+    keep = minima <= (kth + margin)[qi]
+    return qi[keep], gi[keep]
+
+
+class ExactSlots:
+    """Exact search over a shared base plus this memory's overlay of changed slots."""
+
+    def __init__(self, base: ScanBase, fold_at: int) -> None:
+        self.base = base
+        self.fold_at = fold_at
+        slots, dim = base.vectors.shape
+        self.overlay = Overlay(slots, dim)
+        self.changed = np.zeros(slots, bool)  # slots changed since memory_init (snapshots)
+        self._filled = base.count
+
+    @classmethod
+    def over(
+        cls, vectors: np.ndarray, filled: np.ndarray | None = None, fold_at: int = 1024
+    ) -> ExactSlots:
+        return cls(ScanBase.over(vectors, filled), fold_at)
+
+    @property
+    def slots(self) -> int:
+        return len(self.base.vectors)
+
+    def filled_count(self) -> int:
+        return self._filled
+
+    def vector(self, slot: int) -> np.ndarray:
+        row = self.overlay.vector(slot)
+        return self.base.vectors[slot] if row is None else row
+
+    def vectors(self, slots: np.ndarray) -> np.ndarray:
+        out = self.base.vectors[slots]
+        self.overlay.fill(slots, out)
+        return out
+
+    def nearest(self, v: np.ndarray, hints: list[Hint | None] | None = None) -> int:
+        return int(self.topk(v[None], 1, hints)[0, 0])
+
+    def topk(self, V: np.ndarray, k: int, hints: list[Hint | None] | None = None) -> np.ndarray:
+        """[Q, M] -> [Q, k] slots, nearest first, -1 where fewer slots are filled; hints
+        (one per row, or None) are scans of the base done for a whole batch."""
+        out = np.full((len(V), k), -1, np.int64)
+        k = min(k, self._filled)
+        if k == 0:
+            return out
+        ov_slots, ov = self.overlay.items()
+        for q, v in enumerate(V):
+            d_ov = sqdist(ov, v)
+            cand = self._base_candidates(v, d_ov, k, hints[q] if hints else None)
+            dist = np.concatenate((sqdist(self.base.vectors[cand], v), d_ov))
+            best = rank(np.concatenate((cand, ov_slots)), dist, k)
+            out[q, : len(best)] = best
+        return out
+
+    def wants_base(self, V: np.ndarray, k: int) -> np.ndarray:
+        """[Q] bool: whether searching V needs the base now (the overlay does not rule it
+        out); the engine scans the base ahead, in one batch, for those."""
+        if self.base.count == 0:
+            return np.zeros(len(V), bool)
+        _, ov = self.overlay.items()
+        return np.array([not self._overlay_suffices(v, sqdist(ov, v), k) for v in V])
+
+    def _base_candidates(
+        self, v: np.ndarray, d_ov: np.ndarray, k: int, hint: Hint | None
+    ) -> np.ndarray:
+        if self.base.count == 0:
+            return _EMPTY
+        if hint is not None and hint.base is self.base:
+            cand = hint.candidates(self.overlay, k)
+            if cand is not None:
+                return cand
+        if self._overlay_suffices(v, d_ov, k):
+            return _EMPTY
+        ov_slots, _ = self.overlay.items()
+        return scan(self.base, v[None], k, exclude=ov_slots)[0].slots
+
+    def _overlay_suffices(self, v: np.ndarray, d_ov: np.ndarray, k: int) -> bool:
+        """True if k overlay slots are closer than any base row can be: every base row is
+        at least (|v| - R)^2 away, R bounding their norms."""
+        if len(d_ov) < k:
+            return False
+        v_norm = float(np.sqrt(np.dot(v.astype(np.float64), v)))
+        if v_norm <= self.base.max_norm:
+            return False
+        floor = (v_norm - self.base.max_norm) ** 2
+        return bool(np.partition(d_ov, k - 1)[k - 1] < floor * (1 - 1e-4))
+
+    def set(self, slot: int, vector: np.ndarray) -> None:
+        if self.overlay.set(slot, vector) and not self.base.is_filled(slot):
+            self._filled += 1
+        self.changed[slot] = True
+        if len(self.overlay) >= self.fold_at:
+            self.fold()
+
+    def set_many(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """set() for many distinct slots at once (restoring a snapshot)."""
+        if len(slots) < self.fold_at:
+            for slot, row in zip(slots, rows, strict=True):
+                self.set(int(slot), row)
+            return
+        self.fold()
+        self.base = self.base.with_rows(slots, rows)
+        self._filled = self.base.count
+        self.changed[slots] = True
+
+    def fold(self) -> None:
+        """Fold the overlay into a private copy of the base."""
+        slots, rows = self.overlay.items()
+        if len(slots):
+            self.base = self.base.with_rows(slots, rows)
+            self.overlay.clear()

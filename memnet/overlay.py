@@ -1,0 +1,59 @@
+"""The overlay: the slots a memory changed since its base (a shared read-only slot matrix,
+or a graph built over one) was made, with their current vectors, searched exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Overlay:
+    """slot -> current vector [M] for the changed slots, in order of first change."""
+
+    def __init__(self, slots: int, dim: int) -> None:
+        self.row = np.full(slots, -1, np.int32)  # [S] slot -> overlay row, -1 if not here
+        self._slots = np.zeros(16, np.int64)  # [n] (buffer) overlay slots
+        self._vectors = np.zeros((16, dim), np.float32)  # [n, M] (buffer) their vectors
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slots [n], vectors [n, M]): views, valid until the next change."""
+        return self._slots[: self._n], self._vectors[: self._n]
+
+    def has(self, slots: np.ndarray) -> np.ndarray:
+        """[N] bool: which of the given slots are in the overlay."""
+        return self.row[slots] >= 0
+
+    def vector(self, slot: int) -> np.ndarray | None:
+        row = self.row[slot]
+        return self._vectors[row] if row >= 0 else None
+
+    def fill(self, slots: np.ndarray, out: np.ndarray) -> None:
+        """Overwrite the rows of out [N, M] whose slot is in the overlay."""
+        rows = self.row[slots]
+        hit = rows >= 0
+        if hit.any():
+            out[hit] = self._vectors[rows[hit]]
+
+    def set(self, slot: int, vector: np.ndarray) -> bool:
+        """Record slot's current vector; True if the slot is new to the overlay."""
+        row = int(self.row[slot])
+        new = row < 0
+        if new:
+            row = self._n
+            if row == len(self._slots):  # grow the buffers geometrically
+                self._slots = np.concatenate((self._slots, np.zeros_like(self._slots)))
+                self._vectors = np.concatenate((self._vectors, np.zeros_like(self._vectors)))
+            self.row[slot] = row
+            self._slots[row] = slot
+            self._n += 1
+        self._vectors[row] = vector
+        return new
+
+    def clear(self) -> None:
+        self.row[self._slots[: self._n]] = -1
+        self._n = 0
+        self._slots = np.zeros(16, np.int64)
+        self._vectors = np.zeros((16, self._vectors.shape[1]), np.float32)
