@@ -48,7 +48,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--no-support", action="store_true",
                    help="train on answers only, without the supporting facts")  # fmt: skip
     p.add_argument("--output", default="multi-hop", help="the O component")
-    p.add_argument("--response", default="answer", help="the R component")
+    p.add_argument("--response", default="answer-mlp", help="the R component (default %(default)s)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("inspect", help="check a model file and print its config")

@@ -5,10 +5,12 @@ streaming path agrees) beside the published anchors (test error on bAbI 1k, from
 data/babi/ANCHORS.md: strongly supervised MemNN, MemN2N PE LS RN per task and joint).
 
     python scripts/babi_table.py > var/babi_table.md
+    python scripts/babi_table.py --models var/models-linear    # models trained elsewhere
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -30,16 +32,19 @@ ANCHORS = {
 
 
 def main() -> int:
-    training = json.loads((MODELS / "training.json").read_text())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, default=MODELS, help="default: %(default)s")
+    models = parser.parse_args().models
+    training = json.loads((models / "training.json").read_text())
     print("| task | ours: validation accuracy (error) | seeds: min–max | MemNN strong sup. | "
           "MemN2N per task | MemN2N joint |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     errors, fails = [], 0
     for task in range(1, 21):
         batch, expected = task_events(task, stories_of(DATA, task, "validation"))
-        acc = accuracy(in_process(MODELS / f"qa{task}.safetensors", batch), expected)
+        acc = accuracy(in_process(models / f"qa{task}.safetensors", batch), expected)
         seeds = training[f"qa{task}"]["seed_accuracies"]
-        error = 100 * (1 - acc)
+        error = round(100 * (1 - acc), 6)  # 95 of 100 right is 5.0%, not a failure
         errors.append(error)
         fails += error > 5
         a = ANCHORS[task]

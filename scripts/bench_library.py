@@ -152,12 +152,13 @@ def ef_sweep(engine: Engine, efs: list[int], n: int, dims: tuple[int, int]) -> d
     queries = np.stack([v for _, _, v in raw_events("queries", n, 1, dims, seed=6)])
     k = engine.config.k
     memory = engine.new_memory()
+    truth = [set(exact_topk(memory.search, q, k)) for q in queries]  # memory_init for all
     started = time.perf_counter()
     if isinstance(memory.search, ExactSlots):
         memory.use_hints(scan(memory.search.base, queries, k + SCAN_MARGIN))
     found = memory.topk(queries, k)
     out = {"exact": {"queries_per_s": n / (time.perf_counter() - started)}}
-    out["exact"]["o_recall_at_k"] = _recall(memory, found, queries, k)
+    out["exact"]["o_recall_at_k"] = _recall(found, truth, k)
     base = engine.init_base()
     default = base.index.ef
     try:
@@ -167,16 +168,12 @@ def ef_sweep(engine: Engine, efs: list[int], n: int, dims: tuple[int, int]) -> d
             started = time.perf_counter()
             found = memory.topk(queries, k)
             rate = n / (time.perf_counter() - started)
-            recall = _recall(memory, found, queries, k)
-            out[str(ef)] = {"queries_per_s": rate, "o_recall_at_k": recall}
+            out[str(ef)] = {"queries_per_s": rate, "o_recall_at_k": _recall(found, truth, k)}
     finally:
         base.index.set_ef(default)
     return out
 
 
-def _recall(memory: Memory, found: np.ndarray, queries: np.ndarray, k: int) -> float:
-    hits = sum(
-        len(set(row) & set(exact_topk(memory.search, q, k)))
-        for row, q in zip(found, queries, strict=True)
-    )
-    return hits / (len(queries) * k)
+def _recall(found: np.ndarray, truth: list[set], k: int) -> float:
+    hits = sum(len(set(row) & t) for row, t in zip(found, truth, strict=True))
+    return hits / (len(truth) * k)

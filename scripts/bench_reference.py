@@ -57,6 +57,18 @@ def query(m_hnsw: hnswlib.Index, q: np.ndarray, params: dict) -> np.ndarray:
     return np.asarray(jnp.dot(y, params["response_mlp_w2"]) + params["response_mlp_b2"])
 
 
+def recall(index: hnswlib.Index, memory_init: np.ndarray, queries: np.ndarray, k: int = 5) -> float:
+    """recall@k of the article's own search (hnswlib's default ef) against brute force, on
+    memory_init: what its speed buys."""
+    labels, _ = index.knn_query(queries, k=k)
+    norms = (memory_init.astype(np.float64) ** 2).sum(axis=1)
+    hits = 0
+    for row, q in zip(labels, queries, strict=True):
+        truth = np.argsort(norms - 2 * memory_init @ q.astype(np.float64))[:k]
+        hits += len(set(row.tolist()) & set(truth.tolist()))
+    return hits / (len(queries) * k)
+
+
 def run(params: dict, index: hnswlib.Index, events: list[tuple[str, str, np.ndarray]]) -> float:
     """Events per second of the reference code over (memory, "write"|"query", vector)."""
     jparams = {k: jnp.asarray(v) for k, v in params.items() if k != "memory_init"}

@@ -128,16 +128,17 @@ def details(results: dict) -> str:
     """Per size: snapshot and restore, recall, and the graph's ef sweep beside the scan."""
     lines = [
         "| slots | snapshot / restore s (500 writes) | snapshot / restore s (every slot) "
-        "| G recall@1 | O recall@k |",
-        "|---|---|---|---|---|",
+        "| G recall@1 | O recall@k | the reference's recall@k |",
+        "|---|---|---|---|---|---|",
     ]
     for s in results["sizes"]:
         sn, rc = s["snapshot"], s.get("recall", {})
+        ref = s.get("reference", {}).get("recall_at_k")
         lines.append(
             f"| {s['slots']:,} | {sn['snapshot_s']:.2f} / {sn['restore_s']:.2f} | "
             f"{sn['full_snapshot_s']:.2f} / {sn['full_restore_s']:.2f} "
             f"({sn['full_snapshot_mb']:.0f} MB) | {rc.get('g_recall_at_1', '-')} | "
-            f"{rc.get('o_recall_at_k', '-')} |"
+            f"{rc.get('o_recall_at_k', '-')} | {'-' if ref is None else f'{ref:.3f}'} |"
         )
     for s in results["sizes"]:
         if "ef_sweep" in s:
@@ -164,13 +165,15 @@ def plot(results: dict, path: Path) -> None:
 
     sizes = [s["slots"] for s in results["sizes"]]
     series = {
-        "reference": [s.get("reference", {}).get("mixed/one") for s in results["sizes"]],
-        "library": [s["library"].get("mixed/one") for s in results["sizes"]],
+        "reference (one memory)": [
+            s.get("reference", {}).get("mixed/one") for s in results["sizes"]
+        ],
+        "library (one memory)": [s["library"].get("mixed/one") for s in results["sizes"]],
         "e2e 1 worker": [
             (s["e2e"].get("mixed/one/1w") or s["e2e"]["mixed/many/1w"])["events_per_s"]
             for s in results["sizes"]
         ],
-        "e2e 2 workers": [
+        "e2e 2 workers (64 memories)": [
             s["e2e"].get("mixed/many/2w", {}).get("events_per_s") for s in results["sizes"]
         ],
     }

@@ -27,6 +27,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "babi" / "en")
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "babi")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--response", default="answer-mlp", help="the R component")
     args = parser.parse_args()
     summaries = {}
     index = args.out / "training.json"
@@ -35,7 +36,7 @@ def main() -> int:
     for task in (int(t) for t in args.tasks.split(",")):
         s = train_task(
             args.data, task, args.out / f"qa{task}.safetensors", seeds=args.seeds,
-            show_progress=False,
+            response=args.response, show_progress=False,
         )  # fmt: skip
         summaries[f"qa{task}"] = s
         index.write_text(json.dumps(summaries, indent=1) + "\n")

@@ -13,7 +13,7 @@ from memnet.training.examples import build
 from memnet.training.fit import fit, forward, init_params
 from memnet.training.settings import Settings
 from memnet.training.train import task_config
-from tests.babi import DATA
+from tests.babi import DATA, train_small
 
 STORY = """1 Mary moved to the bathroom.
 2 John went to the hallway.
@@ -78,9 +78,16 @@ def test_training_steps_decrease_the_loss_on_a_tiny_set():
     assert plain.train_loss[0] < history.train_loss[0]
 
 
-def test_serving_computes_what_training_computed(babi_model):
+@pytest.fixture(scope="module", params=["answer", "answer-mlp"])
+def trained(request, babi_model, tmp_path_factory):
+    if request.param == "answer":
+        return babi_model
+    return train_small(tmp_path_factory.mktemp("mlp"), epochs=30, response=request.param)
+
+
+def test_serving_computes_what_training_computed(trained):
     """The dense training forward pass and the engine give the same logits."""
-    model = load_model(babi_model)
+    model = load_model(trained)
     stories = read_stories(task_file(DATA, 1))
     _, val = split(stories)
     parts = model.components

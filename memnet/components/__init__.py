@@ -1,6 +1,7 @@
 """Registered components. Importing this package registers every built-in form."""
 
 from memnet.components import (  # noqa: F401  (imported to register)
+    answer_mlp,
     answer_response,
     append_only,
     gated_nearest,

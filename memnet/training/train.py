@@ -58,7 +58,7 @@ def train_task(
     dim: int = 64,
     hops: int = 3,
     output: str = "multi-hop",
-    response: str = "answer",
+    response: str = "answer-mlp",
     settings: Settings | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -116,7 +116,14 @@ def train_task(
         "best_epoch": history.best_epoch,
         "epochs_run": [len(r[3].val_accuracy) for r in runs],
         "seconds": round(time.monotonic() - started, 1),
-        "settings": {**asdict(settings), "seeds": seeds, "dim": dim, "hops": hops},
+        "settings": {
+            **asdict(settings),
+            "seeds": seeds,
+            "dim": dim,
+            "hops": hops,
+            "output": output,
+            "response": response,
+        },
         "fingerprint": model.fingerprint,
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
