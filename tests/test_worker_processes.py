@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +175,46 @@ def test_ownership_converges_as_workers_join_and_leave(start, redis_server):
     workers[1].kill()  # dies: its leases must expire first
     wait_for(lambda: split(r) == [8], lease_s + bound, "one worker owning all after a kill")
     print(f"kill: taken over in {time.monotonic() - began:.2f} s")
+
+
+def test_the_procfile_under_honcho_splits_3_3_2_and_stops_cleanly(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """The README's `honcho start -c worker=3` (virtual environment on PATH): the Procfile's
+    workers split 8 partitions 3/3/2, serve metrics on honcho's ports, and honcho's SIGTERM
+    stops them all within its 5 s, leases released."""
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = Path(sys.executable).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "REDIS_URL": redis_url,
+        "MEMNET_MODEL": str(model_file),
+        "MEMNET_SNAPSHOT_DIR": str(tmp_path / "snap"),
+        "MEMNET_PREFIX": "honcho",
+        "MEMNET_LEASE_MS": "1500",
+    }
+    env.pop("MEMNET_METRICS_PORT", None)
+    with open(tmp_path / "honcho.log", "wb") as log:
+        honcho = subprocess.Popen(
+            [str(bin_dir / "honcho"), "start", "-c", "worker=3", "-p", str(port)],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    r = redis_server.client()
+    try:
+        held = lambda: sorted(Counter(owners(r, "honcho", 8)).values())  # noqa: E731
+        wait_for(lambda: None not in owners(r, "honcho", 8) and held() == [2, 3, 3], 120, "3/3/2")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b"memnet_partitions_owned" in metrics
+        honcho.send_signal(signal.SIGTERM)
+        assert honcho.wait(15) is not None
+    finally:
+        if honcho.poll() is None:
+            honcho.kill()
+            honcho.wait(10)
+    text = (tmp_path / "honcho.log").read_text()
+    assert "memnet: not found" not in text and "SIGKILL" not in text, text
+    assert owners(r, "honcho", 8) == [None] * 8, text  # every lease released on the way out
