@@ -188,6 +188,7 @@ class Engine:
                     for j in run:
                         memory.use_hints([hints.get(j)])
                         self.generalizer.write(self._np, memory, encoded[j])
+                    memory.use_hints(None)  # a G that does not search leaves them unused
                     continue
                 V = np.stack([encoded[j] for j in run])  # [R, M]
                 memory.use_hints([hints.get(j) for j in run])

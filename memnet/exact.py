@@ -256,6 +256,8 @@ class ExactSlots:
         if k == 0:
             return out
         ov_slots, ov = self.overlay.items()
+        if hints is not None and len(hints) != len(V):
+            raise ValueError(f"{len(hints)} hints for {len(V)} vectors")
         for q, v in enumerate(V):
             d_ov = sqdist(ov, v)
             cand = self._base_candidates(v, d_ov, k, hints[q] if hints else None)

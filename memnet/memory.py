@@ -19,7 +19,7 @@ class Memory:
         self.writes = writes
         self._hints: list[Hint | None] | None = None
 
-    def use_hints(self, hints: list[Hint | None]) -> None:
+    def use_hints(self, hints: list[Hint | None] | None) -> None:
         """Scans done ahead for the next nearest/topk call only (one per vector); they
         make it faster, never different."""
         self._hints = hints

@@ -208,3 +208,20 @@ def test_input_that_overflows_memory_space_changes_nothing():
     assert all(isinstance(r, Rejected) for r in results)
     np.testing.assert_array_equal(memory.matrix(), before)
     assert memory.writes == 0
+
+
+@pytest.mark.parametrize("generalizer", ["gated-nearest", "append-only"])
+def test_a_memory_is_searchable_directly_after_process(generalizer, rng):
+    """Scans done ahead for a batch are used up or dropped by the engine, whatever G does:
+    a later direct search of several vectors sees none of them."""
+    _model, engine, _ = setup(memory_dim=10, slots=300, generalizer=generalizer)
+    memory = engine.new_memory()
+    engine.process([(memory, engine.write(rng.standard_normal(5).astype(np.float32)))])
+    V = rng.standard_normal((3, 10)).astype(np.float32)
+    matrix = memory.matrix()
+    dist = ((matrix[None].astype(np.float64) - V[:, None]) ** 2).sum(-1)
+    if generalizer == "append-only":
+        dist[:, np.arange(300) != 0] = np.inf  # only slot 0 has been written
+    expected = np.argsort(dist, axis=1, kind="stable")[:, :2]
+    got = memory.topk(V, 2)
+    np.testing.assert_array_equal(np.where(got >= 0, got, expected), expected)
