@@ -36,6 +36,8 @@ SLOT_CHUNK = 1024  # base rows per matrix product: [256, 1024] float32 = 1 MiB, 
 GROUP = 16  # rows per group: a scan keeps each group's smallest estimate
 _EPS = float(np.finfo(np.float32).eps)
 _EMPTY = np.zeros(0, np.int64)
+# Above this error bound the estimates |m|^2 - 2 m·v (~ margin / eps) may overflow float32.
+_SAFE = 1e30
 
 
 @dataclass(eq=False)
@@ -116,6 +118,8 @@ def scan(base: ScanBase, V: np.ndarray, want: int, exclude: np.ndarray | None = 
         skip = np.zeros(len(base.vectors), bool)
         skip[exclude] = True
     margin = 2 * slack(V, base.max_norm)
+    if not np.all(margin < _SAFE):  # estimates could overflow float32: no pruning
+        return _every_row(base, V, want, exclude, margin)
     hints: list[Hint] = []
     for q0 in range(0, len(V), QUERY_CHUNK):
         chunk = V[q0 : q0 + QUERY_CHUNK]
@@ -124,6 +128,20 @@ def scan(base: ScanBase, V: np.ndarray, want: int, exclude: np.ndarray | None = 
             base, chunk, want, margin[q0 : q0 + len(chunk)], minima, first, stride, skip
         )
     return hints
+
+
+def _every_row(
+    base: ScanBase, V: np.ndarray, want: int, exclude: np.ndarray | None, margin: np.ndarray
+) -> list[Hint]:
+    """Hints for vectors too far out to estimate safely: every live row of the base for
+    those, an ordinary scan for the rest."""
+    live = np.flatnonzero(np.isfinite(base.norms))
+    if exclude is not None and len(exclude):
+        live = np.setdiff1d(live, exclude)
+    everything = Hint(base, live, np.zeros(len(live), np.float32), float("inf"))
+    safe = np.flatnonzero(margin < _SAFE)
+    found = dict(zip(safe, scan(base, V[safe], want, exclude), strict=True)) if len(safe) else {}
+    return [found.get(q, everything) for q in range(len(V))]
 
 
 def _group_minima(
@@ -237,13 +255,10 @@ class ExactSlots:
         return self._filled
 
     def vector(self, slot: int) -> np.ndarray:
-        row = self.overlay.vector(slot)
-        return self.base.vectors[slot] if row is None else row
+        return self.overlay.current(self.base.vectors, slot)
 
     def vectors(self, slots: np.ndarray) -> np.ndarray:
-        out = self.base.vectors[slots]
-        self.overlay.fill(slots, out)
-        return out
+        return self.overlay.current_rows(self.base.vectors, slots)
 
     def nearest(self, v: np.ndarray, hints: list[Hint | None] | None = None) -> int:
         return int(self.topk(v[None], 1, hints)[0, 0])
@@ -289,15 +304,7 @@ class ExactSlots:
         return scan(self.base, v[None], k, exclude=ov_slots)[0].slots
 
     def _overlay_suffices(self, v: np.ndarray, d_ov: np.ndarray, k: int) -> bool:
-        """True if k overlay slots are closer than any base row can be: every base row is
-        at least (|v| - R)^2 away, R bounding their norms."""
-        if len(d_ov) < k:
-            return False
-        v_norm = float(np.sqrt(np.dot(v.astype(np.float64), v)))
-        if v_norm <= self.base.max_norm:
-            return False
-        floor = (v_norm - self.base.max_norm) ** 2
-        return bool(np.partition(d_ov, k - 1)[k - 1] < floor * (1 - 1e-4))
+        return self.overlay.rules_out_base(d_ov, v, self.base.max_norm, k)
 
     def set(self, slot: int, vector: np.ndarray) -> None:
         if self.overlay.set(slot, vector) and not self.base.is_filled(slot):

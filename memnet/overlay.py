@@ -26,16 +26,19 @@ class Overlay:
         """[N] bool: which of the given slots are in the overlay."""
         return self.row[slots] >= 0
 
-    def vector(self, slot: int) -> np.ndarray | None:
+    def current(self, base: np.ndarray, slot: int) -> np.ndarray:
+        """Slot's current vector [M]: the overlay's, else the base matrix's row (a view)."""
         row = self.row[slot]
-        return self._vectors[row] if row >= 0 else None
+        return self._vectors[row] if row >= 0 else base[slot]
 
-    def fill(self, slots: np.ndarray, out: np.ndarray) -> None:
-        """Overwrite the rows of out [N, M] whose slot is in the overlay."""
+    def current_rows(self, base: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Current vectors [N, M] of slots (a copy): the base's rows, overlaid."""
+        out = base[slots]
         rows = self.row[slots]
         hit = rows >= 0
         if hit.any():
             out[hit] = self._vectors[rows[hit]]
+        return out
 
     def set(self, slot: int, vector: np.ndarray) -> bool:
         """Record slot's current vector; True if the slot is new to the overlay."""
@@ -51,6 +54,17 @@ class Overlay:
             self._n += 1
         self._vectors[row] = vector
         return new
+
+    def rules_out_base(self, d_ov: np.ndarray, v: np.ndarray, max_norm: float, k: int) -> bool:
+        """True if k overlay slots (at distances d_ov from v) are closer than any base row
+        can be: every row of norm at most max_norm is at least (|v| - max_norm)^2 away."""
+        if len(d_ov) < k:
+            return False
+        v_norm = float(np.sqrt(np.dot(v.astype(np.float64), v)))
+        if v_norm <= max_norm:
+            return False
+        floor = (v_norm - max_norm) ** 2
+        return bool(np.partition(d_ov, k - 1)[k - 1] < floor * (1 - 1e-4))
 
     def clear(self) -> None:
         self.row[self._slots[: self._n]] = -1

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from memnet.config import IndexConfig
-from memnet.distance import estimate_candidates, rank, sqdist
-from memnet.exact import ExactSlots, Hint
+from memnet.distance import rank, sqdist
+from memnet.exact import ExactSlots, Hint, ScanBase, scan
 from memnet.graph import GraphBase
 from memnet.overlay import Overlay
 
@@ -50,13 +50,10 @@ class GraphSlots:
         return self._overlay.items()
 
     def vector(self, slot: int) -> np.ndarray:
-        row = self._overlay.vector(slot)
-        return self.base.vectors[slot] if row is None else row
+        return self._overlay.current(self.base.vectors, slot)
 
     def vectors(self, slots: np.ndarray) -> np.ndarray:
-        out = self.base.vectors[slots]
-        self._overlay.fill(slots, out)
-        return out
+        return self._overlay.current_rows(self.base.vectors, slots)
 
     def nearest(self, v: np.ndarray, hints: list[Hint | None] | None = None) -> int:
         return int(self.topk(v[None], 1)[0, 0])
@@ -78,14 +75,12 @@ class GraphSlots:
         if k == 0:
             return out
         base = self.base
-        norms = base.norms()
+        base.norms()  # (also sets max_norm)
         ov_slots, ov = self.overlay()
         ov_dist = [sqdist(ov, v) for v in V]
-        v_norm = np.sqrt((V.astype(np.float64) ** 2).sum(axis=1))
-        floor = np.where(v_norm > base.max_norm, (v_norm - base.max_norm) ** 2, 0.0)
-        plan = [self._route(d, f, n, k) for d, f, n in zip(ov_dist, floor, v_norm, strict=True)]
+        plan = [self._route(d, v, k) for d, v in zip(ov_dist, V, strict=True)]
         base_cand = self._graph_candidates(V, plan, k)
-        base_cand.update(self._exact_candidates(V, plan, norms, k))
+        base_cand.update(self._exact_candidates(V, plan, k))
         for q, v in enumerate(V):
             cand = base_cand.get(q, np.zeros(0, np.int64))
             dist = np.concatenate((sqdist(base.vectors[cand], v), ov_dist[q]))
@@ -93,9 +88,10 @@ class GraphSlots:
             out[q, : len(best)] = best
         return out
 
-    def _route(self, ov_dist: np.ndarray, floor: float, v_norm: float, k: int) -> str:
-        if len(ov_dist) >= k and np.partition(ov_dist, k - 1)[k - 1] < floor * (1 - 1e-4):
+    def _route(self, ov_dist: np.ndarray, v: np.ndarray, k: int) -> str:
+        if self._overlay.rules_out_base(ov_dist, v, self.base.max_norm, k):
             return "overlay"
+        v_norm = float(np.sqrt(np.dot(v.astype(np.float64), v)))
         far = v_norm > 2 * self.base.max_norm and self.slots <= self.cfg.far_exact_max_slots
         return "exact" if far else "graph"
 
@@ -108,17 +104,15 @@ class GraphSlots:
         labels = self.base.index.knn_query(V[todo], k=want, num_threads=1)[0].astype(np.int64)
         return {q: row[~self._overlay.has(row)] for q, row in zip(todo, labels, strict=True)}
 
-    def _exact_candidates(self, V: np.ndarray, plan: list[str], norms: np.ndarray, k: int) -> dict:
+    def _exact_candidates(self, V: np.ndarray, plan: list[str], k: int) -> dict:
         todo = [q for q, how in enumerate(plan) if how == "exact"]
         if not todo:
             return {}
-        ov_slots, _ = self.overlay()
-        if len(ov_slots):
-            norms = norms.copy()
-            norms[ov_slots] = np.inf  # stale rows: their slots are scored from the overlay
-        found = estimate_candidates(self.base.vectors, norms, self.base.max_norm, V[todo], k)
-        live = np.flatnonzero(np.isfinite(norms))
-        return {q: live if c is None else c for q, c in zip(todo, found, strict=True)}
+        base = self.base
+        rows = ScanBase(base.vectors, base.norms(), base.max_norm, base.filled, base.count)
+        ov_slots, _ = self.overlay()  # stale rows: their slots are scored from the overlay
+        found = scan(rows, V[todo], k, exclude=ov_slots)
+        return {q: hint.slots for q, hint in zip(todo, found, strict=True)}
 
     def set(self, slot: int, vector: np.ndarray) -> None:
         if self._overlay.set(slot, vector) and not self.base.filled[slot]:

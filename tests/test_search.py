@@ -84,6 +84,23 @@ def test_a_scan_of_a_partly_filled_base_skips_empty_slots(rng):
     assert (got[:, 3:] == -1).all()
 
 
+def test_vectors_too_far_out_to_estimate_are_searched_in_full(rng):
+    """Where |m|^2 - 2 m·v could overflow float32, no row is pruned: the answer is brute
+    force's over float32 distances (including infinite ones, ranked by slot)."""
+    from memnet.distance import rank, sqdist
+
+    far = (5e18 * rng.standard_normal((3, 8))).astype(np.float32)  # |v|^2 ~ 2e38, finite
+    X = rng.standard_normal((500, 8)).astype(np.float32)
+    X[[7, 300, 411]] = 0.9 * far  # the nearest rows; 2 m·v overflows for them
+    search = ExactSlots.over(readonly(X))
+    V = np.concatenate([rng.standard_normal((3, 8)).astype(np.float32), far])
+    hints = scan(search.base, V, 13)
+    for hinted in (hints, None):
+        got = search.topk(V, 5, hinted)
+        truth = [rank(np.arange(500), sqdist(X, v), 5) for v in V]
+        np.testing.assert_array_equal(got, truth)
+
+
 def graph(X, cfg):
     return GraphSlots(GraphBase.build(X, np.ones(len(X), bool), cfg, "init"), cfg)
 
