@@ -22,3 +22,7 @@ class SnapshotError(MemnetError):
 
 class StaleSnapshot(SnapshotError):
     """A snapshot of a newer epoch exists: this writer has been superseded."""
+
+
+class SnapshotAborted(SnapshotError):
+    """A snapshot was abandoned on request (a stopping worker out of time); nothing written."""

@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from memnet.engine import Engine
-from memnet.errors import SnapshotError, StaleSnapshot
+from memnet.errors import SnapshotAborted, SnapshotError, StaleSnapshot
 from memnet.graph import GraphBase, fsync_path, sha256_file
 from memnet.memory import Memory
 from memnet.search import ExactSlots, GraphSlots
@@ -73,7 +73,11 @@ class Snapshots(Protocol):
     """
 
     def save(
-        self, memories: Mapping[str, Memory], position: str | None, epoch: int = 0
+        self,
+        memories: Mapping[str, Memory],
+        position: str | None,
+        epoch: int = 0,
+        abort: Callable[[], bool] | None = None,
     ) -> SnapshotInfo: ...
 
     def load(self) -> Loaded | None: ...
@@ -159,9 +163,28 @@ class SnapshotStore:
 
     # ---- saving --------------------------------------------------------------------------
     def save(
-        self, memories: Mapping[str, Memory], position: str | None, epoch: int = 0
+        self,
+        memories: Mapping[str, Memory],
+        position: str | None,
+        epoch: int = 0,
+        abort: Callable[[], bool] | None = None,
     ) -> SnapshotInfo:
-        """Write a snapshot; raises StaleSnapshot if one of a newer epoch exists."""
+        """Write a snapshot; raises StaleSnapshot if one of a newer epoch exists,
+        SnapshotAborted once ``abort()`` says so (checked as memories are gathered), and
+        SnapshotError naming the directory if it cannot be written (a full or read-only
+        disk): nothing half-written is left behind, the previous snapshots stay."""
+        try:
+            return self._save(memories, position, epoch, abort)
+        except (OSError, SafetensorError) as e:
+            raise SnapshotError(f"{self.directory}: cannot write a snapshot ({e})") from e
+
+    def _save(
+        self,
+        memories: Mapping[str, Memory],
+        position: str | None,
+        epoch: int,
+        abort: Callable[[], bool] | None,
+    ) -> SnapshotInfo:
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = self.snapshots()
         if existing and existing[0].epoch > epoch:
@@ -173,7 +196,7 @@ class SnapshotStore:
         tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            body = self._write_files(tmp, memories, existing)
+            body = self._write_files(tmp, memories, existing, abort)
             body.update(position=position, epoch=epoch, serial=serial, created=time.time())
             manifest = {"manifest": body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -192,12 +215,18 @@ class SnapshotStore:
         return SnapshotInfo(epoch, serial, final)
 
     def _write_files(
-        self, tmp: Path, memories: Mapping[str, Memory], existing: list[SnapshotInfo]
+        self,
+        tmp: Path,
+        memories: Mapping[str, Memory],
+        existing: list[SnapshotInfo],
+        abort: Callable[[], bool] | None,
     ) -> dict[str, Any]:
         arrays: dict[str, np.ndarray] = {}
         entries = []
         files: dict[str, dict[str, Any]] = {}
         for n, (name, memory) in enumerate(sorted(memories.items())):
+            if abort is not None and n % 1024 == 0 and abort():
+                raise SnapshotAborted(f"{self.directory}: snapshot abandoned after {n} memories")
             key = f"m{n}"
             entry = {"name": name, "key": key, "writes": memory.writes}
             search = memory.search
@@ -215,6 +244,8 @@ class SnapshotStore:
             arrays[f"{key}.slots"] = np.ascontiguousarray(slots, np.int64)
             arrays[f"{key}.rows"] = np.ascontiguousarray(rows, np.float32)
             entries.append(entry)
+        if abort is not None and abort():
+            raise SnapshotAborted(f"{self.directory}: snapshot abandoned before writing")
         save_file(arrays, str(tmp / "state.safetensors"))
         files["state.safetensors"] = self._seal(tmp / "state.safetensors")
         model = self.engine.model

@@ -23,7 +23,8 @@ from tests.streams import (
     worker_settings,
 )
 from worker.protocol import Keys, partition_of
-from worker.scripts import Fenced, fenced
+from worker.faults import Fenced
+from worker.scripts import fenced
 from worker.worker import Worker
 
 PREFIX = "f"
@@ -42,7 +43,7 @@ def started(s, engine):
     w = Worker(s, engine)
     w.burst = True
     w._start_up()
-    w.rebalance()
+    w.owner.rebalance(w.keeper.members, grace=True)
     return w
 
 
@@ -79,15 +80,16 @@ def test_a_zombie_cannot_publish_ack_or_trim(redis_url, redis_server, tmp_path, 
     send(r, PREFIX, PARTITIONS, batch[120:])
     p = partition_of(MEMORIES[0], PARTITIONS)
     part = a.parts[p]
-    in_flight = part.handle(a.read(part))  # A applied a batch but has not committed it...
+    pending = part.prepare(a.owner.read([part])[part])
+    in_flight = part.finish(pending, engine.process(pending.items))  # A applied a batch...
     old_epoch = part.epoch
     time.sleep(0.8)  # ...when it stalls past its lease (nothing renews it)
     b = started(settings(redis_url, tmp_path, model_file, worker_id="B"), engine)
     assert sorted(b.parts) == list(range(PARTITIONS)) and b.parts[p].epoch > old_epoch
 
     before = redis_state(r)
-    with caplog.at_level(logging.WARNING, logger="worker.worker"):
-        assert a.commit(part, in_flight) is False  # publish + ack refused
+    with caplog.at_level(logging.WARNING, logger="worker.ownership"):
+        assert a.commit_all({part: in_flight}) == {part: False}  # publish + ack refused
         a.step()  # reads of every other partition refused too
     assert a.parts == {}
     assert "MEMNET_FENCED" in caplog.text and "dropping partition" in caplog.text
@@ -183,6 +185,7 @@ def test_snapshots_of_another_model_are_refused(
     three_runs(r, redis_url, tmp_path, model_file)
     other = tmp_path / "other.safetensors"
     save_model(random_model(WORKER_MODEL, seed=99), other)
+    r.delete(Keys(PREFIX).meta)  # the operator forces the switch (meta would refuse the model)
     with caplog.at_level(logging.WARNING):
         run_burst(redis_url, tmp_path, model_file, model=other)
     assert caplog.text.count("(another model)") >= PARTITIONS

@@ -12,7 +12,7 @@ from typing import Any
 from memnet import MemnetError
 from memnet import cli as core_cli
 from worker import logs
-from worker.connection import ERRORS
+from worker.faults import UNAVAILABLE
 from worker.settings import Settings, SettingsError
 
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, MemnetError) as e:
         print(f"memnet {args.command}: {e}", file=sys.stderr)
         return 2
-    except ERRORS as e:
+    except UNAVAILABLE as e:
         print(f"memnet {args.command}: cannot reach Redis: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:

@@ -15,13 +15,6 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 Client = redis.Redis | RedisCluster
-ERRORS = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.BusyLoadingError,
-)
 
 
 def connect(url: str, *, timeout_s: float = 5.0, retries: int = 0) -> Client:

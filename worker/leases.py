@@ -4,7 +4,8 @@ Live workers heartbeat into a sorted set scored by expiry (Redis's clock, so wor
 do not matter). Each worker's fair share is floor(P/N) or ceil(P/N) by its rank among the
 live ids, so shares always add up to P and ownership converges without coordination. Leases
 are renewed by a background thread, so a long snapshot does not cost ownership -- but only
-while the main loop keeps making progress: a stalled loop lets its leases expire.
+while the main loop keeps making progress: a stalled loop lets its leases expire. The same
+thread re-asserts the deployment's record (worker/meta.py) each round.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from collections.abc import Callable
 import redis
 
 from worker import metrics
-from worker.connection import ERRORS, Client, text
+from worker.connection import Client, text
+from worker.faults import UNAVAILABLE, Throttled
+from worker.meta import Meta
 from worker.protocol import GROUP, Keys
 from worker.scripts import Scripts
 from worker.settings import Settings
@@ -40,9 +43,10 @@ class LeaseKeeper(threading.Thread):
         settings: Settings,
         client: Client,
         owned: Callable[[], dict[int, int]],
-        on_lost: Callable[[int], None],
+        on_lost: Callable[[int, bool], None],
         last_progress: Callable[[], float],
         stall_s: float,
+        meta: Callable[[Client], Meta],
     ) -> None:
         super().__init__(name="lease-keeper", daemon=True)
         self.settings = settings
@@ -53,8 +57,9 @@ class LeaseKeeper(threading.Thread):
         self.on_lost = on_lost
         self.last_progress = last_progress
         self.stall_s = stall_s
+        self.meta = meta(client)
         self.members: list[str] = []
-        self.beats = 0
+        self.throttled = Throttled(log)
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -65,10 +70,15 @@ class LeaseKeeper(threading.Thread):
             started = time.monotonic()
             try:
                 self.tick()
-            except ERRORS as e:
-                log.warning("lease keeper cannot reach Redis: %s", e)
-            except Exception:  # never let the thread die: the leases would silently lapse
-                log.exception("lease keeper failed; retrying")
+                self.throttled.clear("keeper", "lease keeper works again")
+            except UNAVAILABLE as e:
+                self.throttled.log(
+                    "keeper", logging.WARNING, "lease keeper cannot reach Redis: %s", e
+                )
+            except Exception as e:  # never let the thread die: the leases would silently lapse
+                self.throttled.log(
+                    "keeper", logging.ERROR, "lease keeper failed (%s); retrying", e, exc_info=e
+                )
             self._stop.wait(max(0.0, self.settings.renew_every_s - (time.monotonic() - started)))
 
     def tick(self) -> None:
@@ -80,12 +90,22 @@ class LeaseKeeper(threading.Thread):
         now = self.redis_ms()
         live = self.scripts.heartbeat(keys=[self.keys.workers], args=[s.worker_id, s.lease_ms, now])
         self.members = sorted(text(live))
-        self.beats += 1
         for p, epoch in self.owned().items():
             keys = [self.keys.part(p, "epoch"), self.keys.part(p, "lease")]
-            if not self.scripts.renew(keys=keys, args=[epoch, s.worker_id, s.lease_ms]):
-                self.on_lost(p)
+            renewed = self.scripts.renew(keys=keys, args=[epoch, s.worker_id, s.lease_ms])
+            if renewed != 1:
+                self.on_lost(p, renewed == -1)
             self.report_lag(p)
+        mismatch = self.meta.reassert()
+        if mismatch:
+            self.throttled.log(
+                "meta", logging.ERROR, "%s: a worker of another configuration joined", mismatch
+            )
+
+    def others_alive(self) -> bool:
+        """Whether workers other than this one are alive (without joining)."""
+        live = self.client.zrangebyscore(self.keys.workers, self.redis_ms(), "+inf")
+        return any(text(w) != self.settings.worker_id for w in live)
 
     def report_lag(self, p: int) -> None:
         """The group's lag, as Redis counts it, into the partition's metric (off the data

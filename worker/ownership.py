@@ -1,117 +1,226 @@
-"""Partition ownership: leases taken and handed over, fair shares, restoring a partition.
+"""Partition ownership: the table of owned partitions and every epoch-checked call made for
+them -- leases taken and handed over, fair shares, restoring a partition, the fenced reads,
+commits, trims -- and what a fault of one partition does to it (``contain``).
 
-A mixin of ``Worker``: it uses the worker's settings (``s``), ``keys``, ``client``,
-``scripts``, ``engine``, ``keeper``, ``parts`` (guarded by ``_lock``) and ``snapshot()``.
+A fault is contained to its partition: fenced (another worker owns it now): drop it; Redis
+lost data: drop it and take it again at once, which rebuilds it from its newest snapshot;
+the consumer group is gone: recreate it at the applied position; anything else (a missing
+ACL right, an unexpected error): release it and back off before taking it again. Only a
+connection fault escapes (``UNAVAILABLE``): the worker loop backs off as a whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from memnet import Engine, SnapshotError
 from memnet.snapshot import Snapshots, SnapshotStore
 from worker import metrics
-from worker.connection import text
-from worker.leases import LeaseKeeper, fair_share
-from worker.partition import Partition
+from worker.connection import Client, text
+from worker.faults import Backoff, Kind, Throttled, classify
+from worker.leases import fair_share
+from worker.partition import Batch, Partition
 from worker.protocol import GROUP, Keys, parse_id
-from worker.scripts import Scripts
+from worker.scripts import Scripts, fenced
 from worker.settings import Settings
+from worker.streams import Entries, StreamIO
 
 log = logging.getLogger(__name__)
 
 
 class Ownership:
-    s: Settings
-    keys: Keys
-    client: Any
-    scripts: Scripts
-    engine: Engine
-    keeper: LeaseKeeper
-    parts: dict[int, Partition]
-    burst: bool
-    _lock: threading.Lock
-    _lost: set[int]
-    _idle: set[int]
-    _started: float
-    _refused_until: dict[int, float]
+    def __init__(
+        self,
+        settings: Settings,
+        client: Client,
+        scripts: Scripts,
+        engine: Engine,
+        snapshot: Callable[[Partition, Callable[[], bool] | None], None],
+    ) -> None:
+        self.s = settings
+        self.keys = Keys(settings.prefix)
+        self.client = client
+        self.scripts = scripts
+        self.engine = engine
+        self.snapshot = snapshot  # the worker's: snapshot(part, abort)
+        self.io = StreamIO(
+            client, scripts, self.keys, settings.worker_id, settings.batch_size,
+            settings.response_maxlen,
+        )  # fmt: skip
+        self.parts: dict[int, Partition] = {}
+        self.idle: set[int] = set()
+        self._lock = threading.Lock()
+        self._lost: dict[int, bool] = {}  # from the lease keeper: p -> Redis lost data
+        self._retry: dict[int, Backoff] = {}  # partitions released after a fault
+        self._floor: dict[int, int] = {}  # epochs seen, for a Redis that forgot them
+        self.throttled = Throttled(log)
+        self.rebuild_due = False  # a partition was dropped to be rebuilt: rebalance now
 
-    def snapshot(self, part: Partition) -> None:
-        raise NotImplementedError
-
-    def _owned(self) -> dict[int, int]:
+    # ---- the table -----------------------------------------------------------------------
+    def owned(self) -> dict[int, int]:
+        """Partition -> epoch (read by the lease keeper's thread)."""
         with self._lock:
             return {p: part.epoch for p, part in self.parts.items()}
 
-    def _mark_lost(self, p: int) -> None:
+    def mark_lost(self, p: int, data_lost: bool) -> None:
+        """The lease keeper could not renew p (data_lost: Redis forgot its epoch)."""
         with self._lock:
-            self._lost.add(p)
+            self._lost[p] = self._lost.get(p, False) or data_lost
 
-    def _drop_lost(self) -> None:
+    def drop_lost(self) -> None:
         with self._lock:
-            lost, self._lost = self._lost, set()
-        for p in lost:
-            self.drop(p, "lease lost")
+            lost, self._lost = self._lost, {}
+        for p, data_lost in lost.items():
+            if data_lost and p in self.parts:
+                self._redis_lost(self.parts[p], "its epoch is gone or went down")
+            else:
+                self.drop(p, "lease lost")
 
     def drop(self, p: int, why: str) -> None:
         """Forget a partition at once (its memories may be ahead of Redis)."""
         with self._lock:
             part = self.parts.pop(p, None)
-        self._idle.discard(p)
+        self.idle.discard(p)
         if part is not None:
+            self._floor[p] = max(self._floor.get(p, 0), part.epoch)
             log.warning("dropping partition %d (epoch %d): %s", p, part.epoch, why)
         metrics.OWNED.set(len(self.parts))
 
-    def rebalance(self) -> None:
-        target = fair_share(self.s.partitions, self.keeper.members, self.s.worker_id)
+    # ---- faults --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def contained(self, part: Partition) -> Iterator[None]:
+        """Run a call for one partition; its faults stay with that partition."""
+        try:
+            yield
+        except Exception as e:
+            if classify(e) is Kind.UNAVAILABLE:
+                raise
+            self.contain(part, e)
+
+    def contain(self, part: Partition, error: BaseException) -> None:
+        """What a fault of one partition does to it (the module docstring has the table)."""
+        kind = classify(error)
+        if kind is Kind.UNAVAILABLE:
+            raise error
+        if self.parts.get(part.number) is not part:
+            return  # already dropped or replaced
+        if kind is Kind.FENCED:
+            self.drop(part.number, str(error))
+        elif kind is Kind.LOST:
+            self._redis_lost(part, str(error))
+        elif kind is Kind.NOGROUP:
+            self._recreate_group(part, error)
+        else:
+            self._back_off(part, kind, error)
+
+    def _redis_lost(self, part: Partition, why: str) -> None:
+        metrics.ERRORS.labels("redis_data_lost").inc()
+        log.error(
+            "partition %d: Redis lost data this worker had committed (%s): FLUSHALL, a restart "
+            "from an older snapshot or a failover to a lagging replica? Rebuilding it from the "
+            "newest snapshot and replaying what Redis still has; input entries and responses "
+            "Redis lost are gone",
+            part.number,
+            why,
+        )
+        self.rebuild(part, "Redis lost data")
+
+    def rebuild(self, part: Partition, why: str) -> None:
+        """Release a partition and take it again at once: from its snapshot, plus replay."""
+        with contextlib.suppress(Exception):
+            self.release(part)
+        self.drop(part.number, f"rebuilding: {why}")
+        self.rebuild_due = True
+
+    def _recreate_group(self, part: Partition, error: BaseException) -> None:
+        p = part.number
+        at = part.position or "0"
+        self.throttled.log(
+            f"nogroup-{p}",
+            logging.ERROR,
+            "partition %d: its consumer group is gone (%s); recreating it at %s",
+            p,
+            str(error).split(" script:")[0],
+            at,
+        )
+        metrics.ERRORS.labels("group_missing").inc()
+        with self.contained(part):
+            self.ensure_group(part, at)
+            part.seen = part.position
+            self.plan_replay(part)
+
+    def _back_off(self, part: Partition, kind: Kind, error: BaseException) -> None:
+        p = part.number
+        retry = self._retry.setdefault(p, Backoff(base_s=1.0, cap_s=60.0))
+        delay = retry.fail()
+        metrics.ERRORS.labels(kind.name.lower()).inc()
+        self.throttled.log(
+            f"{kind.name}-{p}",
+            logging.ERROR,
+            "partition %d: %s (%s); releasing it, taking it again in %.0f s at the earliest",
+            p,
+            kind.value,
+            error,
+            delay,
+            exc_info=error if kind is Kind.OTHER else None,
+        )
+        with contextlib.suppress(Exception):
+            self.release(part)
+        self.drop(p, f"{kind.value}: released")
+
+    # ---- taking and handing over ---------------------------------------------------------
+    def rebalance(self, members: list[str], grace: bool) -> None:
+        target = fair_share(self.s.partitions, members, self.s.worker_id)
         for p in sorted(self.parts, reverse=True)[: max(0, len(self.parts) - target)]:
             self.hand_over(p)
-        grace = self.burst or time.monotonic() - self._started >= self.s.renew_every_s
+        self.rebuild_due = False
         if len(self.parts) < target and grace:
-            for p in self._free_partitions():
+            for p in self.free_partitions():
                 if len(self.parts) >= target:
                     break
                 self.take(p)
         metrics.OWNED.set(len(self.parts))
 
-    def _free_partitions(self) -> list[int]:
+    def free_partitions(self) -> list[int]:
         pipe = self.client.pipeline(transaction=False)
         for p in range(self.s.partitions):
             pipe.exists(self.keys.part(p, "lease"))
         held = pipe.execute()
-        now = time.monotonic()
         free = [
             p
             for p in range(self.s.partitions)
-            if not held[p] and p not in self.parts and self._refused_until.get(p, 0) <= now
+            if not held[p] and p not in self.parts and self._retry.get(p, Backoff()).ready
         ]
         shift = sum(map(ord, self.s.worker_id)) % max(1, len(free))  # spread first tries
         return free[shift:] + free[:shift]
 
     def take(self, p: int) -> None:
         store = open_store(self.s, p, self.engine)
+        floor = max(store.newest_epoch(), self._floor.get(p, 0))
         epoch = self.scripts.acquire(
             keys=[self.keys.part(p, "lease"), self.keys.part(p, "epoch")],
-            args=[self.s.worker_id, self.s.lease_ms, store.newest_epoch()],
+            args=[self.s.worker_id, self.s.lease_ms, floor],
         )
         if epoch is None:
             return
         part = Partition(
             p, int(epoch), self.engine, store, self.s.partitions, self.s.max_message_bytes
         )
-        if not self._restore(part):
-            self._release(part)
-            self._refused_until[p] = time.monotonic() + 60
-            return
-        self._ensure_group(p)
-        self._plan_replay(part)
         with self._lock:
             self.parts[p] = part
-        self._idle.discard(p)
+        try:
+            if not self._start(part):
+                return
+        except Exception as e:
+            self.contain(part, e)
+            return
+        self.idle.discard(p)
+        self._retry.pop(p, None)
         log.info(
             "took partition %d (epoch %d) at %s, replaying to %s",
             p,
@@ -120,7 +229,34 @@ class Ownership:
             part.replay_until,
         )
 
-    def _restore(self, part: Partition) -> bool:
+    def _start(self, part: Partition) -> bool:
+        """Restore, check what Redis holds against the snapshot, then plan the replay;
+        False if the partition cannot be rebuilt exactly (released, tried again later)."""
+        p = part.number
+        if not self.restore(part):
+            self.release(part)
+            self.drop(p, "released: nothing to rebuild it from")
+            self._retry.setdefault(p, Backoff(base_s=60.0, cap_s=60.0)).fail()
+            return False
+        committed = self.client.get(self.keys.part(p, "offset"))
+        part.committed = text(committed) if committed is not None else None
+        if part.position and (
+            part.committed is None or parse_id(part.committed) < parse_id(part.position)
+        ):
+            log.error(
+                "partition %d: Redis lost data: its committed offset is %s, but a snapshot "
+                "covers up to %s (FLUSHALL, a restart from an older snapshot, or a failover "
+                "to a lagging replica?); serving from the snapshot on",
+                p,
+                part.committed or "gone",
+                part.position,
+            )
+            metrics.ERRORS.labels("redis_data_lost").inc()
+        self.ensure_group(part, part.position or "0")
+        self.plan_replay(part)
+        return True
+
+    def restore(self, part: Partition) -> bool:
         """Load the newest good snapshot; False if the partition cannot be rebuilt exactly."""
         try:
             for reason in part.restore():
@@ -147,14 +283,16 @@ class Ownership:
             )
         return True
 
-    def _ensure_group(self, p: int) -> None:
-        try:
-            self.client.xgroup_create(self.keys.inp(p), GROUP, id="0", mkstream=True)
-        except Exception as e:  # only BUSYGROUP (the group exists) is expected
-            if "BUSYGROUP" not in str(e):
-                raise
+    def ensure_group(self, part: Partition, at: str) -> None:
+        """Create the consumer group at ``at`` unless it exists (fenced)."""
+        p = part.number
+        fenced(
+            self.scripts.ensure_group,
+            keys=[self.keys.part(p, "epoch"), self.keys.inp(p)],
+            args=[part.epoch, at],
+        )
 
-    def _plan_replay(self, part: Partition) -> None:
+    def plan_replay(self, part: Partition) -> None:
         """Replay (position, last delivered] before reading new entries."""
         groups = self.client.xinfo_groups(self.keys.inp(part.number))
         last = next(
@@ -170,28 +308,76 @@ class Ownership:
         elif part.seen is None and last:
             part.seen = last
 
-    def hand_over(self, p: int) -> None:
-        """Snapshot (if everything applied is committed) and release the lease."""
+    def hand_over(self, p: int, abort: Callable[[], bool] | None = None) -> None:
+        """Snapshot (if everything applied is committed) and release the lease. A snapshot
+        that fails or is abandoned (abort) costs only a longer replay for the next owner."""
         part = self.parts.get(p)
         if part is None:
             return
         if not part.uncommitted and part.since_snapshot:
-            self.snapshot(part)
-        self._release(part)
-        self._forget(p)
-        log.info("released partition %d (epoch %d) at %s", p, part.epoch, part.position)
-
-    def _forget(self, p: int) -> None:
+            self.snapshot(part, abort)
+        if self.parts.get(p) is not part:
+            return  # the snapshot found it superseded
+        self.release(part)
         with self._lock:
             self.parts.pop(p, None)
-        self._idle.discard(p)
+        self.idle.discard(p)
         metrics.OWNED.set(len(self.parts))
+        log.info("released partition %d (epoch %d) at %s", p, part.epoch, part.position)
 
-    def _release(self, part: Partition) -> None:
+    def release(self, part: Partition) -> None:
         self.scripts.release(
             keys=[self.keys.part(part.number, "epoch"), self.keys.part(part.number, "lease")],
             args=[part.epoch, self.s.worker_id],
         )
+
+    # ---- the fenced data path ------------------------------------------------------------
+    def read(self, parts: list[Partition]) -> dict[Partition, Entries | Exception]:
+        """Each partition's next entries (replayed, or new), or its fault."""
+        out: dict[Partition, Any] = {}
+        for part in (p for p in parts if p.replay_until):
+            try:
+                out[part] = self.io.replay(part)
+            except Exception as e:
+                if classify(e) is Kind.UNAVAILABLE:
+                    raise
+                out[part] = e
+        live = [p for p in parts if p not in out]
+        if live:
+            out.update(self.io.read(live))
+        return out
+
+    def commit(self, batches: dict[Partition, Batch]) -> dict[Partition, bool]:
+        """Commit in one round trip (raises on a connection fault; committing is
+        idempotent, so the caller may send it again); True where it landed."""
+        done = {}
+        for part, error in self.io.commit(batches).items():
+            if error is None:
+                part.uncommitted = False
+                part.committed = batches[part].last_id
+            else:
+                self.contain(part, error)
+            done[part] = error is None
+        return done
+
+    def trim(self, part: Partition, point: str) -> None:
+        p = part.number
+        with self.contained(part):
+            fenced(
+                self.scripts.trim,
+                keys=[self.keys.part(p, "epoch"), self.keys.inp(p), self.keys.part(p, "trimmed")],
+                args=[part.epoch, point],
+            )
+
+    def tidy(self, part: Partition) -> None:
+        """Once replay is over, drop the group's other consumers (nothing pending there)."""
+        part.tidy = True
+        with self.contained(part):
+            fenced(
+                self.scripts.tidy,
+                keys=[self.keys.part(part.number, "epoch"), self.keys.inp(part.number)],
+                args=[part.epoch, self.s.worker_id],
+            )
 
 
 def open_store(settings: Settings, p: int, engine: Engine) -> Snapshots:

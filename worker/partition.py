@@ -1,11 +1,12 @@
 """One owned partition: its memories, its stream position, and turning entries into outputs.
 
-``handle`` is pure with respect to Redis: it applies a batch of entries to the memories, in
-stream order, and returns what must be published and acknowledged. The worker commits that in
-one fenced script and only then counts the batch as done (``position``).
+``prepare`` and ``finish`` know nothing of Redis: between them the engine applies a batch of
+entries to the memories, in stream order, and ``finish`` returns what must be published and
+acknowledged. The worker commits that in one fenced script.
 
-The position is the id of the last entry applied. Snapshots carry it, and a new owner
-resumes strictly *after* it, so an entry is applied exactly once.
+``position`` is the id of the last entry applied; ``committed`` the last one Redis recorded
+as committed (the partition's offset key). Snapshots carry the position of committed state,
+and a new owner resumes strictly *after* it, so an entry is applied exactly once.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from memnet import Answer, Engine, InvalidInput, Memory, Rejected
 from memnet.snapshot import Snapshots
 from worker import protocol
+from worker.faults import Backoff
 from worker.protocol import BadMessage, parse_id
 
 log = logging.getLogger(__name__)
@@ -61,12 +64,14 @@ class Partition:
         self.max_message_bytes = max_message_bytes
         self.memories: dict[str, Memory] = {}
         self.position: str | None = None  # last applied entry id
+        self.committed: str | None = None  # what the offset key holds (last commit)
         self.seen: str | None = None  # last entry id delivered to us (XREAD waits after it)
         self.replay_until: str | None = None  # replay (position, replay_until] before ">"
         self.uncommitted = False  # memories are ahead of what Redis acknowledged
         self.tidy = False  # other consumers of the group removed after replay
         self.since_snapshot = 0
         self.snapshot_at = time.monotonic()
+        self.snapshot_retry = Backoff(base_s=1.0, cap_s=60.0)  # after a failed snapshot
 
     # ---- state ---------------------------------------------------------------------------
     def restore(self) -> list[str]:
@@ -80,17 +85,19 @@ class Partition:
         return loaded.refused
 
     def snapshot_due(self, every_entries: int, every_s: float) -> bool:
-        if self.uncommitted or not self.since_snapshot:
+        if self.uncommitted or not self.since_snapshot or not self.snapshot_retry.ready:
             return False
         return (
             self.since_snapshot >= every_entries or time.monotonic() - self.snapshot_at >= every_s
         )
 
-    def snapshot(self) -> None:
+    def snapshot(self, abort: Callable[[], bool] | None = None) -> None:
+        """Save the memories at the position (SnapshotError if it cannot be written)."""
         written = {name: m for name, m in self.memories.items() if m.writes}
-        self.store.save(written, self.position, self.epoch)
+        self.store.save(written, self.position, self.epoch, abort=abort)
         self.since_snapshot = 0
         self.snapshot_at = time.monotonic()
+        self.snapshot_retry.reset()
 
     def trim_point(self) -> str | None:
         """The oldest kept snapshot's position: entries below it are no longer needed."""
@@ -106,11 +113,6 @@ class Partition:
         return memory
 
     # ---- processing ----------------------------------------------------------------------
-    def handle(self, entries: list[tuple[str, dict[bytes, Any]]]) -> Batch:
-        """Apply entries (in stream order) and return the batch's outputs."""
-        pending = self.prepare(entries)
-        return self.finish(pending, self.engine.process(pending.items))
-
     def prepare(self, entries: list[tuple[str, dict[bytes, Any]]]) -> Pending:
         """Decode and check entries; the valid ones become engine items (nothing applied)."""
         pending = Pending(Batch(last_id=entries[-1][0]), len(entries))

@@ -3,6 +3,13 @@
 A takeover increments the partition's epoch (a fencing token), so a worker that lost its lease
 -- paused past it, or cut off from Redis -- is refused by the same script that would write,
 before anything is written. All keys of one call share the partition's hash tag.
+
+The same checks notice that Redis lost data (FLUSHALL, a restart from an older RDB, a
+failover to a lagging replica) without INFO: epochs only ever grow, so a missing or smaller
+epoch means Redis forgot a takeover; the offset key holds what the owner last committed, so
+any other value means Redis forgot a commit; and a batch about to be committed must still be
+in the input stream. Those refusals start with MEMNET_LOST; the worker then rebuilds the
+partition from its newest snapshot (worker/ownership.py).
 """
 
 from __future__ import annotations
@@ -11,11 +18,27 @@ from typing import Any
 
 import redis
 
-FENCED = "MEMNET_FENCED"
+from worker.faults import FENCED, LOST, as_fault
 
+# KEYS[1] epoch, ARGV[1] the caller's epoch.
 _CHECK = f"""
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('{FENCED} epoch is now ' .. tostring(redis.call('GET', KEYS[1])))
+local epoch = redis.call('GET', KEYS[1])
+if epoch ~= ARGV[1] then
+  if not epoch or tonumber(epoch) < tonumber(ARGV[1]) then
+    return redis.error_reply('{LOST} epoch is ' .. tostring(epoch) .. ', was ' .. ARGV[1])
+  end
+  return redis.error_reply('{FENCED} epoch is now ' .. epoch)
+end
+"""
+
+# KEYS[n] offset, ARGV[m] what the caller last committed ('' for nothing).
+_OFFSET = f"""
+local function check_offset(key, committed, also)
+  local offset = redis.call('GET', key) or ''
+  if offset ~= committed and offset ~= also then
+    return redis.error_reply('{LOST} offset is ' .. (offset == '' and 'gone' or offset)
+                             .. ', committed ' .. (committed == '' and 'nothing' or committed))
+  end
 end
 """
 
@@ -33,9 +56,12 @@ end
 return false
 """
 
-# KEYS: epoch, lease  ARGV: epoch, worker id, lease ms  ->  1 renewed, 0 lost
+# KEYS: epoch, lease  ARGV: epoch, worker id, lease ms  ->  1 renewed, 0 lost,
+# -1 Redis lost data (the epoch is gone or went down)
 RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local epoch = redis.call('GET', KEYS[1])
+if not epoch or tonumber(epoch) < tonumber(ARGV[1]) then return -1 end
+if epoch ~= ARGV[1] then return 0 end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
@@ -50,21 +76,33 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
-# KEYS: epoch, in  ARGV: epoch, consumer, count  ->  XREADGROUP reply
+# KEYS: epoch, in, offset  ARGV: epoch, consumer, count, committed  ->  XREADGROUP reply
 READ = (
     _CHECK
+    + _OFFSET
     + """
+local refused = check_offset(KEYS[3], ARGV[4], ARGV[4])
+if refused then return refused end
 return redis.call('XREADGROUP', 'GROUP', 'memnet', ARGV[2], 'COUNT', ARGV[3],
                   'STREAMS', KEYS[2], '>')
 """
 )
 
 # KEYS: epoch, in, out, dead, offset
-# ARGV: epoch, last id, maxlen (0: none), n responses, n dead letters,
+# ARGV: epoch, last id, maxlen (0: none), n responses, n dead letters, committed before,
 #       then (id, msg) per response, (id, msg) per dead letter, then the ids to ack
 # Publishing at the input entry's id makes a replayed publish fail instead of duplicating.
+# A commit whose reply was lost may be sent again: the offset may already be its last id.
 COMMIT = (
     _CHECK
+    + _OFFSET
+    + f"""
+local refused = check_offset(KEYS[5], ARGV[6], ARGV[2])
+if refused then return refused end
+if #redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2]) == 0 then
+  return redis.error_reply('{LOST} input entry ' .. ARGV[2] .. ' is gone')
+end
+"""
     + """
 local n_out, n_dead = tonumber(ARGV[4]), tonumber(ARGV[5])
 local maxlen = tonumber(ARGV[3])
@@ -85,7 +123,7 @@ local function publish(key, id, msg)
   end
   published = published + 1
 end
-local i = 6
+local i = 7
 for _ = 1, n_out do publish(KEYS[3], ARGV[i], ARGV[i + 1]); i = i + 2 end
 for _ = 1, n_dead do publish(KEYS[4], ARGV[i], ARGV[i + 1]); i = i + 2 end
 while i <= #ARGV do
@@ -105,6 +143,20 @@ TRIM = (
 local removed = redis.call('XTRIM', KEYS[2], 'MINID', ARGV[2])
 redis.call('SET', KEYS[3], ARGV[2])
 return removed
+"""
+)
+
+# KEYS: epoch, in  ARGV: epoch, id  ->  1 created, 0 it existed
+# The group is recreated (an operator's XGROUP DESTROY) at the last applied entry.
+ENSURE_GROUP = (
+    _CHECK
+    + """
+local r = redis.pcall('XGROUP', 'CREATE', KEYS[2], 'memnet', ARGV[2], 'MKSTREAM')
+if type(r) == 'table' and r.err then
+  if string.find(r.err, 'BUSYGROUP', 1, true) then return 0 end
+  return redis.error_reply(r.err)
+end
+return 1
 """
 )
 
@@ -140,10 +192,6 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
-class Fenced(Exception):
-    """The partition's epoch moved on: this worker no longer owns it."""
-
-
 class Scripts:
     """The scripts registered on one client (EVALSHA, loading them again when needed)."""
 
@@ -155,21 +203,21 @@ class Scripts:
         self.commit = client.register_script(COMMIT)
         self.trim = client.register_script(TRIM)
         self.tidy = client.register_script(TIDY)
+        self.ensure_group = client.register_script(ENSURE_GROUP)
         self.heartbeat = client.register_script(HEARTBEAT)
         self.client = client
 
     def load(self) -> None:
         """Load every script now (EVALSHA still reloads one that a restarted Redis lost)."""
-        for name in ("acquire", "renew", "release", "read", "commit", "trim", "tidy", "heartbeat"):
+        names = ("acquire", "renew", "release", "read", "commit", "trim", "tidy", "ensure_group")
+        for name in (*names, "heartbeat"):
             script = getattr(self, name)
             script.sha = self.client.script_load(script.script)
 
 
 def fenced(call: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a fenced script; raise Fenced if the epoch check failed."""
+    """Run a fenced script; raise Fenced or Lost if its checks refused the call."""
     try:
         return call(*args, **kwargs)
     except redis.ResponseError as e:
-        if FENCED in str(e):
-            raise Fenced(str(e)) from None
-        raise
+        raise as_fault(e) from None

@@ -32,6 +32,7 @@ class Settings:
     snapshot_every_entries: int = 50_000  # MEMNET_SNAPSHOT_EVERY_ENTRIES
     snapshot_every_s: float = 60.0  # MEMNET_SNAPSHOT_EVERY_S
     snapshots_kept: int = 3  # MEMNET_SNAPSHOTS_KEPT
+    stop_snapshot_s: float = 3.0  # MEMNET_STOP_SNAPSHOT_S: longest final snapshots on SIGTERM
     max_message_bytes: int = 1 << 20  # MEMNET_MAX_MESSAGE_BYTES
     response_maxlen: int = 1_000_000  # MEMNET_RESPONSE_MAXLEN: ~entries kept per out stream
     metrics_port: int = 0  # MEMNET_METRICS_PORT (else $PORT as honcho sets it); 0: off
@@ -89,6 +90,7 @@ ENV_NAMES = {
     "snapshot_every_entries": "MEMNET_SNAPSHOT_EVERY_ENTRIES",
     "snapshot_every_s": "MEMNET_SNAPSHOT_EVERY_S",
     "snapshots_kept": "MEMNET_SNAPSHOTS_KEPT",
+    "stop_snapshot_s": "MEMNET_STOP_SNAPSHOT_S",
     "max_message_bytes": "MEMNET_MAX_MESSAGE_BYTES",
     "response_maxlen": "MEMNET_RESPONSE_MAXLEN",
     "metrics_port": "MEMNET_METRICS_PORT",
@@ -112,7 +114,7 @@ def _parse(name: str, key: str, raw: str) -> object:
     if key in ("redis_url", "prefix", "log_level", "worker_id"):
         return raw
     try:
-        value: float = float(raw) if key == "snapshot_every_s" else int(raw)
+        value: float = float(raw) if key in ("snapshot_every_s", "stop_snapshot_s") else int(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
     if (key in _POSITIVE and value < 1) or value < 0 or (key == "metrics_port" and value > 65535):

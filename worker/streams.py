@@ -8,9 +8,10 @@ from typing import Any
 import redis
 
 from worker.connection import Client, is_cluster, text
+from worker.faults import as_fault
 from worker.partition import Batch, Partition
 from worker.protocol import Keys
-from worker.scripts import FENCED, Fenced, Scripts
+from worker.scripts import Scripts
 
 Entries = list[tuple[str, dict[bytes, Any]]]
 
@@ -39,13 +40,18 @@ class StreamIO:
         return [(text(i), f) for i, f in entries]
 
     def read(self, parts: list[Partition]) -> dict[Partition, Entries | Exception]:
-        """New entries of each partition (">"), or Fenced for a partition we lost."""
+        """New entries of each partition (">"), or the partition's fault (Fenced, Lost, ...)."""
 
         def build(pipe: Any) -> None:
             for part in parts:
+                p = part.number
                 self.scripts.read(
-                    keys=[self.keys.part(part.number, "epoch"), self.keys.inp(part.number)],
-                    args=[part.epoch, self.worker_id, self.batch_size],
+                    keys=[
+                        self.keys.part(p, "epoch"),
+                        self.keys.inp(p),
+                        self.keys.part(p, "offset"),
+                    ],
+                    args=[part.epoch, self.worker_id, self.batch_size, part.committed or ""],
                     client=pipe,
                 )
 
@@ -56,7 +62,8 @@ class StreamIO:
         }
 
     def commit(self, batches: dict[Partition, Batch]) -> dict[Partition, Exception | None]:
-        """Publish, dead-letter, ack and record the offset of each batch (idempotent)."""
+        """Publish, dead-letter, ack and record the offset of each batch (idempotent); None
+        where it landed, else the partition's fault."""
         calls = [self._commit_call(part, batch) for part, batch in batches.items()]
 
         def build(pipe: Any) -> None:
@@ -84,23 +91,21 @@ class StreamIO:
             self.maxlen,
             len(batch.responses),
             len(batch.dead),
+            part.committed or "",
         ]
         for entry_id, msg in batch.responses + batch.dead:
             args += [entry_id, msg]
         return keys, args + batch.acks
 
     def _run(self, build: Any) -> list[Any]:
-        """Run a pipeline built by build(pipe); per-command errors come back as Fenced or
-        the error itself. Scripts Redis lost (it restarted) are loaded again and the
+        """Run a pipeline built by build(pipe); per-command errors come back as Fenced, Lost
+        or the error itself. Scripts Redis lost (it restarted) are loaded again and the
         pipeline re-run: a script that was not found did not run."""
         replies = self._once(build)
         if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
             self.scripts.load()
             replies = self._once(build)
-        return [
-            Fenced(str(r)) if isinstance(r, redis.ResponseError) and FENCED in str(r) else r
-            for r in replies
-        ]
+        return [as_fault(r) for r in replies]
 
     def _once(self, build: Any) -> list[Any]:
         pipe = (

@@ -9,7 +9,9 @@ Per owned partition, in order:
      publish is refused by Redis, so never duplicated), dead letters, acks, offset;
   4. every N entries / T seconds, snapshot the memories with the last applied entry id, then
      trim the input below the oldest kept snapshot.
-SIGTERM: finish the batch, snapshot, release the leases, exit. A second one exits at once.
+SIGTERM: finish the batch, snapshot (for at most MEMNET_STOP_SNAPSHOT_S), release the leases,
+exit. A second one exits at once. Nothing else ends a serving worker: faults are contained
+(worker/faults.py, worker/ownership.py).
 """
 
 from __future__ import annotations
@@ -22,29 +24,38 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
-from redis.cluster import RedisCluster
 
 from memnet import Engine, SnapshotError, load_model
-from memnet.errors import StaleSnapshot
+from memnet.errors import SnapshotAborted, StaleSnapshot
 from worker import metrics
-from worker.connection import ERRORS, connect, is_cluster
+from worker.connection import Client, connect, is_cluster
+from worker.faults import UNAVAILABLE, Backoff, Kind, Throttled, classify
 from worker.leases import LeaseKeeper
+from worker.meta import Meta, record
 from worker.ownership import Ownership
 from worker.partition import Batch, Partition
-from worker.protocol import PROTOCOL, Keys
-from worker.scripts import Fenced, Scripts, fenced
+from worker.permissions import acl_rules
+from worker.protocol import Keys
+from worker.scripts import Scripts
 from worker.settings import Settings, SettingsError, redact
-from worker.streams import Entries, StreamIO
+from worker.streams import Entries
 
 log = logging.getLogger(__name__)
 
 
-class Worker(Ownership):
+class Worker:
+    """The loop: read every owned partition, apply with the engine, commit, snapshot.
+
+    Ownership (``self.owner``) holds the partitions and makes every epoch-checked call;
+    faults of one partition stay with it (``Ownership.contain``); a fault of the loop itself
+    -- Redis unreachable, or anything unexpected -- backs the loop off (``_on_fault``).
+    """
+
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.s = settings
         self.keys = Keys(settings.prefix)
@@ -57,36 +68,33 @@ class Worker(Ownership):
         self.engine = engine
         self.client = connect(settings.redis_url, timeout_s=settings.block_ms / 1000 + 5)
         self.scripts = Scripts(self.client)
-        self.io = StreamIO(
-            self.client,
-            self.scripts,
-            self.keys,
-            settings.worker_id,
-            settings.batch_size,
-            settings.response_maxlen,
-        )
         self.cluster = is_cluster(self.client)
-        self.parts: dict[int, Partition] = {}
+        self.owner = Ownership(settings, self.client, self.scripts, engine, self.snapshot)
+        values = record(settings, engine.model)
+        model_name = str(settings.model or engine.model.fingerprint[:12])
+        self.meta = Meta(self.client, self.keys, values, model_name)
         self.stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._lost: set[int] = set()
+        self._stop_at: float | None = None
         self._progress = time.monotonic()
         self._started = time.monotonic()
         self._next_cycle = 0.0
-        self._backoff = 0.0
-        self._refused_until: dict[int, float] = {}
-        self._idle: set[int] = set()
-        self._run_id: str | None = None
+        self.backoff = Backoff(base_s=0.1, cap_s=5.0)
+        self.throttled = Throttled(log)
         self._resync = False  # a Redis call failed: re-plan from Redis's state before reading
         self.burst = False
         self.keeper = LeaseKeeper(
             settings,
             connect(settings.redis_url),
-            self._owned,
-            self._mark_lost,
+            self.owner.owned,
+            self.owner.mark_lost,
             lambda: self._progress,
             stall_s=max(30.0, 10 * settings.lease_ms / 1000),
+            meta=lambda client: Meta(client, self.keys, values, model_name),
         )
+
+    @property
+    def parts(self) -> dict[int, Partition]:
+        return self.owner.parts
 
     # ---- lifecycle -----------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
@@ -105,17 +113,17 @@ class Worker(Ownership):
                 try:
                     if self._loop_once():
                         break
-                    self._backoff = 0.0
-                except ERRORS as e:
-                    self._on_redis_error(e)
+                    self._recovered()
+                except Exception as e:  # only a stop signal ends a serving worker
+                    self._on_fault(e)
         finally:
             self.shutdown()
 
     def _start_up(self) -> None:
         self.scripts.load()
         self.keeper.scripts.load()
-        self.check_meta()
-        self._run_id = self._redis_run_id()
+        probe_rights(self.client, self.keys)
+        self.meta.check_at_start(self.keeper.others_alive, wait_s=2 * self.s.lease_ms / 1000)
         log.info(
             "worker %s serving %s (model %s, %d partitions, redis %s)",
             self.s.worker_id,
@@ -128,32 +136,32 @@ class Worker(Ownership):
 
     def _until_reachable(self, action: Any) -> None:
         """Run action, retrying with backoff while Redis is unreachable (until stopped)."""
-        delay = 0.1
         while True:
             try:
-                with credentials_checked():
+                with credentials_checked(self.s.prefix):
                     action()
                 return
-            except ERRORS as e:
+            except UNAVAILABLE as e:
                 if self.stopping.is_set():
                     raise
+                delay = self.backoff.fail()
                 log.warning("Redis unavailable at start-up (%s); retrying in %.1f s", e, delay)
                 self.stopping.wait(delay)
-                delay = min(5.0, delay * 2)
 
     def _loop_once(self) -> bool:
         """One pass; True when a burst run is done."""
         self._progress = time.monotonic()
-        self._drop_lost()
+        self.owner.drop_lost()
         if self._resync:
             self._resynchronise()
-        if time.monotonic() >= self._next_cycle:
-            self.rebalance()
+        if time.monotonic() >= self._next_cycle or self.owner.rebuild_due:
+            grace = self.burst or time.monotonic() - self._started >= self.s.renew_every_s
+            self.owner.rebalance(self.keeper.members, grace)
             self._next_cycle = time.monotonic() + self.s.renew_every_s
         if self.step():
             return False
-        if self.burst and len(self._idle) == len(self.parts):
-            return not self._free_partitions()
+        if self.burst and len(self.owner.idle) == len(self.parts):
+            return not self.owner.free_partitions()
         self.wait()
         return False
 
@@ -162,33 +170,24 @@ class Worker(Ownership):
             log.warning("second stop signal: exiting now")
             os._exit(1)
         log.info("stop requested: finishing the batch, then snapshot and release")
+        self._stop_at = time.monotonic()
         self.stopping.set()
 
     def shutdown(self) -> None:
+        """Hand every partition over: final snapshots for as long as MEMNET_STOP_SNAPSHOT_S
+        allows (from the stop signal), so stopping takes seconds whatever the number of
+        memories; a partition whose snapshot does not fit is released with its previous one
+        (its next owner replays a little more)."""
+        deadline = (self._stop_at or time.monotonic()) + self.s.stop_snapshot_s
         for p in sorted(self.parts):
             try:
-                self.hand_over(p)
-            except ERRORS as e:
+                self.owner.hand_over(p, abort=lambda: time.monotonic() > deadline)
+            except Exception as e:
                 log.warning("could not release partition %d cleanly: %s", p, e)
         self.keeper.stop()
-        with contextlib.suppress(*ERRORS):
+        with contextlib.suppress(Exception):
             self.keeper.leave()
         log.info("worker %s stopped", self.s.worker_id)
-
-    def check_meta(self) -> None:
-        meta = self.keys.meta
-        self.client.hsetnx(meta, "partitions", self.s.partitions)
-        self.client.hsetnx(meta, "protocol", PROTOCOL)
-        stored = {k.decode(): v.decode() for k, v in self.client.hgetall(meta).items()}
-        if int(stored["partitions"]) != self.s.partitions:
-            raise SettingsError(
-                f"MEMNET_PARTITIONS is {self.s.partitions}, but this deployment ({meta}) has "
-                f"{stored['partitions']} partitions; the count is fixed once set"
-            )
-        if int(stored["protocol"]) != PROTOCOL:
-            raise SettingsError(
-                f"{meta} speaks protocol {stored['protocol']}, this worker speaks {PROTOCOL}"
-            )
 
     # ---- the data path -------------------------------------------------------------------
     def step(self) -> bool:
@@ -198,39 +197,23 @@ class Worker(Ownership):
         if not parts or self.stopping.is_set():
             return False
         work = {}
-        for part, got in self._read_all(parts).items():
-            if isinstance(got, Fenced):
-                self.drop(part.number, str(got))
-            elif isinstance(got, Exception):
-                raise got
+        for part, got in self.owner.read(parts).items():
+            if isinstance(got, Exception):
+                self.owner.contain(part, got)
             elif got:
                 work[part] = got
-                self._idle.discard(part.number)
+                self.owner.idle.discard(part.number)
             else:
-                self._idle.add(part.number)
+                self.owner.idle.add(part.number)
                 if part.replay_until is None and not part.tidy:
-                    self._tidy(part)
+                    self.owner.tidy(part)
         if work:
             self.process(work)
         for part in parts:
             every = (self.s.snapshot_every_entries, self.s.snapshot_every_s)
-            if part.number in self.parts and part.snapshot_due(*every):
-                self.snapshot(part)
+            if self.parts.get(part.number) is part and part.snapshot_due(*every):
+                self.snapshot(part, self.stopping.is_set)
         return bool(work)
-
-    def _read_all(self, parts: list[Partition]) -> dict[Partition, Any]:
-        out: dict[Partition, Any] = {p: self.io.replay(p) for p in parts if p.replay_until}
-        live = [p for p in parts if p not in out]
-        if live:
-            out.update(self.io.read(live))
-        return out
-
-    def read(self, part: Partition) -> Entries:
-        """One partition's next entries (raises Fenced if it was lost)."""
-        got = self._read_all([part])[part]
-        if isinstance(got, Exception):
-            raise got
-        return got
 
     def process(self, work: dict[Partition, Entries]) -> None:
         started = time.perf_counter()
@@ -241,12 +224,10 @@ class Worker(Ownership):
             for part, p in pending.items():
                 batches[part] = part.finish(p, results[at : at + len(p.items)])
                 at += len(p.items)
-        except Exception:
-            log.exception("unexpected error applying a batch; reloading its partitions")
+        except Exception as e:  # a bug, not bad input (that is dead-lettered): reload them
             metrics.ERRORS.labels("process").inc()
             for part in work:
-                self._release(part)
-                self.drop(part.number, "unexpected error while applying")
+                self.owner.contain(part, e)
             return
         committed = self.commit_all(batches)
         for batch in (b for part, b in batches.items() if committed.get(part)):
@@ -254,76 +235,54 @@ class Worker(Ownership):
                 metrics.DEAD_LETTERS.inc(n) if op == "dead" else metrics.ENTRIES.labels(op).inc(n)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    def commit(self, part: Partition, batch: Batch) -> bool:
-        return self.commit_all({part: batch})[part]
-
     def commit_all(self, batches: dict[Partition, Batch]) -> dict[Partition, bool]:
-        """Commit in one round trip; retried until it lands, the partition is lost, or we
+        """Commit in one round trip; sent again until it lands, the partition is lost, or we
         stop (committing is idempotent)."""
-        done: dict[Partition, bool] = {}
-        delay = 0.05
-        while batches:
+        while True:
             try:
-                outcome = self.io.commit(batches)
-            except ERRORS as e:
+                return self.owner.commit(batches)
+            except UNAVAILABLE as e:
+                self._resync = True
                 if self.stopping.is_set():
                     log.warning("giving up a commit on stop: %s", e)
-                    return {**done, **dict.fromkeys(batches, False)}
-                log.warning("commit failed (%s); retrying", e)
-                self._resync = True
+                    return dict.fromkeys(batches, False)
+                delay = self.backoff.fail()
+                log.warning("commit failed (%s); retrying in %.1f s", e, delay)
                 self.stopping.wait(delay)
-                delay = min(2.0, delay * 2)
-                continue
-            for part, error in outcome.items():
-                if isinstance(error, Fenced):
-                    self.drop(part.number, str(error))
-                elif error is not None:
-                    raise error
-                else:
-                    part.uncommitted = False
-                done[part] = error is None
-            batches = {}
-        return done
 
-    def snapshot(self, part: Partition) -> None:
+    def snapshot(self, part: Partition, abort: Callable[[], bool] | None = None) -> None:
+        """Snapshot a partition, then trim its input below the oldest kept snapshot. A
+        snapshot that cannot be written (full or read-only store) leaves the partition
+        serving: retried with backoff, the input untrimmed meanwhile, logged once a minute."""
         started = time.perf_counter()
+        p = part.number
         try:
-            part.snapshot()
+            part.snapshot(abort)
+            point = part.trim_point()
         except StaleSnapshot as e:
-            self.drop(part.number, str(e))
+            self.owner.drop(p, str(e))
             return
-        except (SnapshotError, OSError) as e:
-            log.error("partition %d: snapshot failed (will retry): %s", part.number, e)
+        except SnapshotAborted as e:
+            log.info("partition %d: %s (the next owner replays from the previous one)", p, e)
+            return
+        except Exception as e:  # SnapshotError expected; anything else contained the same way
+            delay = part.snapshot_retry.fail()
             metrics.ERRORS.labels("snapshot").inc()
-            return
-        metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - started)
-        point = part.trim_point()
-        if point is not None:
-            p = part.number
-            try:
-                fenced(
-                    self.scripts.trim,
-                    keys=[
-                        self.keys.part(p, "epoch"),
-                        self.keys.inp(p),
-                        self.keys.part(p, "trimmed"),
-                    ],
-                    args=[part.epoch, point],
-                )
-            except Fenced as e:
-                self.drop(p, str(e))
-
-    def _tidy(self, part: Partition) -> None:
-        """Once replay is over, drop the group's other consumers (nothing pending there)."""
-        part.tidy = True
-        try:
-            fenced(
-                self.scripts.tidy,
-                keys=[self.keys.part(part.number, "epoch"), self.keys.inp(part.number)],
-                args=[part.epoch, self.s.worker_id],
+            self.throttled.log(
+                "snapshot",
+                logging.ERROR,
+                "partition %d: snapshot failed (%s); serving on, next try in %.0f s, "
+                "input not trimmed until a snapshot succeeds",
+                p,
+                e,
+                delay,
+                exc_info=None if isinstance(e, SnapshotError) else e,
             )
-        except Fenced as e:
-            self.drop(part.number, str(e))
+            return
+        self.throttled.clear("snapshot", "snapshots succeed again (partition %d)", p)
+        metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - started)
+        if point is not None:
+            self.owner.trim(part, point)
 
     def wait(self) -> None:
         """Block until an owned input stream has new entries (or block_ms passes)."""
@@ -334,53 +293,43 @@ class Worker(Ownership):
         streams = {self.keys.inp(p): part.seen or "0-0" for p, part in parts.items()}
         self.client.xread(streams, count=1, block=self.s.block_ms)
 
-    # ---- faults --------------------------------------------------------------------------
-    def _on_redis_error(self, error: Exception) -> None:
-        self._backoff = min(5.0, max(0.1, self._backoff * 2))
-        log.warning("Redis unavailable (%s); retrying in %.1f s", error, self._backoff)
-        metrics.ERRORS.labels("redis").inc()
+    # ---- faults of the loop --------------------------------------------------------------
+    def _on_fault(self, error: Exception) -> None:
+        kind = classify(error)
+        delay = self.backoff.fail()
+        metrics.ERRORS.labels("redis" if kind is Kind.UNAVAILABLE else "loop").inc()
+        self.throttled.log(
+            kind.name,
+            logging.WARNING if kind is Kind.UNAVAILABLE else logging.ERROR,
+            "%s (%s); retrying in %.1f s",
+            kind.value,
+            error,
+            delay,
+            exc_info=error if kind is Kind.OTHER else None,
+        )
         self._resync = True
-        self.stopping.wait(self._backoff)
+        self.stopping.wait(delay)
+
+    def _recovered(self) -> None:
+        if self.backoff.failures:
+            self.backoff.reset()
+            for kind in Kind:
+                self.throttled.clear(kind.name, "the worker loop works again")
 
     def _resynchronise(self) -> None:
-        """After a Redis error: entries delivered to us may never have reached us, and a
-        restarted Redis may have lost acknowledged writes. Re-plan every partition's replay
-        from Redis's own state, rebuilding from its snapshot if Redis restarted. Raises (and
-        stays due) while Redis is unreachable."""
-        run_id = self._redis_run_id()
-        restarted = run_id != self._run_id
+        """After a fault: entries delivered to us may never have reached us. Re-plan every
+        partition's replay from Redis's own state; a partition whose last batch was never
+        committed is taken again (rebuilt from its snapshot). That Redis lost data is found
+        by the fenced scripts (worker/scripts.py). Raises (and stays due) while Redis is
+        unreachable."""
         for p in sorted(self.parts):
             part = self.parts[p]
-            if restarted or part.uncommitted:
-                # Redis may have lost acknowledged writes: rebuild from snapshot and replay.
-                fresh = Partition(
-                    p,
-                    part.epoch,
-                    self.engine,
-                    part.store,
-                    self.s.partitions,
-                    self.s.max_message_bytes,
-                )
-                if not self._restore(fresh):
-                    self.drop(p, "cannot rebuild after Redis restarted")
-                    continue
-                with self._lock:
-                    self.parts[p] = fresh
-                part = fresh
-            self._plan_replay(part)
-        self._run_id = run_id  # only now: a failure above leaves the rebuild due
+            with self.owner.contained(part):
+                if part.uncommitted:
+                    self.owner.rebuild(part, "its last batch may not have been committed")
+                else:
+                    self.owner.plan_replay(part)
         self._resync = False
-
-    def _redis_run_id(self) -> str:
-        """Identifies the Redis process(es): a change means Redis restarted."""
-        if self.cluster:
-            info = self.client.info("server", target_nodes=RedisCluster.ALL_NODES)
-            return ",".join(sorted(str(v.get("run_id")) for v in info.values()))
-        try:
-            return str(self.client.info("server").get("run_id"))
-        except redis.ResponseError:  # no INFO (fakeredis, or an ACL without it)
-            self.client.connection_pool.disconnect()  # fakeredis garbles the next reply
-            return "unknown"
 
 
 def release_free_heap() -> None:
@@ -394,7 +343,7 @@ def release_free_heap() -> None:
 
 
 @contextlib.contextmanager
-def credentials_checked() -> Iterator[None]:
+def credentials_checked(prefix: str) -> Iterator[None]:
     """Turn Redis's refusal of our credentials or rights into a start-up error."""
     try:
         yield
@@ -402,23 +351,43 @@ def credentials_checked() -> Iterator[None]:
         raise SettingsError(f"REDIS_URL: Redis refused the credentials ({e})") from None
     except redis.exceptions.NoPermissionError as e:
         raise SettingsError(
-            f"REDIS_URL: the Redis user lacks a permission the worker needs ({e}); it needs "
-            "stream, string, hash, sorted-set and scripting commands on the prefix's keys"
+            f"REDIS_URL: the Redis user lacks a permission the worker needs ({e}); give it "
+            f"these ACL rules (docs/reliability.md): {' '.join(acl_rules(prefix))}"
         ) from None
+
+
+def probe_rights(client: Client, keys: Keys) -> None:
+    """Use, once, each command the worker needs outside its scripts (and DEL, which a script
+    uses), so a missing ACL right stops start-up naming the command instead of surfacing at
+    the first rebalance or handover."""
+    probe = keys.part(0, "probe")
+    client.ping()
+    client.time()
+    client.exists(keys.meta)
+    client.delete(probe)
+    client.get(probe)
+    client.xread({probe: "0-0"}, count=1)
+    client.xlen(probe)
+    try:
+        client.xinfo_groups(probe)
+    except redis.exceptions.NoPermissionError:
+        raise
+    except redis.ResponseError:
+        pass  # "no such key": the expected answer
 
 
 def serve(settings: Settings, burst: bool = False) -> None:
     """Run a worker with signal handling (the ``memnet worker`` command)."""
-    delay = 0.1
+    backoff = Backoff(base_s=0.1, cap_s=5.0)
     while True:
         try:
-            with credentials_checked():
+            with credentials_checked(settings.prefix):
                 worker = Worker(settings)
             break
-        except ERRORS as e:
+        except UNAVAILABLE as e:
+            delay = backoff.fail()
             log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)
             time.sleep(delay)
-            delay = min(5.0, delay * 2)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
     worker.run(burst=burst)

@@ -1,0 +1,133 @@
+"""Faults: what a Redis error means, one backoff policy, and logs that do not flood.
+
+The rule the worker keeps: only SIGTERM/SIGINT or a start-up configuration error ends it.
+Every other error is classified here (``classify``) and contained by its caller: a fault of
+one partition drops or releases that partition and backs off before it is taken again
+(``worker.ownership``); a fault of the connection backs the whole loop off
+(``worker.worker``). Each persisting fault is logged once, then at most once a minute with a
+count of what was suppressed (``Throttled``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from typing import Any
+
+import redis
+from redis.backoff import EqualJitterBackoff
+
+# Markers the Lua scripts put at the start of their error replies (worker/scripts.py).
+FENCED = "MEMNET_FENCED"
+LOST = "MEMNET_LOST"
+
+UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.BusyLoadingError,
+)
+
+
+class Fenced(Exception):
+    """The partition's epoch moved on: this worker no longer owns it."""
+
+
+class Lost(Exception):
+    """Redis no longer holds what this worker committed for the partition (FLUSHALL, a
+    restart from an older snapshot, a failover to a lagging replica): rebuild it."""
+
+
+class Kind(enum.Enum):
+    UNAVAILABLE = "Redis unavailable"  # back off, reconnect, resynchronise
+    FENCED = "fenced"  # another worker owns the partition now: drop it
+    LOST = "Redis lost data"  # rebuild the partition from its snapshot
+    NOGROUP = "consumer group missing"  # recreate it at the applied position
+    PERMISSION = "permission denied"  # an ACL change: back off, log
+    OTHER = "unexpected error"  # back off, log with the traceback
+
+
+def classify(error: BaseException) -> Kind:
+    """The one place that reads Redis errors (scripts' replies included)."""
+    if isinstance(error, UNAVAILABLE):
+        return Kind.UNAVAILABLE
+    if isinstance(error, Fenced):
+        return Kind.FENCED
+    if isinstance(error, Lost):
+        return Kind.LOST
+    if isinstance(error, redis.exceptions.NoPermissionError):
+        return Kind.PERMISSION
+    if isinstance(error, redis.ResponseError):
+        message = str(error)
+        if message.startswith(FENCED):
+            return Kind.FENCED
+        if message.startswith(LOST):
+            return Kind.LOST
+        if message.startswith("NOGROUP"):
+            return Kind.NOGROUP
+        if message.startswith("NOPERM"):
+            return Kind.PERMISSION
+    return Kind.OTHER
+
+
+def as_fault(reply: Any) -> Any:
+    """A script's error reply as Fenced or Lost where it is one; anything else unchanged."""
+    if isinstance(reply, redis.ResponseError):
+        kind = classify(reply)
+        if kind is Kind.FENCED:
+            return Fenced(str(reply))
+        if kind is Kind.LOST:
+            return Lost(str(reply))
+    return reply
+
+
+class Backoff:
+    """Exponential backoff with jitter: about base, 2·base, 4·base ... up to cap seconds
+    (each delay drawn from [d/2, d], redis-py's equal-jitter policy, so peers spread out)."""
+
+    def __init__(self, base_s: float = 0.1, cap_s: float = 5.0) -> None:
+        self._policy = EqualJitterBackoff(cap=cap_s, base=base_s)
+        self.failures = 0
+        self.until = 0.0
+
+    def fail(self) -> float:
+        """Count a failure; the delay before the next try (also kept in ``until``)."""
+        delay = float(self._policy.compute(self.failures))
+        self.failures += 1
+        self.until = time.monotonic() + delay
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+        self.until = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return time.monotonic() >= self.until
+
+
+class Throttled:
+    """Logs a persisting fault once, then at most every ``every_s`` seconds (with the count of
+    lines held back); ``clear`` logs its end once."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 60.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self._active: dict[str, tuple[float, int]] = {}  # key -> (last logged, held back)
+
+    def log(self, key: str, level: int, msg: str, *args: Any, exc_info: Any = None) -> None:
+        now = time.monotonic()
+        last, held = self._active.get(key, (None, 0))
+        if last is not None and now - last < self.every_s:
+            self._active[key] = (last, held + 1)
+            return
+        if held:
+            msg += f" ({held} similar lines held back)"
+        self.logger.log(level, msg, *args, exc_info=exc_info)
+        self._active[key] = (now, 0)
+
+    def clear(self, key: str, msg: str, *args: Any) -> None:
+        if self._active.pop(key, None) is not None:
+            self.logger.info(msg, *args)

@@ -1,0 +1,85 @@
+"""The deployment's record in Redis, ``PREFIX:meta``: what workers and clients agree on.
+
+Fields: ``partitions`` and ``protocol`` (clients route by them), ``model`` (the model file's
+fingerprint), and, for clients and operators, the model's dimensions and component names.
+The first worker writes it; every live worker re-asserts it each lease renewal
+(``HSETNX``: it only fills in what is missing), so a deleted record -- ``DEL``, FLUSHALL, a
+Redis restart without persistence -- is back within seconds. What is stored wins: a worker
+whose partition count, protocol or model differs is refused at start-up, never the other way
+round; and a newcomer that finds the record missing while other workers are alive waits for
+them to re-assert it rather than write its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from worker.connection import Client, text
+from worker.protocol import PROTOCOL, Keys
+from worker.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from memnet import Model
+
+
+def record(settings: Settings, model: Model) -> dict[str, str]:
+    config = model.config
+    return {
+        "partitions": str(settings.partitions),
+        "protocol": str(PROTOCOL),
+        "model": model.fingerprint,
+        "input_dim": str(config.input_dim),
+        "memory_dim": str(config.memory_dim),
+        "output_dim": str(config.output_dim),
+        "components": ",".join(
+            (config.encoder, config.generalizer, config.output, config.response)
+        ),
+    }
+
+
+class Meta:
+    def __init__(self, client: Client, keys: Keys, values: dict[str, str], model: str) -> None:
+        self.client = client
+        self.key = keys.meta
+        self.values = values
+        self.model = model  # how to name this worker's model file in messages
+
+    def check_at_start(self, others_alive: Callable[[], bool], wait_s: float) -> None:
+        """Join the deployment's record, or raise SettingsError naming what differs."""
+        deadline = time.monotonic() + wait_s
+        while not self.client.exists(self.key) and others_alive():
+            if time.monotonic() > deadline:
+                break  # nobody re-asserted it: the live set is stale, claim it
+            time.sleep(0.1)
+        mismatch = self.reassert()
+        if mismatch:
+            raise SettingsError(mismatch)
+
+    def reassert(self) -> str | None:
+        """Fill in missing fields; what differs from this worker's values, or None."""
+        pipe = self.client.pipeline(transaction=False)
+        for field, value in self.values.items():
+            pipe.hsetnx(self.key, field, value)
+        pipe.hgetall(self.key)
+        stored = {text(k): text(v) for k, v in pipe.execute()[-1].items()}
+        return self.mismatch(stored)
+
+    def mismatch(self, stored: dict[str, str]) -> str | None:
+        mine = self.values
+        if stored.get("partitions") != mine["partitions"]:
+            return (
+                f"MEMNET_PARTITIONS is {mine['partitions']}, but this deployment ({self.key}) "
+                f"has {stored.get('partitions')} partitions; the count is fixed once set"
+            )
+        if stored.get("protocol") != mine["protocol"]:
+            return f"{self.key} speaks protocol {stored.get('protocol')}, this worker {PROTOCOL}"
+        if stored.get("model") != mine["model"]:
+            return (
+                f"MEMNET_MODEL {self.model} is model {mine['model'][:12]}, but this deployment "
+                f"({self.key}) serves model {str(stored.get('model'))[:12]}: every worker of a "
+                "deployment serves the same model file (a new model starts under another "
+                "MEMNET_PREFIX)"
+            )
+        return None
