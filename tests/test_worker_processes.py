@@ -182,7 +182,8 @@ def test_the_procfile_under_honcho_splits_3_3_2_and_stops_cleanly(
 ):
     """The README's `honcho start -c worker=3` (virtual environment on PATH): the Procfile's
     workers split 8 partitions 3/3/2, serve metrics on honcho's ports, and honcho's SIGTERM
-    stops them all within its 5 s, leases released."""
+    stops them all within its 5 s, leases released, each exiting 0 as honcho sees it (the
+    Procfile's `exec`: through `/bin/sh -c` alone honcho would report rc=-15)."""
     root = Path(__file__).resolve().parents[1]
     bin_dir = Path(sys.executable).parent
     with socket.socket() as s:
@@ -218,3 +219,5 @@ def test_the_procfile_under_honcho_splits_3_3_2_and_stops_cleanly(
     text = (tmp_path / "honcho.log").read_text()
     assert "memnet: not found" not in text and "SIGKILL" not in text, text
     assert owners(r, "honcho", 8) == [None] * 8, text  # every lease released on the way out
+    for n in (1, 2, 3):
+        assert f"worker.{n} stopped (rc=0)" in text, text
