@@ -22,8 +22,8 @@ from tests.streams import (
     wait_for,
     worker_settings,
 )
-from worker.protocol import Keys, partition_of
 from worker.faults import Fenced
+from worker.protocol import Keys, partition_of
 from worker.scripts import fenced
 from worker.worker import Worker
 
