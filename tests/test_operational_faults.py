@@ -440,3 +440,13 @@ def test_a_stop_with_a_hundred_thousand_memories_takes_under_four_seconds(
     Worker(s, engine).run(burst=True)
     mine = [w for w in writes if w["memory"] in set(names[:20])]
     assert_exactly_once(r, mine + probe, engine)
+
+
+def test_a_client_finding_no_meta_gets_a_message_not_a_traceback(redis_url, monkeypatch, capsys):
+    from worker.cli import main as cli
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("MEMNET_PREFIX", PREFIX)
+    assert cli(["write", "--memory", "m", "--x", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "o:meta does not exist: start a worker first" in err and "Traceback" not in err

@@ -12,6 +12,7 @@ from typing import Any
 from memnet import MemnetError
 from memnet import cli as core_cli
 from worker import logs
+from worker.client import NoDeployment
 from worker.faults import UNAVAILABLE
 from worker.settings import Settings, SettingsError
 
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except UNAVAILABLE as e:
         print(f"memnet {args.command}: cannot reach Redis: {e}", file=sys.stderr)
         return 3
+    except NoDeployment as e:
+        print(f"memnet {args.command}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -21,6 +21,11 @@ class QueryTimeout(TimeoutError):
     pass
 
 
+class NoDeployment(LookupError):
+    """PREFIX:meta is missing: no worker ever ran under this prefix (live workers re-assert
+    it within a second or two if it was deleted)."""
+
+
 def _wire(vector: Any) -> Any:
     """Vectors travel as float32 little-endian bin (compact and exact)."""
     if isinstance(vector, np.ndarray):
@@ -47,7 +52,7 @@ class MemnetClient:
         if self._partitions is None:
             value = self.redis.hget(self.keys.meta, "partitions")
             if value is None:
-                raise RuntimeError(
+                raise NoDeployment(
                     f"{self.keys.meta} does not exist: start a worker first "
                     "(it records the partition count)"
                 )
