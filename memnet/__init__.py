@@ -1,4 +1,4 @@
-"""memnet: Memory Networks (y = R(O(G(I(x), m), q))) over hnswlib memories.
+"""memnet: Memory Networks (y = R(O(G(I(x), m), q))), searched exactly or with hnswlib graphs.
 
 The library knows nothing of Redis: the streaming worker lives in the ``worker`` package.
 """

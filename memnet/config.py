@@ -14,12 +14,7 @@ FORMAT = "memnet-model"
 VERSION = 1
 
 _SIZES = ("input_dim", "memory_dim", "output_dim", "hidden", "slots", "top_k")
-_COMPONENTS = {
-    "encoder": "mlp",
-    "generalizer": "gated-nearest",
-    "output": "topk-attention",
-    "response": "mlp",
-}
+_COMPONENTS = ("encoder", "generalizer", "output", "response")  # defaults: ModelConfig
 
 
 class ConfigValueError(ValueError):

@@ -264,7 +264,7 @@ class SnapshotStore:
         names = (f"base-{base.id}.safetensors", f"base-{base.id}.hnsw")
         for info in existing:  # unchanged since an earlier snapshot: link, do not rewrite
             try:
-                listed = self._manifest(info.path)["files"]
+                listed = read_manifest(info.path)["files"]
                 if all(n in listed for n in names):
                     for n in names:
                         os.link(info.path / n, tmp / n)
@@ -313,11 +313,8 @@ class SnapshotStore:
             )
         return None
 
-    def _manifest(self, path: Path) -> dict[str, Any]:
-        return read_manifest(path)
-
     def _load_one(self, path: Path) -> tuple[dict[str, Memory], dict[str, Any]]:
-        body = self._manifest(path)
+        body = read_manifest(path)
         model = self.engine.model
         if body["model"] != model.fingerprint:
             raise SnapshotError(

@@ -1,7 +1,7 @@
 """The wire protocol, version 1 (docs/protocol.md is the contract for producers).
 
 Keys (``{p}`` is the partition number in a Redis Cluster hash tag):
-  <prefix>:meta          hash: partitions, protocol
+  <prefix>:meta          hash: partitions, protocol, model, dims, components (worker/meta.py)
   <prefix>:{p}:in        input stream (writes and queries), consumer group "memnet"
   <prefix>:{p}:out       responses, each at the stream id of its query
   <prefix>:{p}:dead      dead letters, each at the stream id of its input entry
@@ -73,7 +73,7 @@ class Message:
     op: str  # "write" or "query"
     memory: str
     query_id: str | None
-    x: Any = None  # input-space payload: a float32 vector, or text
+    x: Any = None  # input-space vector (numbers, or float32 from bin); text is in ``text``
     q: np.ndarray | None = None  # memory-space query vector
     text: str | None = None
 
