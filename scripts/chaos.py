@@ -1,29 +1,55 @@
 #!/usr/bin/env python
 """Chaos suite: 3 workers, 8 partitions, a long mixed stream, and faults all along.
 
-While a producer streams events over many memories, it SIGKILLs a random worker every few
-seconds (and restarts it), SIGSTOPs one past its lease (then SIGCONTs it), and kills and
-restarts Redis (append-only file, fsync always) once. Then it replays the very same input
-entries (same ids) through one uninterrupted worker on a fresh Redis and compares:
-updates lost / applied twice (per-memory write counts in the final snapshots), responses
-missing / duplicated / different (> 1e-5), and final memories that differ. All must be 0.
+While a producer streams events over many memories, the suite SIGKILLs a random worker every
+few seconds (and restarts one), and between the kills applies each operational fault once:
 
-    python scripts/chaos.py              # >= 30k events (about 2 minutes here)
-    python scripts/chaos.py --quick      # the CI version (tests/test_chaos.py)
+- pause: SIGSTOP a worker past its lease, then SIGCONT it (a zombie);
+- redis: SIGKILL Redis and restart it (append-only file, fsync always: no data loss);
+- full: the snapshot store (a 64 MiB tmpfs the script mounts) filled to ENOSPC for a while;
+- readonly: the snapshot store remounted read-only for a while;
+- group: ``XGROUP DESTROY`` of two partitions' consumer group (the owner must recreate it);
+- meta: ``DEL PREFIX:meta`` (live workers re-assert it; the time it takes is printed);
+- flushall: ``FLUSHALL``: Redis loses every stream, response, lease and epoch. The producer
+  re-sends its whole input history (explicit ids), and the workers must report the loss
+  ("Redis lost data", at error level) and rebuild each partition from its snapshot + replay.
+
+The workers connect as a Redis user with exactly ``worker.permissions.acl_rules`` (created on
+redis-server's command line, so it survives the Redis restart); the script, the producer and
+the comparison use the default user. Without root (or if mount fails) the snapshot store is
+a plain directory and the two snapshot-store faults are skipped, saying so.
+
+Then the very same input entries (same ids) go through one uninterrupted worker on a fresh
+Redis, and the suite compares: updates lost / applied twice (per-memory write counts in the
+final snapshots), responses missing / duplicated / different (> 1e-5), final memories that
+differ, and workers that died on their own (not killed by the suite). All must be 0.
+Responses that existed before the FLUSHALL and are gone at the end are counted apart, as
+``responses_lost_by_redis`` (Redis lost them, not the workers); those that reappear must equal
+both their pre-flush version and the reference, and ``redis_loss_reported`` must be true.
+
+    python scripts/chaos.py              # 30k events (2 to 2.5 minutes here)
+    python scripts/chaos.py --quick      # 8k events, the CI version (about 55 s here)
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
+import msgpack
 import numpy as np
 import redis
 
@@ -34,10 +60,33 @@ from memnet import ModelConfig, random_model, save_model  # noqa: E402
 from scripts.chaos_compare import COUNTS, compare  # noqa: E402
 from tests.servers import RedisServer  # noqa: E402
 from tests.streams import WorkerProcess, owners  # noqa: E402
-from worker.protocol import Keys, pack, partition_of  # noqa: E402
+from worker.permissions import acl_rules  # noqa: E402
+from worker.protocol import GROUP, Keys, pack, parse_id, partition_of  # noqa: E402
 
 PREFIX, PARTITIONS, LEASE_MS = "chaos", 8, 2000
 MODEL = ModelConfig(input_dim=16, memory_dim=16, output_dim=4, hidden=16, slots=256, top_k=5)
+# The workers' Redis user: exactly the minimal rules; the password needs percent-encoding.
+USER, PASSWORD = "memnet", "chaos-p@ss/w%rd:1"
+STORE_MB = 64
+# Every fault once, interleaved with kills (then kills every few seconds until the end).
+PLAN = (
+    "kill",
+    "pause",
+    "kill",
+    "full",
+    "flushall",
+    "readonly",
+    "group",
+    "meta",
+    "kill",
+    "redis",
+    "kill",
+)
+CLOCK = [time.monotonic()]  # when the faulty run began (fault lines show seconds since)
+
+
+def say(text: str) -> None:
+    print(f"  {time.monotonic() - CLOCK[0]:5.1f} s  {text}", flush=True)
 
 
 def make_input(n: int, memories: int, seed: int) -> list[tuple[int, str, bytes, str | None]]:
@@ -70,26 +119,53 @@ def make_input(n: int, memories: int, seed: int) -> list[tuple[int, str, bytes, 
     return out
 
 
-def produce(url: str, entries: list, rate: float, done: threading.Event) -> None:
-    """XADD at about ``rate`` entries/s; retries through outages (explicit ids: idempotent)."""
-    keys = Keys(PREFIX)
-    client = redis.Redis.from_url(url, socket_timeout=2)
-    started = time.monotonic()
-    for n in range(0, len(entries), 100):
-        while time.monotonic() - started < n / rate:
-            time.sleep(0.005)
-        for p, entry_id, msg, _ in entries[n : n + 100]:
-            while True:
-                try:
-                    client.xadd(keys.inp(p), {"msg": msg}, id=entry_id)
-                    break
-                except redis.ResponseError as e:
-                    if "equal or smaller" in str(e):
-                        break  # an earlier try landed before its reply was lost
-                    raise
-                except (redis.ConnectionError, redis.TimeoutError):
-                    time.sleep(0.2)
-    done.set()
+class Producer:
+    """XADDs the entries at about ``rate`` per second with explicit (idempotent) ids,
+    retrying through outages. ``lock`` is held around each entry, so a fault can stop the
+    producer between two entries; ``sent`` counts the entries that landed."""
+
+    def __init__(self, url: str, entries: list, rate: float) -> None:
+        self.url, self.entries, self.rate = url, entries, rate
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        client = redis.Redis.from_url(self.url, socket_timeout=2)
+        started = time.monotonic()
+        for n in range(0, len(self.entries), 100):
+            while time.monotonic() - started < n / self.rate:
+                time.sleep(0.005)
+            for j in range(n, min(n + 100, len(self.entries))):
+                with self.lock:
+                    add(client, self.entries[j])
+                    self.sent = j + 1
+        self.done.set()
+
+    def resend(self, client: redis.Redis) -> int:
+        """XADD again every entry sent so far, in order (the caller holds ``lock``)."""
+        for j in range(0, self.sent, 500):
+            pipe = client.pipeline(transaction=False)
+            for p, entry_id, msg, _ in self.entries[j : min(j + 500, self.sent)]:
+                pipe.xadd(Keys(PREFIX).inp(p), {"msg": msg}, id=entry_id)
+            for reply in pipe.execute(raise_on_error=False):
+                if isinstance(reply, Exception) and "equal or smaller" not in str(reply):
+                    raise reply
+        return self.sent
+
+
+def add(client: redis.Redis, entry: tuple) -> None:
+    p, entry_id, msg, _ = entry
+    while True:
+        try:
+            client.xadd(Keys(PREFIX).inp(p), {"msg": msg}, id=entry_id)
+            return
+        except redis.ResponseError as e:
+            if "equal or smaller" in str(e):
+                return  # an earlier try landed before its reply was lost
+            raise
+        except (redis.ConnectionError, redis.TimeoutError):
+            time.sleep(0.2)
 
 
 class Cluster:
@@ -97,6 +173,7 @@ class Cluster:
         self.workdir, self.url, self.model = workdir, url, model
         workdir.mkdir(parents=True, exist_ok=True)
         self.workers: dict[str, WorkerProcess] = {}
+        self.killed: set[str] = set()
         self.serial = 0
         for _ in range(count):
             self.start()
@@ -119,10 +196,31 @@ class Cluster:
         self.workers[name] = WorkerProcess(env, self.workdir / f"{name}.log")
         return name
 
+    def kill(self, name: str) -> None:
+        self.killed.add(name)
+        self.workers[name].kill()
+
+    def live(self) -> list[str]:
+        return [n for n, w in self.workers.items() if w.proc.poll() is None]
+
+    def died(self) -> list[str]:
+        """Workers that exited on their own (not killed by the suite, not stopped yet)."""
+        return [n for n in self.workers if n not in self.killed and n not in self.live()]
+
     def stop_all(self) -> None:
-        for w in self.workers.values():
-            if w.proc.poll() is None:
-                w.stop(20)
+        for name in self.live():
+            try:
+                code = self.workers[name].stop(20)
+            except subprocess.TimeoutExpired:
+                code = "killed: did not stop within 20 s"
+            if code != 0:
+                when = "" if self.serving(name) else " (before it served: still starting)"
+                say(f"warning: {name} exited with {code} on SIGTERM{when}")
+
+    def serving(self, name: str) -> bool:
+        """Has the worker logged that it serves (it started up)?"""
+        log = self.workers[name].log
+        return f"worker {name} serving" in log.read_text(errors="replace")
 
 
 def all_owned_by(client: redis.Redis, live: set[str]) -> bool:
@@ -133,88 +231,316 @@ def all_owned_by(client: redis.Redis, live: set[str]) -> bool:
     return all(h in live for h in held)
 
 
-def wait_recovered(client: redis.Redis, cluster: Cluster, killed: str, began: float) -> float:
-    live = {n for n, w in cluster.workers.items() if w.proc.poll() is None and n != killed}
-    while not all_owned_by(client, live):
+def wait_recovered(
+    client: redis.Redis, cluster: Cluster, killed: str, began: float
+) -> float | None:
+    """Seconds from the kill until every partition is held by a live worker (None: > 60 s)."""
+    while not all_owned_by(client, set(cluster.live()) - {killed}):
+        if time.monotonic() - began > 60:
+            return None
         time.sleep(0.05)
-        live = {n for n, w in cluster.workers.items() if w.proc.poll() is None and n != killed}
     return time.monotonic() - began
 
 
-def kill_one(
-    server: RedisServer, cluster: Cluster, rng: random.Random, recoveries: list[float]
-) -> threading.Thread:
-    """SIGKILL a random worker, restart one a second later, time the takeover."""
-    live = [n for n, w in cluster.workers.items() if w.proc.poll() is None]
-    name = rng.choice(live)
+def wait_until(condition: Any, timeout_s: float, every_s: float = 0.02) -> float | None:
+    """Seconds until condition() held (Redis errors count as not yet), or None."""
     began = time.monotonic()
-    cluster.workers[name].kill()
-    time.sleep(1.0)
-    cluster.start()
-
-    def measure() -> None:
-        recoveries.append(wait_recovered(server.client(), cluster, name, began))
-        print(
-            f"  killed {name}: its partitions were owned again after {recoveries[-1]:.2f} s",
-            flush=True,
-        )
-
-    thread = threading.Thread(target=measure)
-    thread.start()
-    return thread
-
-
-def pause_one(cluster: Cluster, rng: random.Random) -> None:
-    """SIGSTOP a worker for 2.5 leases, then SIGCONT it (it comes back as a zombie)."""
-    name = rng.choice([n for n, w in cluster.workers.items() if w.proc.poll() is None])
-    cluster.workers[name].signal(signal.SIGSTOP)
-    threading.Timer(
-        2.5 * LEASE_MS / 1000, cluster.workers[name].signal, args=(signal.SIGCONT,)
-    ).start()
-    print(f"  paused {name} for {2.5 * LEASE_MS / 1000:.1f} s", flush=True)
-
-
-def restart_redis(server: RedisServer) -> None:
-    """SIGKILL Redis and start it again from its append-only file."""
-    server.stop(kill=True)
-    time.sleep(1.0)
-    server.start()
-    print("  killed and restarted Redis", flush=True)
-
-
-def chaos(
-    server: RedisServer, cluster: Cluster, done: threading.Event, every_s: float, rng: random.Random
-) -> list[float]:
-    """Faults every few seconds until the producer is done; recovery time of each kill."""
-    plan = ["kill", "pause", "redis"]
-    recoveries: list[float] = []
-    timers = []
-    while not done.wait(every_s):
-        action = plan.pop(0) if plan else "kill"
-        if action == "pause":
-            pause_one(cluster, rng)
-        elif action == "redis":
-            restart_redis(server)
-        else:
-            timers.append(kill_one(server, cluster, rng, recoveries))
-    for t in timers:
-        t.join()
-    return recoveries
-
-
-def wait_answered(client: redis.Redis, queries: int, timeout_s: float) -> None:
-    keys = Keys(PREFIX)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() - began < timeout_s:
         try:
-            if sum(client.xlen(keys.out(p)) for p in range(PARTITIONS)) >= queries:
-                return
+            if condition():
+                return time.monotonic() - began
         except redis.RedisError:
             pass
+        time.sleep(every_s)
+    return None
+
+
+class SnapshotStore:
+    """The run's snapshot directory, on a tmpfs of its own when the script may mount one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self.mounted, self.why = False, "not root"
+        if os.geteuid() == 0:
+            done = mount("-t", "tmpfs", "-o", f"size={STORE_MB}m", "tmpfs", str(path))
+            self.mounted = done.returncode == 0
+            self.why = None if self.mounted else f"mount failed: {done.stderr.strip()}"
+
+    def unmount(self) -> None:
+        if self.mounted and mount_command("umount", str(self.path)).returncode != 0:
+            mount_command("umount", "-l", str(self.path))
+
+
+def mount(*args: str) -> subprocess.CompletedProcess:
+    return mount_command("mount", *args)
+
+
+def mount_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, check=False, timeout=30)
+
+
+class Faults:
+    """Applies the faults; collects what they did (printed as they happen)."""
+
+    def __init__(
+        self,
+        server: RedisServer,
+        cluster: Cluster,
+        producer: Producer,
+        store: SnapshotStore,
+        rng: random.Random,
+        hold_s: float,
+    ) -> None:
+        self.server, self.cluster, self.producer, self.store = server, cluster, producer, store
+        self.rng, self.hold_s = rng, hold_s
+        self.applied: list[str] = []
+        self.recoveries: list[float | None] = []
+        self.threads: list[threading.Thread] = []
+        self.figures: dict[str, Any] = {"meta_back_s": None, "group_back_s": None}
+        self.flushed: list[tuple[str, dict]] | None = None  # responses just before FLUSHALL
+        self.logs = Logs(cluster.workdir)
+        self.flush_mark: dict[str, int] | None = None
+
+    def apply(self, action: str) -> None:
+        getattr(self, f"fault_{action}")()
+        self.applied.append(action)
+
+    def background(self, target: Any) -> None:
+        thread = threading.Thread(target=target)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
+
+    def fault_kill(self) -> None:
+        """SIGKILL a random worker, restart one a second later, time the takeover."""
+        live = self.cluster.live()
+        if not live:
+            say("no live worker to kill: starting one")
+            self.cluster.start()
+            return
+        name = self.rng.choice(live)
+        began = time.monotonic()
+        self.cluster.kill(name)
+        time.sleep(1.0)
+        self.cluster.start()
+
+        def measure() -> None:
+            took = wait_recovered(self.server.client(), self.cluster, name, began)
+            self.recoveries.append(took)
+            said = "not within 60 s" if took is None else f"after {took:.2f} s"
+            say(f"killed {name}: its partitions were owned again {said}")
+
+        self.background(measure)
+
+    def fault_pause(self) -> None:
+        """SIGSTOP a worker for 2.5 leases, then SIGCONT it (it comes back as a zombie)."""
+        name = self.rng.choice(self.cluster.live())
+        worker = self.cluster.workers[name]
+        worker.signal(signal.SIGSTOP)
+        threading.Timer(2.5 * LEASE_MS / 1000, worker.signal, args=(signal.SIGCONT,)).start()
+        say(f"paused {name} for {2.5 * LEASE_MS / 1000:.1f} s")
+
+    def fault_redis(self) -> None:
+        """SIGKILL Redis and start it again from its append-only file."""
+        self.server.stop(kill=True)
+        time.sleep(1.0)
+        self.server.start()
+        say("killed and restarted Redis")
+
+    def fault_full(self) -> None:
+        """Fill the snapshot store with a ballast file until ENOSPC, hold, delete it."""
+        ballast = self.store.path / "ballast"
+        written = 0
+        mark = self.logs.mark()
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for chunk in (1 << 20, 1 << 16, 1 << 12):
+                zeros = bytes(chunk)
+                try:
+                    while True:
+                        written += os.write(fd, zeros)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+            say(
+                f"filled the snapshot store ({written / 2**20:.1f} MiB of ballast, ENOSPC) "
+                f"for {self.hold_s:.0f} s"
+            )
+            time.sleep(self.hold_s)
+        finally:
+            os.close(fd)
+            ballast.unlink()
+        say(f"snapshot store emptied again; {self.snapshot_errors(mark)}")
+
+    def snapshot_errors(self, mark: dict[str, int]) -> str:
+        failed = [e for e in self.logs.since(mark) if "snapshot failed" in str(e.get("msg"))]
+        levels = sorted({e.get("level") for e in failed})
+        plural = "" if len(failed) == 1 else "s"
+        return f"the workers logged {len(failed)} snapshot failure{plural} ({', '.join(levels)})"
+
+    def fault_readonly(self) -> None:
+        """Remount the snapshot store read-only for a while (retried while a file is open
+        for writing: the kernel refuses then), then read-write again."""
+        path, mark = str(self.store.path), self.logs.mark()
+        for _ in range(100):
+            done = mount("-o", "remount,ro", path)
+            if done.returncode == 0:
+                break
+            time.sleep(0.05)
+        else:
+            say(f"could not remount the snapshot store read-only: {done.stderr.strip()}")
+            return
+        try:
+            say(f"snapshot store read-only for {self.hold_s:.0f} s")
+            time.sleep(self.hold_s)
+        finally:
+            for _ in range(100):
+                done = mount("-o", "remount,rw", path)
+                if done.returncode == 0:
+                    break
+                time.sleep(0.05)
+            else:
+                raise RuntimeError(f"cannot remount {path} read-write: {done.stderr.strip()}")
+        say(f"snapshot store read-write again; {self.snapshot_errors(mark)}")
+
+    def fault_group(self) -> None:
+        """XGROUP DESTROY of two random partitions; time until both groups are back."""
+        client, keys = self.server.client(), Keys(PREFIX)
+        chosen = sorted(self.rng.sample(range(PARTITIONS), 2))
+        for p in chosen:
+            client.xgroup_destroy(keys.inp(p), GROUP)
+        say(f"destroyed consumer group {GROUP!r} of partitions {chosen}")
+
+        def back() -> bool:
+            return all(
+                any(g["name"].decode() == GROUP for g in client.xinfo_groups(keys.inp(p)))
+                for p in chosen
+            )
+
+        def measure() -> None:
+            took = wait_until(back, 30)
+            self.figures["group_back_s"] = None if took is None else round(took, 2)
+            said = "not recreated within 30 s" if took is None else f"recreated after {took:.2f} s"
+            say(f"consumer groups of partitions {chosen}: {said}")
+
+        self.background(measure)
+
+    def fault_meta(self) -> None:
+        """DEL PREFIX:meta once every live worker serves (a starting one writes it anyway);
+        time until the live workers have re-asserted it."""
+        client, key = self.server.client(), Keys(PREFIX).meta
+        wait_until(lambda: all(self.cluster.serving(n) for n in self.cluster.live()), 15, 0.1)
+        starting = [n for n in self.cluster.live() if not self.cluster.serving(n)]
+        client.delete(key)
+        took = wait_until(lambda: client.exists(key), 20)
+        self.figures["meta_back_s"] = None if took is None else round(took, 2)
+        said = "not back within 20 s" if took is None else f"back after {took:.2f} s"
+        note = f" ({', '.join(starting)} still starting)" if starting else ""
+        say(f"deleted {key}: {said}{note}")
+
+    def fault_flushall(self) -> None:
+        """Record what Redis holds and FLUSHALL in one transaction, then re-send the input.
+
+        A real producer keeps an outbox of what it sent until it is sure Redis kept it and
+        re-sends it after such a loss; the producer here does that with its whole history
+        (explicit ids, in order per partition: idempotent), so the input is whole again."""
+        keys, client = Keys(PREFIX), self.server.client()
+        with self.producer.lock:
+            self.flush_mark = self.logs.mark()
+            pipe = client.pipeline(transaction=True)
+            for p in range(PARTITIONS):
+                pipe.xrange(keys.out(p))
+            for p in range(PARTITIONS):
+                pipe.xrange(keys.inp(p))
+            pipe.flushall()
+            replies = pipe.execute()
+            resent = self.producer.resend(client)
+        self.flushed = [
+            (i.decode(), msgpack.unpackb(f[b"msg"], raw=False))
+            for reply in replies[:PARTITIONS]
+            for i, f in reply
+        ]
+        inputs = {i.decode() for reply in replies[PARTITIONS:-1] for i, _ in reply}
+        unknown = inputs - {e[1] for e in self.producer.entries[:resent]}
+        self.figures.update(inputs_at_flush=len(inputs), inputs_resent=resent)
+        say(
+            f"FLUSHALL: Redis held {len(self.flushed)} responses and {len(inputs)} input "
+            f"entries; re-sent {resent} input entries"
+            + (f" (warning: {len(unknown)} were never sent)" if unknown else "")
+        )
+
+    def loss_reported(self) -> bool | None:
+        """Did a worker log "Redis lost data" at error level after the FLUSHALL?"""
+        if self.flush_mark is None:
+            return None
+        return any(
+            e.get("level") == "error" and "Redis lost data" in str(e.get("msg"))
+            for e in self.logs.since(self.flush_mark)
+        )
+
+
+class Logs:
+    """The workers' logs (JSON lines): what they logged since a mark (their sizes then)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def mark(self) -> dict[str, int]:
+        return {str(f): f.stat().st_size for f in self.folder.glob("w*.log")}
+
+    def since(self, mark: dict[str, int]) -> Iterator[dict]:
+        for log in sorted(self.folder.glob("w*.log")):
+            with open(log, "rb") as f:
+                f.seek(mark.get(str(log), 0))
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue  # a traceback's lines, or a line cut by SIGKILL
+                    if isinstance(entry, dict):
+                        yield entry
+
+
+def chaos(faults: Faults, every_s: float) -> None:
+    """Every fault of the plan, then kills, every few seconds, until the producer is done
+    and the plan is through."""
+    plan = [a for a in PLAN if a not in ("full", "readonly") or faults.store.mounted]
+    done = faults.producer.done
+    while plan or not done.is_set():
+        if done.is_set():
+            time.sleep(every_s)
+        elif done.wait(every_s) and not plan:
+            break
+        faults.apply(plan.pop(0) if plan else "kill")
+    faults.join()
+
+
+def wait_done(client: redis.Redis, entries: list, cluster: Cluster, stall_s: float) -> bool:
+    """Until every partition's committed offset reached its last entry (its responses are
+    published in the same commit); False if nothing moved for stall_s or no worker lives."""
+    keys = Keys(PREFIX)
+    last = {p: parse_id(entry_id) for p, entry_id, _, _ in entries}
+    seen, moved = None, time.monotonic()
+    while time.monotonic() - moved < stall_s and cluster.live():
+        try:
+            values = [client.get(keys.part(p, "offset")) for p in range(PARTITIONS)]
+        except redis.RedisError:
+            values = None
+        if values is not None:
+            offsets = [parse_id(v.decode()) if v else (0, 0) for v in values]
+            if all(offsets[p] >= last[p] for p in last):
+                return True
+            if offsets != seen:
+                seen, moved = offsets, time.monotonic()
         time.sleep(0.2)
+    return False
 
 
-def reference(workdir: Path, model: Path, entries: list) -> RedisServer:
+def reference(workdir: Path, model: Path, entries: list, stall_s: float) -> RedisServer:
     """The same input through one uninterrupted worker on a fresh Redis (left running)."""
     server = RedisServer(workdir / "ref-redis")
     keys, client = Keys(PREFIX), server.client()
@@ -223,46 +549,61 @@ def reference(workdir: Path, model: Path, entries: list) -> RedisServer:
         pipe.xadd(keys.inp(p), {"msg": msg}, id=entry_id)
     pipe.execute()
     ref = Cluster(workdir / "ref", server.url, model, 1)
-    wait_answered(client, sum(1 for e in entries if e[3]), 600)
+    if not wait_done(client, entries, ref, stall_s):
+        say("warning: the reference worker did not get through the input")
     ref.stop_all()
     return server
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=30_000)
-    parser.add_argument("--memories", type=int, default=300)
-    parser.add_argument("--rate", type=float, default=300.0, help="events per second")
-    parser.add_argument("--kill-every", type=float, default=4.0, help="seconds")
-    parser.add_argument("--quick", action="store_true", help="6k events at 400/s (CI)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
-    if args.quick:
-        args.events, args.rate, args.kill_every = 6000, 250.0, 3.0
-    workdir = Path(tempfile.mkdtemp(prefix="memnet-chaos-"))
-    model = workdir / "model.safetensors"
-    save_model(random_model(MODEL, seed=args.seed), model)
-    entries = make_input(args.events, args.memories, args.seed)
-    queries = sum(1 for e in entries if e[3])
-    print(
-        f"chaos: {args.events} events ({queries} queries) over {args.memories} memories, "
-        f"3 workers, {PARTITIONS} partitions, in {workdir}",
-        flush=True,
+def wait_serving(client: redis.Redis, cluster: Cluster) -> None:
+    """Until every live worker holds a share of the partitions (all held), at most 120 s."""
+    took = wait_until(
+        lambda: set(owners(client, PREFIX, PARTITIONS)) == set(cluster.live()), 120, 0.1
     )
-    server = RedisServer(workdir / "redis", "--appendonly", "yes", "--appendfsync", "always")
+    said = "not within 120 s" if took is None else f"after {took:.1f} s"
+    print(f"  the workers shared all partitions {said}", flush=True)
+
+
+def worker_url(port: int) -> str:
+    return f"redis://{USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/0"
+
+
+def run(args: argparse.Namespace, workdir: Path, model: Path, entries: list) -> dict[str, Any]:
+    """The faulty run and the comparison; the figures."""
+    server = RedisServer(
+        workdir / "redis",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--user",
+        USER,
+        "on",
+        f">{PASSWORD}",
+        *acl_rules(PREFIX),
+    )
+    store = SnapshotStore(workdir / "run" / "snapshots")
+    if not store.mounted:
+        print(f"  the snapshot store is no tmpfs ({store.why}): 'full' and 'readonly' skipped")
+    cluster = None
     try:
-        cluster = Cluster(workdir / "run", server.url, model, 3)
-        done = threading.Event()
-        producer = threading.Thread(target=produce, args=(server.url, entries, args.rate, done))
-        began = time.monotonic()
-        producer.start()
-        recoveries = chaos(server, cluster, done, args.kill_every, random.Random(args.seed))
-        producer.join()
-        wait_answered(server.client(), queries, 300)
+        cluster = Cluster(workdir / "run", worker_url(server.port), model, 3)
+        wait_serving(server.client(), cluster)
+        producer = Producer(server.url, entries, args.rate)
+        faults = Faults(server, cluster, producer, store, random.Random(args.seed), args.hold)
+        thread = threading.Thread(target=producer.run)
+        began = CLOCK[0] = time.monotonic()
+        thread.start()
+        chaos(faults, args.kill_every)
+        thread.join()
+        if not wait_done(server.client(), entries, cluster, args.stall):
+            say("warning: the workers did not get through the input")
         elapsed = time.monotonic() - began
+        died = cluster.died()
+        for name in died:
+            say(f"{name} died on its own (exit code {cluster.workers[name].proc.returncode})")
         cluster.stop_all()
-        ref = reference(workdir, model, entries)
+        ref = reference(workdir, model, entries, args.stall)
         try:
             figures = compare(
                 server.client(),
@@ -273,23 +614,76 @@ def main() -> int:
                 entries,
                 PREFIX,
                 PARTITIONS,
+                flushed=faults.flushed,
             )
         finally:
             ref.stop()
     finally:
+        if cluster is not None:
+            for name in cluster.live():  # only after a failure of the script itself
+                cluster.kill(name)
         server.stop()
-    figures.update(
-        events=args.events,
-        queries=queries,
-        seconds=round(elapsed, 1),
-        kills=len(recoveries),
-        recovery_s=[round(r, 2) for r in recoveries],
+        store.unmount()
+    return {
+        **figures,
+        "redis_loss_reported": faults.loss_reported(),
+        **faults.figures,
+        "workers_started": len(cluster.workers),
+        "workers_killed": len(cluster.killed),
+        "workers_died": len(died),
+        "workers_alive": len(cluster.workers) - len(cluster.killed) - len(died),
+        "faults": faults.applied,
+        "store_faults_skipped": store.why,
+        "seconds": round(elapsed, 1),
+        "kills": len(faults.recoveries),
+        "recovery_s": [None if r is None else round(r, 2) for r in faults.recoveries],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=30_000)
+    parser.add_argument("--memories", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=300.0, help="events per second")
+    parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between faults")
+    parser.add_argument("--hold", type=float, default=6.0, help="seconds a store stays full/ro")
+    parser.add_argument("--stall", type=float, default=120.0, help="give up after no progress")
+    parser.add_argument("--quick", action="store_true", help="8k events at 250/s (CI)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.events, args.rate, args.kill_every, args.hold, args.stall = 8000, 250.0, 2.0, 3, 45
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="memnet-chaos-"))
+    model = workdir / "model.safetensors"
+    save_model(random_model(MODEL, seed=args.seed), model)
+    entries = make_input(args.events, args.memories, args.seed)
+    queries = sum(1 for e in entries if e[3])
+    print(
+        f"chaos: {args.events} events ({queries} queries) over {args.memories} memories, "
+        f"3 workers, {PARTITIONS} partitions, in {workdir}",
+        flush=True,
     )
+    figures = run(args, workdir, model, entries)
+    figures.update(events=args.events, queries=queries)
+    figures["total_s"] = round(time.monotonic() - started, 1)
     for key, value in figures.items():
         print(f"{key:>24}: {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
-    return 0 if all(figures[c] == 0 for c in COUNTS) else 1
+    return 0 if passed(figures) else 1
+
+
+def passed(figures: dict[str, Any]) -> bool:
+    """Every count 0; if Redis lost data, the workers said so; meta re-asserted."""
+    applied = figures["faults"]
+    return (
+        all(figures[c] == 0 for c in COUNTS)
+        and ("flushall" not in applied or figures["redis_loss_reported"] is True)
+        and ("meta" not in applied or figures["meta_back_s"] is not None)
+        and ("group" not in applied or figures["group_back_s"] is not None)
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""Figures of the chaos suite: the faulty run against the uninterrupted reference run."""
+"""Figures of the chaos suite: the faulty run against the uninterrupted reference run.
+
+When Redis itself lost data (a FLUSHALL), the responses it held just before are passed as
+``flushed``: those gone at the end are ``responses_lost_by_redis`` (not missing), every
+pre-flush response must still equal the reference, and one that reappears must equal its
+pre-flush self.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ COUNTS = (
     "responses_duplicated",
     "responses_differ",
     "memories_differ",
+    "workers_died",
 )
 
 
@@ -52,6 +59,39 @@ def final_memories(snapshots: Path, engine: Engine, partitions: int) -> dict[str
     return memories
 
 
+def compare_responses(
+    got: list[tuple[str, dict]],
+    want: dict[str, dict],
+    flushed: list[tuple[str, dict]] | None = None,
+) -> dict[str, int]:
+    """Responses at the end (and just before a FLUSHALL, if any) against the reference."""
+    before = {m["id"]: m for _, m in flushed or []}
+    by_id = {m["id"]: m for _, m in got}
+    duplicated = sum(
+        n - 1
+        for seen in (Counter(m["id"] for _, m in got), Counter(m["id"] for _, m in flushed or []))
+        for n in seen.values()
+    )
+    missing = lost = differ = 0
+    for q, m in want.items():
+        now, then = by_id.get(q), before.get(q)
+        if now is None and then is None:
+            missing += 1
+        elif now is None:
+            lost += 1
+        differ += any(
+            differs(a, b)
+            for a, b in ((now, m), (then, m), (now, then))
+            if a is not None and b is not None
+        )
+    return {
+        "responses_missing": missing,
+        "responses_duplicated": duplicated,
+        "responses_differ": differ,
+        "responses_lost_by_redis": lost,
+    }
+
+
 def compare(
     run: redis.Redis,
     ref: redis.Redis,
@@ -61,16 +101,10 @@ def compare(
     entries: list,
     prefix: str,
     partitions: int,
+    flushed: list[tuple[str, dict]] | None = None,
 ) -> dict[str, Any]:
-    got = responses(run, prefix, partitions)
     want = {m["id"]: m for _, m in responses(ref, prefix, partitions)}
-    seen = Counter(m["id"] for _, m in got)
-    by_id = {m["id"]: m for _, m in got}
-    figures: dict[str, Any] = {
-        "responses_missing": sum(1 for q in want if q not in seen),
-        "responses_duplicated": sum(n - 1 for n in seen.values() if n > 1),
-        "responses_differ": sum(1 for q, m in want.items() if q in by_id and differs(by_id[q], m)),
-    }
+    figures: dict[str, Any] = compare_responses(responses(run, prefix, partitions), want, flushed)
     engine = Engine(load_model(model))
     mine = final_memories(run_snapshots, engine, partitions)
     theirs = final_memories(ref_snapshots, engine, partitions)

@@ -247,7 +247,13 @@ class Worker:
                     log.warning("giving up a commit on stop: %s", e)
                     return dict.fromkeys(batches, False)
                 delay = self.backoff.fail()
-                log.warning("commit failed (%s); retrying in %.1f s", e, delay)
+                self.throttled.log(
+                    Kind.UNAVAILABLE.name,
+                    logging.WARNING,
+                    "Redis unavailable: commit failed (%s); retrying in %.1f s",
+                    e,
+                    delay,
+                )
                 self.stopping.wait(delay)
 
     def snapshot(self, part: Partition, abort: Callable[[], bool] | None = None) -> None:
