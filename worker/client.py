@@ -1,36 +1,58 @@
-"""A small client: write events, query and wait for the answer, tail responses.
+"""Clients of a memnet deployment: write events, query and wait for the answer, tail responses.
 
-Producers in any language do the same with plain Redis commands (docs/protocol.md).
+    with MemnetClient.from_env() as client:          # REDIS_URL and MEMNET_PREFIX
+        client.write("alice", x=vector)
+        response = client.query("alice", x=vector)   # {"id", "memory", "y", "slots", ...}
+
+``MemnetClient`` blocks (standalone Redis or Redis Cluster); ``AsyncMemnetClient`` is the
+same on ``redis.asyncio`` (standalone Redis). Every event is checked against the
+deployment's record, ``PREFIX:meta``, before it is sent: a vector of the wrong length raises
+``InvalidEvent`` here instead of becoming a dead letter. Every error raised on purpose
+derives from ``ClientError``. Producers in any language do the same with plain Redis
+commands (docs/protocol.md). Importing this module imports neither JAX nor memnet.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Self
 
 import msgpack
-import numpy as np
+from redis.backoff import NoBackoff
+
+if TYPE_CHECKING:
+    import redis.asyncio
 
 from worker.connection import Client, connect, is_cluster, text
-from worker.protocol import Keys, pack, parse_id, partition_of
+from worker.events import (
+    ClientError,
+    Deployment,
+    InvalidEvent,
+    MemnetError,
+    NoDeployment,
+    QueryTimeout,
+    Response,
+    query_event,
+    write_event,
+)
+from worker.protocol import Keys, pack, parse_id
+from worker.settings import Settings
 
+__all__ = [
+    "AsyncMemnetClient",
+    "ClientError",
+    "Deployment",
+    "InvalidEvent",
+    "MemnetClient",
+    "MemnetError",
+    "NoDeployment",
+    "QueryTimeout",
+    "query_event",
+    "write_event",
+]
 
-class QueryTimeout(TimeoutError):
-    pass
-
-
-class NoDeployment(LookupError):
-    """PREFIX:meta is missing: no worker ever ran under this prefix (live workers re-assert
-    it within a second or two if it was deleted)."""
-
-
-def _wire(vector: Any) -> Any:
-    """Vectors travel as float32 little-endian bin (compact and exact)."""
-    if isinstance(vector, np.ndarray):
-        return np.ascontiguousarray(vector, "<f4").tobytes()
-    return list(vector)
+READ_BLOCK_MS = 1000  # longest single XREAD BLOCK: well under the 5 s socket timeout
 
 
 def _before(entry_id: str) -> str:
@@ -39,41 +61,126 @@ def _before(entry_id: str) -> str:
     return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-18446744073709551615"
 
 
-class MemnetClient:
-    def __init__(
-        self, client: Client | str = "redis://127.0.0.1:6379/0", prefix: str = "memnet"
-    ) -> None:
-        self.redis = connect(client, retries=0) if isinstance(client, str) else client
+def _unpack(fields: Mapping[bytes, bytes]) -> Response:
+    return msgpack.unpackb(fields[b"msg"], raw=False)
+
+
+def _find(reply: Any, entry_id: str, after: str) -> tuple[Response | None, str]:
+    """Look for entry_id in an XREAD reply: (its response or None, the id to read after)."""
+    for _stream, entries in reply or []:
+        for got_id, fields in entries:
+            after = text(got_id)
+            if after == entry_id:
+                return _unpack(fields), after
+    return None, after
+
+
+def _answered(response: Response) -> Response:
+    """The response, or MemnetError if it is an error response."""
+    if "error" in response:
+        raise MemnetError(response)
+    return response
+
+
+def _responses(
+    reply: Any, positions: dict[str, str], owner: dict[str, int]
+) -> Iterator[tuple[int, str, Response]]:
+    """(partition, entry id, response) of an XREAD reply, advancing positions."""
+    for stream, entries in reply or []:
+        key = text(stream)
+        for entry_id, fields in entries:
+            positions[key] = text(entry_id)
+            yield owner[key], positions[key], _unpack(fields)
+
+
+def _settings(client: Any, prefix: str | None) -> tuple[Any, str]:
+    """Fill a missing URL or prefix from the environment (REDIS_URL, MEMNET_PREFIX)."""
+    if client is not None and prefix is not None:
+        return client, prefix
+    settings = Settings.from_env()
+    return (
+        settings.redis_url if client is None else client,
+        settings.prefix if prefix is None else prefix,
+    )
+
+
+class _ClientBase:
+    """What both clients share: the connection (opened from a URL, or passed in) and keys."""
+
+    redis: Any
+
+    def __init__(self, client: Any = None, prefix: str | None = None) -> None:
+        client, prefix = _settings(client, prefix)
+        self._owned = isinstance(client, str)  # opened here: closed by close()
+        self.redis = self._connect(client) if isinstance(client, str) else client
         self.keys = Keys(prefix)
-        self._partitions: int | None = None
+        self._deployment: Deployment | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
+        """A client for REDIS_URL and MEMNET_PREFIX (defaults as the workers': Settings)."""
+        settings = Settings.from_env(env)
+        return cls(settings.redis_url, settings.prefix)
+
+    @staticmethod
+    def _connect(url: str) -> Any:
+        raise NotImplementedError
+
+
+# ---- the blocking client ------------------------------------------------------------------
+class MemnetClient(_ClientBase):
+    """A blocking client for standalone Redis or Redis Cluster (detected).
+
+    ``MemnetClient.from_env()`` is the usual way to make one. ``client`` is a URL or a
+    redis-py client (without ``decode_responses``); a URL or prefix left out comes from
+    REDIS_URL / MEMNET_PREFIX. A client made from a URL owns its connection: ``close()``
+    (or leaving a ``with`` block) closes it; a passed-in client is left to its owner.
+    """
+
+    redis: Client
+
+    @staticmethod
+    def _connect(url: str) -> Client:
+        return connect(url, retries=0)
+
+    def close(self) -> None:
+        """Close the connection this client opened (a passed-in client is left open)."""
+        if self._owned:
+            self.redis.close()
+
+    def __enter__(self) -> MemnetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def deployment(self) -> Deployment:
+        """The deployment's record, read once (raises NoDeployment while it is missing)."""
+        if self._deployment is None:
+            values = self.redis.hgetall(self.keys.meta)
+            self._deployment = Deployment.from_meta(values, self.keys.meta)
+        return self._deployment
 
     @property
     def partitions(self) -> int:
-        if self._partitions is None:
-            value = self.redis.hget(self.keys.meta, "partitions")
-            if value is None:
-                raise NoDeployment(
-                    f"{self.keys.meta} does not exist: start a worker first "
-                    "(it records the partition count)"
-                )
-            self._partitions = int(value)
-        return self._partitions
+        """The deployment's partition count."""
+        return self.deployment.partitions
 
     def partition(self, memory: str) -> int:
-        return partition_of(memory, self.partitions)
+        """The partition a memory lives in."""
+        return self.deployment.partition(memory)
 
-    def send(self, message: dict[str, Any]) -> str:
-        """XADD one message to its memory's partition; returns the entry id."""
-        key = self.keys.inp(self.partition(message["memory"]))
-        return text(self.redis.xadd(key, {"msg": pack(message)}))
+    def send(self, event: Mapping[str, Any]) -> str:
+        """Check one event (raises InvalidEvent, sending nothing) and XADD it to its
+        memory's partition; returns the entry id."""
+        prepared = self.deployment.prepare(event)
+        key = self.keys.inp(self.partition(prepared["memory"]))
+        return text(self.redis.xadd(key, {"msg": pack(prepared)}))
 
     def write(self, memory: str, x: Any = None, *, text_input: str | None = None) -> str:
-        body: dict[str, Any] = {"op": "write", "memory": memory}
-        if text_input is not None:
-            body["text"] = text_input
-        else:
-            body["x"] = _wire(x)
-        return self.send(body)
+        """Write x (a vector of input_dim numbers) or text to a memory; returns the entry id."""
+        return self.send(write_event(memory, x, text_input))
 
     def query(
         self,
@@ -83,53 +190,49 @@ class MemnetClient:
         q: Any = None,
         text_input: str | None = None,
         timeout_s: float = 10.0,
-    ) -> dict[str, Any]:
-        """Send a query and wait for its response (raises QueryTimeout)."""
-        body: dict[str, Any] = {"op": "query", "memory": memory, "id": uuid.uuid4().hex}
-        if text_input is not None:
-            body["text"] = text_input
-        elif q is not None:
-            body["q"] = _wire(q)
-        else:
-            body["x"] = _wire(x)
-        entry_id = self.send(body)
+    ) -> Response:
+        """Query a memory with one of x (input space), q (memory space) or text, and wait
+        for the response; raises MemnetError for an error response, QueryTimeout."""
+        event = query_event(memory, x, q, text_input)
+        entry_id = self.send(event)
         return self.wait(self.partition(memory), entry_id, timeout_s)
 
-    def wait(self, partition: int, entry_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
-        """The response published at entry_id in a partition's out stream."""
+    def wait(self, partition: int, entry_id: str, timeout_s: float = 10.0) -> Response:
+        """The response published at entry_id (a query sent with ``send``) in a partition's
+        out stream; raises MemnetError for an error response, QueryTimeout."""
         key = self.keys.out(partition)
         deadline = time.monotonic() + timeout_s
         after = _before(entry_id)
         while (left := deadline - time.monotonic()) > 0:
-            reply = self.redis.xread({key: after}, count=100, block=max(1, int(left * 1000)))
-            for _stream, entries in reply or []:
-                for got_id, fields in entries:
-                    if text(got_id) == entry_id:
-                        return msgpack.unpackb(fields[b"msg"], raw=False)
-                    after = text(got_id)
-                    if parse_id(after) > parse_id(entry_id):
-                        break
+            block = max(1, min(READ_BLOCK_MS, int(left * 1000)))
+            reply = self.redis.xread({key: after}, count=100, block=block)
+            response, after = _find(reply, entry_id, after)
+            if response is not None:
+                return _answered(response)
         raise QueryTimeout(f"no response to {entry_id} in {key} within {timeout_s} s")
 
     def tail(
-        self, partitions: list[int] | None = None, start: str = "$", block_ms: int = 1000
-    ) -> Iterator[tuple[int, str, dict[str, Any]]]:
-        """Yield (partition, entry id, response) from the out streams, forever."""
-        chosen = list(range(self.partitions)) if partitions is None else partitions
-        positions = {self.keys.out(p): start for p in chosen}
+        self, partitions: Iterable[int] | None = None, start: str = "$", block_ms: int = 1000
+    ) -> Iterator[tuple[int, str, Response]]:
+        """Yield (partition, entry id, response) from the out streams, forever; error
+        responses are yielded too. ``start="$"`` means responses added after this call
+        (not after the first ``next``), "0-0" every response kept."""
+        chosen = list(range(self.partitions)) if partitions is None else list(partitions)
         owner = {self.keys.out(p): p for p in chosen}
+        positions = {key: start for key in owner}
         if start == "$":  # pin "now" per stream, so no response slips between reads
             for key in positions:
-                last = self.redis.xrevrange(key, count=1)
-                positions[key] = text(last[0][0]) if last else "0-0"
+                positions[key] = _last_id(self.redis.xrevrange(key, count=1))
+        return self._follow(positions, owner, block_ms)
+
+    def _follow(
+        self, positions: dict[str, str], owner: dict[str, int], block_ms: int
+    ) -> Iterator[tuple[int, str, Response]]:
         while True:
-            for stream, entries in self._read(positions, block_ms):
-                key = text(stream)
-                for entry_id, fields in entries:
-                    positions[key] = text(entry_id)
-                    yield owner[key], text(entry_id), msgpack.unpackb(fields[b"msg"], raw=False)
+            yield from _responses(self._read(positions, block_ms), positions, owner)
 
     def _read(self, positions: dict[str, str], block_ms: int) -> list[Any]:
+        block_ms = max(1, min(block_ms, READ_BLOCK_MS))
         if not is_cluster(self.redis):
             return self.redis.xread(positions, count=1000, block=block_ms) or []
         # A cluster serves one slot per command: read each partition's stream in turn.
@@ -139,3 +242,113 @@ class MemnetClient:
         if not replies:
             time.sleep(min(block_ms, 50) / 1000)
         return replies
+
+
+def _last_id(reply: Any) -> str:
+    """The id of an XREVRANGE COUNT 1 reply's entry, or 0-0 for an empty stream."""
+    return text(reply[0][0]) if reply else "0-0"
+
+
+# ---- the asyncio client -------------------------------------------------------------------
+class AsyncMemnetClient(_ClientBase):
+    """The client on ``redis.asyncio``, for standalone Redis (Redis Cluster is not
+    supported here: use ``MemnetClient`` in a thread for a cluster).
+
+    ``AsyncMemnetClient.from_env()`` is the usual way to make one, used as
+    ``async with AsyncMemnetClient.from_env() as client:``. ``client`` is a URL or a
+    ``redis.asyncio.Redis`` (without ``decode_responses``); ownership and the environment
+    fallback are as for ``MemnetClient``.
+    """
+
+    redis: redis.asyncio.Redis
+
+    @staticmethod
+    def _connect(url: str) -> redis.asyncio.Redis:
+        """An asyncio client that never retries on its own (a retried XADD could add twice)."""
+        import redis.asyncio  # here: blocking clients (the CLI) need not load it
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return redis.asyncio.Redis.from_url(
+            url, socket_timeout=5.0, socket_connect_timeout=5.0, retry=AsyncRetry(NoBackoff(), 0)
+        )
+
+    async def close(self) -> None:
+        """Close the connections this client opened (a passed-in client is left open)."""
+        if self._owned:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncMemnetClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def deployment(self) -> Deployment:
+        """The deployment's record, read once (raises NoDeployment while it is missing)."""
+        if self._deployment is None:
+            values = await self.redis.hgetall(self.keys.meta)
+            self._deployment = Deployment.from_meta(values, self.keys.meta)
+        return self._deployment
+
+    async def partition(self, memory: str) -> int:
+        """The partition a memory lives in."""
+        return (await self.deployment()).partition(memory)
+
+    async def send(self, event: Mapping[str, Any]) -> str:
+        """Check one event (raises InvalidEvent, sending nothing) and XADD it to its
+        memory's partition; returns the entry id."""
+        deployment = await self.deployment()
+        prepared = deployment.prepare(event)
+        key = self.keys.inp(deployment.partition(prepared["memory"]))
+        return text(await self.redis.xadd(key, {"msg": pack(prepared)}))
+
+    async def write(self, memory: str, x: Any = None, *, text_input: str | None = None) -> str:
+        """Write x (a vector of input_dim numbers) or text to a memory; returns the entry id."""
+        return await self.send(write_event(memory, x, text_input))
+
+    async def query(
+        self,
+        memory: str,
+        x: Any = None,
+        *,
+        q: Any = None,
+        text_input: str | None = None,
+        timeout_s: float = 10.0,
+    ) -> Response:
+        """Query a memory with one of x (input space), q (memory space) or text, and wait
+        for the response; raises MemnetError for an error response, QueryTimeout."""
+        entry_id = await self.send(query_event(memory, x, q, text_input))
+        return await self.wait(await self.partition(memory), entry_id, timeout_s)
+
+    async def wait(self, partition: int, entry_id: str, timeout_s: float = 10.0) -> Response:
+        """The response published at entry_id in a partition's out stream; raises
+        MemnetError for an error response, QueryTimeout."""
+        key = self.keys.out(partition)
+        deadline = time.monotonic() + timeout_s
+        after = _before(entry_id)
+        while (left := deadline - time.monotonic()) > 0:
+            block = max(1, min(READ_BLOCK_MS, int(left * 1000)))
+            reply = await self.redis.xread({key: after}, count=100, block=block)
+            response, after = _find(reply, entry_id, after)
+            if response is not None:
+                return _answered(response)
+        raise QueryTimeout(f"no response to {entry_id} in {key} within {timeout_s} s")
+
+    async def tail(
+        self, partitions: Iterable[int] | None = None, start: str = "$", block_ms: int = 1000
+    ) -> AsyncIterator[tuple[int, str, Response]]:
+        """Yield (partition, entry id, response) from the out streams, forever; error
+        responses are yielded too. ``start="$"`` means responses added after iteration
+        begins (the first ``__anext__``), "0-0" every response kept."""
+        if partitions is None:
+            partitions = range((await self.deployment()).partitions)
+        owner = {self.keys.out(p): p for p in partitions}
+        positions = {key: start for key in owner}
+        if start == "$":
+            for key in positions:
+                positions[key] = _last_id(await self.redis.xrevrange(key, count=1))
+        block_ms = max(1, min(block_ms, READ_BLOCK_MS))
+        while True:
+            reply = await self.redis.xread(positions, count=1000, block=block_ms)
+            for item in _responses(reply, positions, owner):
+                yield item

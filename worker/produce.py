@@ -1,45 +1,91 @@
-"""``memnet produce FILE``: send a JSON-lines file of events, pipelined, with a progress bar."""
+"""``memnet produce FILE``: send a JSON-lines file of events, pipelined, with a progress bar.
+
+The whole file is checked first (each line one JSON event that the deployment accepts, as
+``MemnetClient.send`` checks it), and nothing is sent if any line is bad. Blank lines are
+not events. ``skip`` resumes an interrupted run: the first ``skip`` events are not sent
+again (events are counted, not lines).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
 
-from worker.client import MemnetClient
+from worker.client import Deployment, InvalidEvent, MemnetClient
 from worker.protocol import pack
 
-PIPELINE = 500
+PIPELINE = 500  # events per round trip
 
 
-def produce_file(client: MemnetClient, path: str | os.PathLike[str]) -> int:
-    size = os.path.getsize(path)
+class BadLine(InvalidEvent):
+    """A line of the file is not an event the deployment accepts; nothing was sent.
+
+    ``line`` is its number (from 1) and ``reason`` what is wrong with it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], line: int, reason: str) -> None:
+        super().__init__(f"{os.fspath(path)}, line {line}: {reason} (nothing was sent)")
+        self.line = line
+        self.reason = reason
+
+
+def produce_file(client: MemnetClient, path: str | os.PathLike[str], skip: int = 0) -> int:
+    """Check every event of a JSON-lines file, then send all but the first ``skip``; returns
+    how many were sent. Raises BadLine (before sending anything) for a bad line,
+    FileNotFoundError for a missing file; a Redis error while sending carries a note
+    saying how many events were sent and the ``skip`` that resumes after them."""
+    if skip < 0:
+        raise ValueError(f"skip must be 0 or more, got {skip}")
+    os.stat(path)  # a missing file is reported before a missing deployment
+    deployment = client.deployment
+    total = sum(1 for _ in _events(path, deployment, "check"))
     sent = 0
     pipe = client.redis.pipeline(transaction=False)
-    with (
-        open(path, encoding="utf-8") as f,
-        tqdm(total=size, unit="B", unit_scale=True, desc="produce") as bar,
-    ):
-        for number, line in enumerate(f, 1):
-            bar.update(len(line.encode()))
-            if not line.strip():
+    try:
+        for n, event in enumerate(_events(path, deployment, "produce"), 1):
+            if n <= skip:
                 continue
-            event = _event(line, number)
-            pipe.xadd(client.keys.inp(client.partition(event["memory"])), {"msg": pack(event)})
-            sent += 1
+            pipe.xadd(client.keys.inp(deployment.partition(event["memory"])), {"msg": pack(event)})
             if len(pipe) >= PIPELINE:
-                pipe.execute()
-        pipe.execute()
+                sent += len(pipe.execute())
+        sent += len(pipe.execute())
+    except Exception as e:
+        e.add_note(
+            f"sent {sent} of {max(0, total - skip)} events (up to {PIPELINE} more may have "
+            f"landed); resume with skip {skip + sent} (memnet produce --skip {skip + sent})"
+        )
+        raise
     return sent
 
 
-def _event(line: str, number: int) -> dict[str, Any]:
+def _events(
+    path: str | os.PathLike[str], deployment: Deployment, desc: str
+) -> Iterator[dict[str, Any]]:
+    """The file's events, each checked and prepared (raises BadLine), with a progress bar."""
+    with (
+        open(path, encoding="utf-8") as f,
+        tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=desc) as bar,
+    ):
+        for number, line in enumerate(f, 1):
+            bar.update(len(line.encode()))
+            if line.strip():
+                yield _event(path, number, line, deployment)
+
+
+def _event(
+    path: str | os.PathLike[str], number: int, line: str, deployment: Deployment
+) -> dict[str, Any]:
     try:
         event = json.loads(line)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"memnet produce: line {number} is not JSON: {e}") from None
-    if not isinstance(event, dict) or not isinstance(event.get("memory"), str):
-        raise SystemExit(f"memnet produce: line {number} needs a string 'memory'")
-    return event
+        raise BadLine(path, number, f"not JSON ({e})") from None
+    if not isinstance(event, dict):
+        raise BadLine(path, number, f"an event is a JSON object, got {type(event).__name__}")
+    try:
+        return deployment.prepare(event)
+    except InvalidEvent as e:
+        raise BadLine(path, number, str(e)) from None

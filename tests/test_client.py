@@ -1,0 +1,342 @@
+"""worker.client and ``memnet produce`` against a real redis-server (and a worker in a thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import redis
+
+from memnet import Engine, load_model
+from tests.conftest import WORKER_MODEL
+from tests.streams import assert_same_answer, library_answers, wait_for, worker_settings
+from tests.test_worker import overflowing_x
+from worker.client import (
+    AsyncMemnetClient,
+    ClientError,
+    InvalidEvent,
+    MemnetClient,
+    MemnetError,
+    NoDeployment,
+    QueryTimeout,
+    query_event,
+)
+from worker.produce import BadLine, produce_file
+from worker.protocol import Keys
+from worker.worker import Worker
+
+SERVED = "cl-served"  # the prefix the module's worker serves
+PARTITIONS = 2
+D_IN, D_MEM = WORKER_MODEL.input_dim, WORKER_MODEL.memory_dim
+VECTOR_META = {
+    "partitions": str(PARTITIONS),
+    "protocol": "1",
+    "model": "not-served",
+    "input_dim": str(D_IN),
+    "memory_dim": str(D_MEM),
+    "output_dim": str(WORKER_MODEL.output_dim),
+    "components": "mlp,gated-nearest,topk-attention,mlp",
+}
+TEXT_META = {**VECTOR_META, "components": "position-bow,append-only,multi-hop,answer-mlp"}
+
+
+# ---- fixtures -----------------------------------------------------------------------------
+class Serving:
+    """A worker's loop in a thread, serving SERVED until stopped."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: len(worker.parts) == PARTITIONS, 60, "the worker to take over")
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as e:
+            self.error = e
+
+    def stop(self) -> None:
+        self.worker.request_stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive() and self.error is None, repr(self.error)
+
+
+@pytest.fixture(scope="module")
+def served(redis_server, tmp_path_factory, model_file):
+    """A worker serving SERVED for the whole module; yields the Redis URL."""
+    url = redis_server.url
+    tmp = tmp_path_factory.mktemp("client")
+    s = worker_settings(url, tmp, model_file, SERVED, PARTITIONS)
+    serving = Serving(Worker(s, Engine(load_model(model_file))))
+    yield url
+    serving.stop()
+
+
+@pytest.fixture
+def deployment(redis_server):
+    """A deployment record with no worker behind it, under a prefix of the test's own."""
+    r = redis_server.client()
+    prefixes = []
+
+    def make(prefix: str, meta: dict[str, str] = VECTOR_META) -> redis.Redis:
+        prefixes.append(prefix)
+        r.hset(Keys(prefix).meta, mapping=meta)
+        return r
+
+    yield make
+    for prefix in prefixes:
+        for key in r.scan_iter(f"{prefix}:*"):
+            r.delete(key)
+
+
+def lengths(r: redis.Redis, prefix: str) -> list[int]:
+    return [r.xlen(Keys(prefix).inp(p)) for p in range(PARTITIONS)]
+
+
+def connected(r: redis.Redis, name: str) -> bool:
+    return any(c["name"] == name for c in r.client_list())
+
+
+# ---- the blocking client against a worker ------------------------------------------------
+def test_query_returns_the_library_answer(served, model_file):
+    rng = np.random.default_rng(3)
+    batch, responses = [], []
+    with MemnetClient(served, SERVED) as client:
+        for j in range(12):
+            memory = f"lib-{j % 3}"
+            if j % 3 != 2:
+                x = rng.standard_normal(D_IN).astype("<f4")
+                client.write(memory, x if j % 2 else x.tolist())
+                batch.append({"op": "write", "memory": memory, "x": x.tobytes()})
+                continue
+            field, dim = ("x", D_IN) if j % 2 else ("q", D_MEM)
+            value = rng.standard_normal(dim).astype(np.float32).tolist()
+            response = client.query(memory, **{field: value}, timeout_s=20)
+            batch.append({"op": "query", "memory": memory, "id": response["id"], field: value})
+            responses.append(response)
+    expected = library_answers(Engine(load_model(model_file)), batch)
+    assert len(responses) == 4
+    for response in responses:
+        assert_same_answer(response, expected[response["id"]])
+
+
+def test_an_error_response_raises_memnet_error(served, model_file):
+    x = overflowing_x(model_file)
+    with MemnetClient(served, SERVED) as client, pytest.raises(MemnetError) as caught:
+        client.query("err-1", x=x, timeout_s=20)
+    e = caught.value
+    assert isinstance(e, ClientError)
+    assert e.response["memory"] == "err-1" and e.response["error"] == e.error
+    assert e.error in str(e)
+
+
+def test_wait_on_a_known_entry_id_and_its_timeout(served):
+    with MemnetClient(served, SERVED) as client:
+        event = query_event("wait-1", x=[0.5] * D_IN)
+        entry_id = client.send(event)
+        response = client.wait(client.partition("wait-1"), entry_id, timeout_s=20)
+        assert response["id"] == event["id"] and len(response["y"]) == WORKER_MODEL.output_dim
+        with pytest.raises(TimeoutError, match="no response to 1-0"):
+            client.wait(0, "1-0", timeout_s=0.3)
+
+
+def test_tail_yields_responses_written_after_it_started(served):
+    with MemnetClient(served, SERVED) as client:
+        before = client.query("tail-1", x=[0.1] * D_IN, timeout_s=20)
+        responses = client.tail(block_ms=50)  # "now" is pinned here, before the next query
+        after = client.query("tail-1", x=[0.2] * D_IN, timeout_s=20)
+        partition, entry_id, response = next(responses)
+    assert response == after and response["id"] != before["id"]
+    assert partition == client.partition("tail-1") and entry_id.count("-") == 1
+
+
+def test_the_async_client_writes_queries_and_tails(served, model_file):
+    x = np.random.default_rng(4).standard_normal((2, D_IN)).astype("<f4")
+
+    async def run():
+        async with AsyncMemnetClient(served, SERVED) as client:
+            await client.write("async-1", x[0])
+            response = await client.query("async-1", x=x[1].tolist(), timeout_s=20)
+            with pytest.raises(MemnetError):
+                await client.query("async-1", x=overflowing_x(model_file), timeout_s=20)
+            async for _p, _entry, seen in client.tail(start="0-0", block_ms=50):
+                if seen["id"] == response["id"]:
+                    break
+        return response, seen
+
+    response, seen = asyncio.run(run())
+    batch = [
+        {"op": "write", "memory": "async-1", "x": x[0].tobytes()},
+        {"op": "query", "memory": "async-1", "id": response["id"], "x": x[1].tolist()},
+    ]
+    assert_same_answer(
+        response, library_answers(Engine(load_model(model_file)), batch)[response["id"]]
+    )
+    assert seen == response
+
+
+# ---- the clients without a worker ---------------------------------------------------------
+def test_from_env_reads_redis_url_and_memnet_prefix(redis_server, deployment, monkeypatch):
+    deployment("cl-env")
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.setenv("MEMNET_PREFIX", "cl-env")
+    for client in (MemnetClient.from_env(), MemnetClient()):
+        with client:
+            assert client.keys.prefix == "cl-env" and client.partitions == PARTITIONS
+
+    async def run():
+        async with AsyncMemnetClient.from_env() as client:
+            return client.keys.prefix, (await client.deployment()).input_dim
+
+    assert asyncio.run(run()) == ("cl-env", D_IN)
+    monkeypatch.setenv("MEMNET_PREFIX", "cl-nothing")
+    with MemnetClient.from_env() as client, pytest.raises(NoDeployment, match="cl-nothing:meta"):
+        client.write("m", [1.0] * D_IN)
+
+
+def test_the_context_managers_close_what_they_opened(redis_server, deployment):
+    admin = redis_server.client()
+    with MemnetClient(redis_server.url, "cl-close") as client:
+        client.redis.client_setname("cl-close-sync")
+        assert connected(admin, "cl-close-sync")
+    wait_for(lambda: not connected(admin, "cl-close-sync"), 5, "the connection to close")
+    mine = redis.Redis.from_url(redis_server.url)
+    mine.client_setname("cl-close-mine")
+    with MemnetClient(mine, "cl-close"):
+        pass
+    assert connected(admin, "cl-close-mine")  # a passed-in client stays open
+    mine.close()
+
+    async def run():
+        async with AsyncMemnetClient(redis_server.url, "cl-close") as client:
+            await client.redis.client_setname("cl-close-async")
+            assert connected(admin, "cl-close-async")
+
+    asyncio.run(run())
+    wait_for(lambda: not connected(admin, "cl-close-async"), 5, "the connection to close")
+
+
+def test_a_bad_event_raises_before_anything_is_sent(redis_server, deployment):
+    r = deployment("cl-check")
+    with MemnetClient(redis_server.url, "cl-check") as client:
+        bad = [
+            (lambda: client.write("m", [1.0] * (D_IN - 1)), f"'x' must have {D_IN} numbers.*got 7"),
+            (lambda: client.query("m", q=np.ones(D_MEM + 1)), f"'q' must have {D_MEM}.*got 9"),
+            (lambda: client.write("m", [1.0] * (D_IN - 1) + [float("nan")]), "non-finite"),
+            (lambda: client.write("m", [1e39] * D_IN), "non-finite"),
+            (lambda: client.write("m", [True] * D_IN), "numbers"),
+            (lambda: client.write("m", text_input="where is mary"), "reads vectors"),
+            (lambda: client.write("", [1.0] * D_IN), "'memory' must be a non-empty"),
+            (lambda: client.query("m", x=[1.0] * D_IN, q=[1.0] * D_MEM), "exactly one"),
+            (lambda: client.write("m"), "exactly one"),
+        ]
+        for call, message in bad:
+            with pytest.raises(InvalidEvent, match=message):
+                call()
+        assert lengths(r, "cl-check") == [0, 0]
+        with pytest.raises(ValueError):  # InvalidEvent is a ValueError
+            client.write("m", np.ones(3))
+        client.write("m", np.ones(D_IN))
+        assert sum(lengths(r, "cl-check")) == 1
+
+
+def test_text_models_refuse_vectors_and_old_records_skip_the_checks(redis_server, deployment):
+    r = deployment("cl-text", TEXT_META)
+    with MemnetClient(redis_server.url, "cl-text") as client:
+        with pytest.raises(InvalidEvent, match="reads text"):
+            client.write("m", [1.0] * D_IN)
+        with pytest.raises(InvalidEvent, match="9 words; this model reads at most 8"):
+            client.write("m", text_input="one two three four five six seven eight nine")
+        with pytest.raises(InvalidEvent, match="no words"):
+            client.write("m", text_input="?!")
+        client.write("m", text_input="Mary went to the kitchen.")
+        client.send(query_event("m", q=[0.5] * D_MEM))
+    assert sum(lengths(r, "cl-text")) == 2
+    r = deployment("cl-old", {"partitions": str(PARTITIONS), "protocol": "1"})
+    with MemnetClient(redis_server.url, "cl-old") as client:
+        client.write("m", [1.0, 2.0])  # no dims recorded: the worker judges
+        with pytest.raises(InvalidEvent, match="non-finite"):
+            client.write("m", [float("inf")])
+    assert sum(lengths(r, "cl-old")) == 1
+
+
+def test_the_async_client_checks_events_and_times_out(redis_server, deployment):
+    r = deployment("cl-async")
+
+    async def run():
+        async with AsyncMemnetClient(redis_server.url, "cl-async") as client:
+            with pytest.raises(InvalidEvent, match="got 7"):
+                await client.write("m", [1.0] * (D_IN - 1))
+            assert lengths(r, "cl-async") == [0, 0]
+            with pytest.raises(QueryTimeout) as caught:
+                await client.query("m", x=[1.0] * D_IN, timeout_s=0.3)
+            return caught.value
+
+    error = asyncio.run(run())
+    assert isinstance(error, TimeoutError) and isinstance(error, ClientError)
+    assert sum(lengths(r, "cl-async")) == 1
+
+
+def test_importing_the_client_imports_neither_jax_nor_memnet():
+    code = "import sys, worker.client; print('jax' in sys.modules, 'memnet' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
+
+
+# ---- produce ------------------------------------------------------------------------------
+def write_lines(path, events):
+    path.write_text("".join(e if isinstance(e, str) else json.dumps(e) + "\n" for e in events))
+    return path
+
+
+def good(j: int) -> dict:
+    return {"op": "write", "memory": f"m{j}", "x": [float(j)] * D_IN}
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ("not json\n", "not JSON"),
+        ("[1, 2]\n", "JSON object"),
+        (json.dumps({"op": "write", "x": [1.0] * D_IN}) + "\n", "'memory'"),
+        (json.dumps({"op": "erase", "memory": "m"}) + "\n", "unknown op 'erase'"),
+        (
+            json.dumps({**good(0), "x": [1.0] * (D_IN + 1)}) + "\n",
+            r"must have 8 numbers \(the model's input_dim\), got 9",
+        ),
+        (json.dumps({"op": "query", "memory": "m", "x": [1.0] * D_IN}) + "\n", "'id'"),
+    ],
+    ids=["not-json", "not-object", "no-memory", "bad-op", "wrong-length", "query-without-id"],
+)
+def test_produce_sends_nothing_from_a_file_with_a_bad_line(
+    redis_server, deployment, tmp_path, bad, reason
+):
+    r = deployment("cl-produce")
+    path = write_lines(tmp_path / "events.jsonl", [good(1), "\n", good(2), bad, good(4)])
+    client = MemnetClient(redis_server.url, "cl-produce")
+    with client, pytest.raises(BadLine, match=f"line 4: .*{reason}") as caught:
+        produce_file(client, path)
+    assert caught.value.line == 4 and isinstance(caught.value, ValueError)
+    assert lengths(r, "cl-produce") == [0, 0]
+
+
+def test_produce_skips_what_was_sent_and_names_a_missing_file(redis_server, deployment, tmp_path):
+    r = deployment("cl-skip")
+    path = write_lines(tmp_path / "events.jsonl", [good(0), "\n", good(1), good(2), good(3)])
+    with MemnetClient(redis_server.url, "cl-skip") as client:
+        assert produce_file(client, path, skip=2) == 2
+        sent = [f for p in range(PARTITIONS) for _id, f in r.xrange(Keys("cl-skip").inp(p))]
+        assert produce_file(client, path) == 4
+        with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
+            produce_file(client, tmp_path / "missing.jsonl")
+    assert len(sent) == 2 and sum(lengths(r, "cl-skip")) == 6
+    names = sorted(msgpack.unpackb(f[b"msg"])["memory"] for f in sent)
+    assert names == ["m2", "m3"]
