@@ -1,4 +1,5 @@
-"""Prometheus metrics of a worker (served on MEMNET_METRICS_PORT, or $PORT under honcho)."""
+"""Prometheus metrics of a worker, served with /healthz by worker/health.py on
+MEMNET_METRICS_HOST:MEMNET_METRICS_PORT (the port defaults to $PORT under honcho)."""
 
 from __future__ import annotations
 

@@ -1,53 +1,163 @@
-"""``memnet status``: per partition, who owns it, how far behind it is, its last snapshot."""
+"""``memnet status``: per partition, who owns it, how far behind it is, its dead letters and
+last snapshot; ``memnet status --check``: a yes/no for readiness probes.
+
+Live workers are the members of ``PREFIX:workers`` whose score (expiry, Redis ms) is above
+Redis's TIME now: a worker that died stays in the set until a peer's next heartbeat removes
+it, and is not shown (only counted). A partition's owner is its lease's holder; an owner
+not in the live set is marked "not live" (its lease runs out within the lease period).
+
+``--check`` exits 0 when every partition has a live owner and a lag (XINFO GROUPS) of at
+most ``--max-lag`` (default 10000), else 1 printing one line per problem. Redis reports no
+lag when it cannot count it (entries trimmed or deleted past the group's position, a group
+recreated at an id, no group yet). Then: nothing after the group's last delivered id means
+a lag of 0; otherwise the lag is unknown but at most the stream's length, which passes only
+if that bound is within ``--max-lag`` ("unknown" never passes for "caught up"). Redis counts
+again once the group has read to the end of the stream.
+
+The snapshot column reads MEMNET_SNAPSHOT_DIR from *this* machine and directory (relative
+paths are relative to the current directory); the directory read is printed, and a missing
+one said so. Importing this module (the CLI does, to register the commands) loads neither
+redis nor numpy nor JAX; JAX (memnet) loads only to read snapshot manifests, never for
+``--check``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
-import redis
+from worker.dead import add_commands as add_dead_command
+from worker.dead import as_text as text
+from worker.dead import quiet_stdout
+from worker.settings import Settings, redact
 
-from memnet.snapshot import SnapshotStore
-from worker.connection import connect, text
-from worker.protocol import GROUP, Keys
-from worker.settings import Settings
+if TYPE_CHECKING:
+    from worker.connection import Client
+    from worker.protocol import Keys
+
+MAX_LAG = 10_000
+_PER_PARTITION = ("lease", "epoch", "offset", "trimmed")
 
 
-def gather(settings: Settings) -> dict[str, Any]:
-    client = connect(settings.redis_url)
+def redis_ms(client: Client) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def gather(settings: Settings, *, snapshots: bool = True, client: Client | None = None) -> dict:
+    """Everything ``memnet status`` shows, as JSON-ready data (``deployment`` is False when
+    PREFIX:meta is missing)."""
+    from worker.connection import connect
+    from worker.protocol import Keys
+
+    client = client or connect(settings.redis_url)
     keys = Keys(settings.prefix)
     meta = {text(k): text(v) for k, v in client.hgetall(keys.meta).items()}
+    now = redis_ms(client)
+    members = [(text(w), score) for w, score in client.zrange(keys.workers, 0, -1, withscores=True)]
+    live = sorted(w for w, score in members if score > now)
     partitions = int(meta.get("partitions", settings.partitions))
-    workers = [text(w) for w in client.zrange(keys.workers, 0, -1)]
-    rows = []
-    for p in range(partitions):
-        row: dict[str, Any] = {"partition": p}
-        for name in ("lease", "epoch", "offset", "trimmed"):
-            value = client.get(keys.part(p, name))
-            row[name] = text(value) if value is not None else None
-        row["owner"] = row.pop("lease")
-        row["length"] = client.xlen(keys.inp(p))
-        try:
-            group = next(
-                (g for g in client.xinfo_groups(keys.inp(p)) if text(g["name"]) == GROUP), None
-            )
-        except redis.ResponseError:
-            group = None
-        row["lag"] = group.get("lag") if group else None
-        row["pending"] = group.get("pending") if group else None
-        row["snapshot"] = _snapshot(Path(settings.snapshot_dir) / f"p{p}")
-        rows.append(row)
+    directory = Path(settings.snapshot_dir).absolute()
+    rows = _rows(client, keys, partitions, set(live))
+    read_snapshots = snapshots and directory.is_dir()
+    for row in rows:
+        p = row["partition"]
+        row["snapshot"] = _snapshot(directory / f"p{p}") if read_snapshots else None
     return {
+        "deployment": bool(meta),
+        "prefix": settings.prefix,
+        "meta_key": keys.meta,
+        "redis_url": redact(settings.redis_url),
         "partitions": partitions,
         "protocol": meta.get("protocol"),
-        "workers": workers,
+        "model": meta.get("model"),
+        "dims": {k: int(meta[k]) for k in ("input_dim", "memory_dim", "output_dim") if k in meta},
+        "components": meta.get("components"),
+        "workers": live,
+        "expired_workers": sorted(w for w, score in members if score <= now),
+        "snapshot_dir": str(directory),
+        "snapshot_dir_exists": directory.is_dir(),
         "rows": rows,
     }
 
 
+def _rows(client: Client, keys: Keys, partitions: int, live: set[str]) -> list[dict[str, Any]]:
+    """One pipelined round trip for every partition (a second for lags Redis cannot count)."""
+    pipe = client.pipeline(transaction=False)
+    for p in range(partitions):
+        for name in _PER_PARTITION:
+            pipe.get(keys.part(p, name))
+        pipe.xlen(keys.inp(p))
+        pipe.xinfo_groups(keys.inp(p))
+        pipe.xlen(keys.dead(p))
+    replies = pipe.execute(raise_on_error=False)
+    width = len(_PER_PARTITION) + 3
+    rows = []
+    for p in range(partitions):
+        *values, length, groups, dead = replies[p * width : (p + 1) * width]
+        row: dict[str, Any] = {"partition": p}
+        row.update({n: _value(v) for n, v in zip(_PER_PARTITION, values, strict=True)})
+        row["owner"] = row.pop("lease")
+        row["owner_alive"] = row["owner"] in live
+        group = _group(groups)
+        row["length"] = _number(length)
+        row["lag"] = group.get("lag") if group else None
+        row["pending"] = group.get("pending") if group else None
+        row["dead"] = _number(dead)
+        row["last_delivered"] = text(group.get("last-delivered-id")) if group else None
+        if group is None:
+            row["lag_note"] = "no consumer group yet (no worker has read this partition)"
+        rows.append(row)
+    _count_unknown_lags(client, keys, rows)
+    return rows
+
+
+def _value(reply: Any) -> str | None:
+    return None if reply is None or isinstance(reply, Exception) else text(reply)
+
+
+def _number(reply: Any) -> int:
+    return 0 if isinstance(reply, Exception) else int(reply)
+
+
+def _group(reply: Any) -> dict[str, Any] | None:
+    from worker.protocol import GROUP
+
+    if isinstance(reply, Exception):  # no such key: the stream was never created
+        return None
+    return next((g for g in reply if text(g["name"]) == GROUP), None)
+
+
+def _count_unknown_lags(client: Client, keys: Keys, rows: list[dict[str, Any]]) -> None:
+    """Redis reports no lag when it cannot count it (entries deleted, a recreated group);
+    when nothing follows the group's last delivered id the lag is 0 all the same."""
+    from worker.protocol import parse_id
+
+    unknown = [r for r in rows if r["lag"] is None and r["last_delivered"] is not None]
+    if not unknown:
+        return
+    pipe = client.pipeline(transaction=False)
+    for row in unknown:
+        pipe.xrevrange(keys.inp(row["partition"]), count=1)
+    for row, newest in zip(unknown, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(newest, Exception):
+            continue
+        if not newest or parse_id(text(newest[0][0])) <= parse_id(row["last_delivered"]):
+            row["lag"] = 0
+        else:
+            row["lag_note"] = (
+                f"Redis cannot count it (entries deleted or the group recreated); entries "
+                f"remain after the group's last delivered id {row['last_delivered']}"
+            )
+
+
 def _snapshot(directory: Path) -> dict[str, Any] | None:
+    from memnet.snapshot import SnapshotStore  # JAX: only when snapshots are shown
+
     found = SnapshotStore(directory, None).manifests()
     if not found:
         return None
@@ -60,26 +170,181 @@ def _snapshot(directory: Path) -> dict[str, Any] | None:
     }
 
 
-def print_status(settings: Settings, as_json: bool = False) -> int:
+# ---- what to print ----------------------------------------------------------------------------
+def no_deployment(status: dict[str, Any]) -> str:
+    where = f"under prefix {status['prefix']} at {status['redis_url']}"
+    if status["workers"]:
+        return (
+            f"no deployment record {status['meta_key']} {where}, though "
+            f"{len(status['workers'])} workers are live (they re-assert it within a lease "
+            "renewal: try again)"
+        )
+    return f"no deployment {where} (no worker has run)"
+
+
+def problems(status: dict[str, Any], max_lag: int = MAX_LAG) -> list[str]:
+    """Why the deployment is not ready: no live owner, or a lag over max_lag (or unknown)."""
+    if not status["deployment"]:
+        return [no_deployment(status)]
+    found = [] if status["workers"] else [f"no live workers under prefix {status['prefix']}"]
+    for row in status["rows"]:
+        p, owner, lag = row["partition"], row["owner"], row["lag"]
+        if owner is None:
+            found.append(f"partition {p}: no live owner (no lease)")
+        elif not row["owner_alive"]:
+            found.append(f"partition {p}: no live owner (lease held by {owner}, not alive)")
+        if lag is None:
+            if row["length"] > max_lag:  # the lag is at most the stream's length
+                note = row.get("lag_note", "not reported")
+                found.append(
+                    f"partition {p}: lag unknown ({note}), up to {row['length']} > {max_lag}"
+                )
+        elif lag > max_lag:
+            found.append(f"partition {p}: lag {lag} > {max_lag}")
+    return found
+
+
+def check(
+    settings: Settings, max_lag: int = MAX_LAG, as_json: bool = False, out: IO[str] | None = None
+) -> int:
+    """``memnet status --check``: 0 when every partition has a live owner and a lag of at
+    most max_lag, else 1 with one line per problem."""
+    out = out or sys.stdout
+    status = gather(settings, snapshots=False)
+    found = problems(status, max_lag)
+    if as_json:
+        _emit(json.dumps({"ok": not found, "problems": found, "max_lag": max_lag}), out)
+    elif found:
+        _emit("\n".join(found), out)
+    else:
+        lags = [r["lag"] if r["lag"] is not None else r["length"] for r in status["rows"]]
+        _emit(
+            f"ok: {status['partitions']} partitions, each owned by a live worker "
+            f"({len(status['workers'])} live), lag at most {max(lags, default=0)} "
+            f"(limit {max_lag})",
+            out,
+        )
+    return 1 if found else 0
+
+
+def print_status(settings: Settings, as_json: bool = False, out: IO[str] | None = None) -> int:
+    """``memnet status``: 0, or 1 when there is no deployment under the prefix."""
+    out = out or sys.stdout
     status = gather(settings)
     if as_json:
-        print(json.dumps(status, indent=1))
-        return 0
-    print(
-        f"{status['partitions']} partitions, protocol {status['protocol']}, "
-        f"{len(status['workers'])} live workers"
+        _emit(json.dumps(status, indent=1), out)
+    elif not status["deployment"]:
+        _emit(no_deployment(status), out)
+    else:
+        _emit("\n".join(render(status)), out)
+    return 0 if status["deployment"] else 1
+
+
+def _emit(text: str, out: IO[str]) -> None:
+    """Print; a reader that went away (``| head``) changes nothing, the exit status included."""
+    try:
+        print(text, file=out, flush=True)
+    except BrokenPipeError:
+        if out is sys.stdout:
+            quiet_stdout()
+
+
+def render(status: dict[str, Any]) -> list[str]:
+    lines = [_headline(status), _workers_line(status), _snapshots_line(status)]
+    lines.append(
+        f"{'part':>4}  {'owner':<28} {'epoch':>5} {'lag':>7} {'pend':>5} {'length':>8} "
+        f"{'dead':>6}  last snapshot"
     )
-    header = (
-        f"{'part':>4}  {'owner':<28} {'epoch':>5} {'lag':>7} {'pend':>5} {'length':>8}  "
-        "last snapshot"
-    )
-    print(header)
     for r in status["rows"]:
+        owner = r["owner"] or "-"
+        if r["owner"] is not None and not r["owner_alive"]:
+            owner += " (not live)"
         snap = r["snapshot"]
         last = f"{snap['position']} ({snap['age_s']} s ago)" if snap else "-"
-        print(
-            f"{r['partition']:>4}  {r['owner'] or '-':<28} {r['epoch'] or '-':>5} "
+        lines.append(
+            f"{r['partition']:>4}  {owner:<28} {r['epoch'] or '-':>5} "
             f"{'?' if r['lag'] is None else r['lag']:>7} {r['pending'] or 0:>5} "
-            f"{r['length']:>8}  {last}"
+            f"{r['length']:>8} {r['dead']:>6}  {last}"
         )
-    return 0
+    return lines
+
+
+def _headline(status: dict[str, Any]) -> str:
+    line = (
+        f"prefix {status['prefix']} at {status['redis_url']}: {status['partitions']} "
+        f"partitions, protocol {status['protocol']}"
+    )
+    if status["model"]:
+        line += f", model {status['model'][:12]}"
+    dims = status["dims"]
+    if dims:
+        line += " (" + ", ".join(f"{k} {v}" for k, v in dims.items()) + ")"
+    if status["components"]:
+        line += f", components {status['components']}"
+    return line
+
+
+def _workers_line(status: dict[str, Any]) -> str:
+    live = status["workers"]
+    line = f"{len(live)} live worker{'' if len(live) == 1 else 's'}"
+    if live:
+        line += ": " + ", ".join(live)
+    expired = len(status["expired_workers"])
+    if expired:
+        line += f" ({expired} expired member{'' if expired == 1 else 's'} of the set not shown)"
+    return line
+
+
+def _snapshots_line(status: dict[str, Any]) -> str:
+    if status["snapshot_dir_exists"]:
+        return f"snapshots read from {status['snapshot_dir']}"
+    return (
+        f"snapshots: {status['snapshot_dir']} does not exist here (MEMNET_SNAPSHOT_DIR, "
+        "relative to the current directory): run this where the workers' snapshot "
+        "directory is, or set it; the column shows -"
+    )
+
+
+# ---- the command ------------------------------------------------------------------------------
+def _count(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return n
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register the operator commands ``memnet status`` and ``memnet dead``."""
+    p = sub.add_parser(
+        "status",
+        help="partitions, owners, lag, dead letters and snapshots; --check for probes",
+        description="Per partition: its owner (a live worker or not), epoch, lag, pending\n"
+        "entries, input length, dead letters and last snapshot (read from\n"
+        "MEMNET_SNAPSHOT_DIR on this machine). Exit status 1 when no worker ever ran\n"
+        "under the prefix.",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="as one JSON document (with --check: ok, problems)"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if every partition has a live owner and a lag of at most --max-lag, "
+        "else 1 printing why (a readiness probe)",
+    )
+    p.add_argument(
+        "--max-lag",
+        type=_count,
+        default=MAX_LAG,
+        metavar="N",
+        help="for --check: the most entries a partition may have unread (default %(default)s)",
+    )
+    p.set_defaults(run=cmd_status)
+    add_dead_command(sub)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if args.check:
+        return check(settings, args.max_lag, as_json=args.json)
+    return print_status(settings, as_json=args.json)

@@ -34,6 +34,7 @@ from memnet import Engine, SnapshotError, load_model
 from memnet.errors import SnapshotAborted, StaleSnapshot
 from worker import metrics
 from worker.connection import Client, connect, is_cluster
+from worker.dead import log_dead_letters
 from worker.faults import UNAVAILABLE, Backoff, Kind, Throttled, classify
 from worker.leases import LeaseKeeper
 from worker.meta import Meta, record
@@ -95,6 +96,12 @@ class Worker:
     @property
     def parts(self) -> dict[int, Partition]:
         return self.owner.parts
+
+    def last_progress(self) -> float | None:
+        """time.monotonic() of the loop's last pass; None while starting up or stopping
+        (what /healthz reads, worker/health.py)."""
+        serving = self.keeper.is_alive() and not self.stopping.is_set()
+        return self._progress if serving else None
 
     # ---- lifecycle -----------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
@@ -230,9 +237,13 @@ class Worker:
                 self.owner.contain(part, e)
             return
         committed = self.commit_all(batches)
-        for batch in (b for part, b in batches.items() if committed.get(part)):
+        for part, batch in batches.items():
+            if not committed.get(part):
+                continue
             for op, n in batch.counts.items():
                 metrics.DEAD_LETTERS.inc(n) if op == "dead" else metrics.ENTRIES.labels(op).inc(n)
+            if batch.dead:
+                log_dead_letters(self.throttled, part.number, batch.dead)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
 
     def commit_all(self, batches: dict[Partition, Batch]) -> dict[Partition, bool]:
@@ -382,8 +393,13 @@ def probe_rights(client: Client, keys: Keys) -> None:
         pass  # "no such key": the expected answer
 
 
-def serve(settings: Settings, burst: bool = False) -> None:
-    """Run a worker with signal handling (the ``memnet worker`` command)."""
+def serve(
+    settings: Settings,
+    burst: bool = False,
+    on_worker: Callable[[Worker], None] | None = None,
+) -> None:
+    """Run a worker with signal handling (the ``memnet worker`` command); ``on_worker`` is
+    given the worker once it exists (the health server reads its progress)."""
     backoff = Backoff(base_s=0.1, cap_s=5.0)
     while True:
         try:
@@ -394,6 +410,8 @@ def serve(settings: Settings, burst: bool = False) -> None:
             delay = backoff.fail()
             log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)
             time.sleep(delay)
+    if on_worker is not None:
+        on_worker(worker)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
     worker.run(burst=burst)
