@@ -8,10 +8,32 @@ IDs restart at 1 for each new story; support IDs name statements of the same sto
 
 from __future__ import annotations
 
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from memnet.errors import MemnetError
+
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def shared_path(relative: str) -> Path:
+    """A directory the project ships (``data/babi/en``, ``models/babi``): the checkout's own
+    in a source tree or an editable install, else the copy a non-editable install put under
+    ``{prefix}/share/memnet`` (pyproject.toml's data-files). The checkout's path, which does
+    not exist, when neither is there."""
+    checkout = _CHECKOUT / relative
+    if (_CHECKOUT / "pyproject.toml").is_file() and checkout.is_dir():
+        return checkout
+    for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")):
+        installed = Path(sysconfig.get_path("data", scheme)) / "share" / "memnet" / relative
+        if installed.is_dir():
+            return installed
+    return checkout
+
+
+DATA = shared_path("data/babi/en")  # the bAbI 1k training files (CC BY 3.0, see ../ATTRIBUTION.md)
+MODELS = shared_path("models/babi")  # the shipped models, qaN.safetensors
 
 TASKS = range(1, 21)
 NAMES = {
@@ -59,6 +81,8 @@ class Story:
 
 def task_file(data: Path, task: int) -> Path:
     """The training file of a task in a bAbI directory (en/ or en-10k/)."""
+    if not Path(data).is_dir():
+        raise BabiError(f"{data}: no such bAbI directory")
     found = sorted(Path(data).glob(f"qa{task}_*_train.txt"))
     if len(found) != 1:
         raise BabiError(f"{data}: expected one qa{task}_*_train.txt, found {len(found)}")

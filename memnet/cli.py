@@ -1,4 +1,8 @@
-"""Library commands of the ``memnet`` CLI (the entry point lives in worker/cli.py)."""
+"""Library commands of the ``memnet`` CLI (the entry point lives in worker/cli.py).
+
+Building the parser imports only light modules (config, training settings, the bAbI paths);
+each command imports what it runs on (JAX among it) when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,52 +11,54 @@ import json
 import sys
 from pathlib import Path
 
+from memnet.babi import DATA
 from memnet.config import ConfigValueError, IndexConfig, ModelConfig
-from memnet.errors import MemnetError
-from memnet.model import load_model, random_model, save_model
 from memnet.training.settings import Settings
-
-DATA = Path(__file__).resolve().parents[1] / "data" / "babi" / "en"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("init", help="write a model with random weights (as in the reference)")
     p.add_argument("out", help="model file to write (.safetensors)")
-    p.add_argument("--input-dim", type=int, required=True)
-    p.add_argument("--memory-dim", type=int, required=True)
-    p.add_argument("--output-dim", type=int, required=True)
-    p.add_argument("--slots", type=int, required=True)
-    p.add_argument("--hidden", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-dim", type=int, required=True, help="D: size of an input x")
+    p.add_argument("--memory-dim", type=int, required=True, help="M: size of a memory slot")
+    p.add_argument("--output-dim", type=int, required=True, help="Y: size of a response y")
+    p.add_argument("--slots", type=int, required=True, help="S: slots of every memory")
+    p.add_argument("--hidden", type=int, default=16, help="H: hidden size of the MLPs")
+    p.add_argument("--top-k", type=int, default=5, help="slots a query attends over")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     p.add_argument(
         "--exact-max-slots",
         type=int,
         default=IndexConfig.exact_max_slots,
         help="memories up to this many slots are searched exactly, larger ones with an "
-        "hnswlib graph (default %(default)s; see docs/performance.md)",
+        "hnswlib graph (see docs/performance.md)",
     )
     p.set_defaults(run=cmd_init)
 
-    p = sub.add_parser("train", help="train a text memory network on a bAbI task")
-    p.add_argument("--task", type=int, required=True, choices=range(1, 21), metavar="1..20")
+    p = sub.add_parser("train", help="train a text memory network on a bAbI task (the train extra)")
     p.add_argument(
-        "--data", type=Path, default=DATA, help="a bAbI directory (default: %(default)s)"
+        "--task", type=int, required=True, choices=range(1, 21), metavar="1..20", help="bAbI task"
     )
+    p.add_argument("--data", type=Path, default=DATA, help="a bAbI directory")
     p.add_argument("--out", type=Path, help="model file (default: var/models/qaTASK.safetensors)")
     p.add_argument("--seeds", type=int, default=3, help="runs; the best on validation is kept")
     p.add_argument("--dim", type=int, default=64, help="embedding size (memory_dim is twice it)")
-    p.add_argument("--hops", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=Settings.epochs)
-    p.add_argument("--patience", type=int, default=Settings.patience)
+    p.add_argument("--hops", type=int, default=3, help="rounds of attention (O)")
+    p.add_argument("--epochs", type=int, default=Settings.epochs, help="most epochs per seed")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=Settings.patience,
+        help="epochs without a better validation result before stopping",
+    )
     p.add_argument("--no-support", action="store_true",
                    help="train on answers only, without the supporting facts")  # fmt: skip
     p.add_argument("--output", default="multi-hop", help="the O component")
-    p.add_argument("--response", default="answer-mlp", help="the R component (default %(default)s)")
+    p.add_argument("--response", default="answer-mlp", help="the R component")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("inspect", help="check a model file and print its config")
-    p.add_argument("model")
+    p.add_argument("model", help="model file (.safetensors)")
     p.set_defaults(run=cmd_inspect)
 
 
@@ -71,6 +77,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     except ConfigValueError as e:
         print(f"memnet init: {e}", file=sys.stderr)
         return 2
+    from memnet.model import random_model, save_model
+
     model = random_model(config, seed=args.seed)
     save_model(model, args.out)
     print(f"wrote {args.out} (fingerprint {model.fingerprint[:12]})")
@@ -78,6 +86,18 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if not args.data.is_dir():
+        print(
+            f"memnet train: no bAbI data at {args.data}: pass --data DIR (a directory of "
+            "qaN_*_train.txt files, such as bAbI's en/)",
+            file=sys.stderr,
+        )
+        return 2
+    # Both halves of the train extra now, not after training: optax (the step), matplotlib
+    # (the plot at the end). A missing one is reported by worker.cli as the extra to install.
+    import matplotlib  # noqa: F401
+
+    from memnet.errors import MemnetError
     from memnet.training.train import spread, train_task
 
     out = args.out or Path("var/models") / f"qa{args.task}.safetensors"
@@ -102,6 +122,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from memnet.errors import MemnetError
+    from memnet.model import load_model
+
     try:
         model = load_model(args.model)
     except MemnetError as e:

@@ -14,13 +14,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from memnet import Answer, Engine, InvalidInput, Memory, load_model
-from memnet.babi import NAMES, Story, events, read_stories, split, task_file
+from memnet import Answer, Engine, InvalidInput, Memory, babi, load_model
+from memnet.babi import NAMES, BabiError, Story, events, read_stories, split, task_file
 from worker.local import collect, local_redis, local_workers, send
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models" / "babi"
-DATA = ROOT / "data" / "babi" / "en"
+DATA, MODELS = babi.DATA, babi.MODELS  # the checkout's, else the copies installed with memnet
 
 Answers = dict[str, str | None]  # query id -> answer (None: an error response)
 
@@ -95,6 +93,14 @@ def run_eval(
     workers: int = 2,
     as_json: bool = False,
 ) -> int:
+    models = {task: model_for(model, task) for task in tasks}
+    missing = [str(path) for path in models.values() if not path.is_file()]
+    if missing:
+        raise BabiError(
+            f"no model file {missing[0]}: pass --model FILE (or DIR of qaN.safetensors)"
+        )
+    if not Path(data).is_dir():
+        raise BabiError(f"no bAbI data at {data}: pass --data DIR (of qaN_*_train.txt files)")
     scores: dict[str, float] = {}
     disagree = 0
     print(f"{'task':<28} {'questions':>9} {'accuracy':>9}" + ("  agree" if mode == "both" else ""))
@@ -103,7 +109,7 @@ def run_eval(
         local_redis(Path(tmp)) as (url, _),
     ):
         for task in tasks:
-            path = model_for(model, task)
+            path = models[task]
             batch, expected = task_events(task, stories_of(data, task, which))
             if mode == "in-process":
                 answers = in_process(path, batch)

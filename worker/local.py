@@ -52,7 +52,9 @@ def local_redis(workdir: Path) -> Iterator[tuple[str, str]]:
             proc.terminate()
             proc.wait(10)
         return
+    # The demo extra; a missing one is reported by worker.cli as the extra to install.
     import fakeredis
+    import lupa  # noqa: F401 (the workers' Lua scripts run on it inside fakeredis)
 
     server = fakeredis.TcpFakeServer(("127.0.0.1", 0))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -1,7 +1,8 @@
 """Worker settings: the only place that reads the environment.
 
-Every setting has a documented default whose unit is in its name. A bad value stops start-up
-with a message naming the variable.
+Every setting has a documented default whose unit is in its name (``HELP`` says what each
+means; ``memnet worker --help`` lists them). A bad value stops start-up with a message naming
+the variable.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -21,23 +22,24 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"  # REDIS_URL (rediss:// and user:pass@ work)
-    model: Path | None = None  # MEMNET_MODEL: the model file every worker serves
-    snapshot_dir: Path = Path("var/snapshots")  # MEMNET_SNAPSHOT_DIR, shared by all workers
-    partitions: int = 8  # MEMNET_PARTITIONS: fixed for a deployment
-    prefix: str = "memnet"  # MEMNET_PREFIX: key prefix
-    batch_size: int = 1000  # MEMNET_BATCH_SIZE: entries read per partition per step
-    block_ms: int = 100  # MEMNET_BLOCK_MS: longest wait for new entries when idle
-    lease_ms: int = 5000  # MEMNET_LEASE_MS: partition lease; renewed every third of it
-    snapshot_every_entries: int = 50_000  # MEMNET_SNAPSHOT_EVERY_ENTRIES
-    snapshot_every_s: float = 60.0  # MEMNET_SNAPSHOT_EVERY_S
-    snapshots_kept: int = 3  # MEMNET_SNAPSHOTS_KEPT
-    stop_snapshot_s: float = 3.0  # MEMNET_STOP_SNAPSHOT_S: longest final snapshots on SIGTERM
-    max_message_bytes: int = 1 << 20  # MEMNET_MAX_MESSAGE_BYTES
-    response_maxlen: int = 1_000_000  # MEMNET_RESPONSE_MAXLEN: ~entries kept per out stream
-    metrics_port: int = 0  # MEMNET_METRICS_PORT (else $PORT as honcho sets it); 0: off
-    log_level: str = "INFO"  # MEMNET_LOG_LEVEL
-    worker_id: str = field(default_factory=lambda: default_worker_id())  # MEMNET_WORKER_ID
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    model: Path | None = None
+    snapshot_dir: Path = Path("var/snapshots")
+    partitions: int = 8
+    prefix: str = "memnet"
+    batch_size: int = 1000
+    block_ms: int = 100
+    lease_ms: int = 5000
+    snapshot_every_entries: int = 50_000
+    snapshot_every_s: float = 60.0
+    snapshots_kept: int = 3
+    stop_snapshot_s: float = 3.0
+    max_message_bytes: int = 1 << 20
+    response_maxlen: int = 1_000_000
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    log_level: str = "INFO"
+    worker_id: str = field(default_factory=lambda: default_worker_id())
 
     @property
     def renew_every_s(self) -> float:
@@ -60,12 +62,18 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        scheme = urlsplit(self.redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
+        url = urlsplit(self.redis_url)
+        if url.scheme not in ("redis", "rediss", "unix"):
             raise SettingsError(
                 f"REDIS_URL must start with redis://, rediss:// or unix://, "
                 f"got {redact(self.redis_url)!r}"
             )
+        try:
+            url.port  # noqa: B018 (parsing it is the check: a non-number or out of range)
+        except ValueError as e:
+            raise SettingsError(
+                f"REDIS_URL has a bad port ({e}): {redact(self.redis_url)!r}"
+            ) from None
         if not self.prefix or any(c in self.prefix for c in "{} \n"):
             raise SettingsError(
                 f"MEMNET_PREFIX must be non-empty without braces or spaces, got {self.prefix!r}"
@@ -94,9 +102,69 @@ ENV_NAMES = {
     "max_message_bytes": "MEMNET_MAX_MESSAGE_BYTES",
     "response_maxlen": "MEMNET_RESPONSE_MAXLEN",
     "metrics_port": "MEMNET_METRICS_PORT",
+    "metrics_host": "MEMNET_METRICS_HOST",
     "log_level": "MEMNET_LOG_LEVEL",
     "worker_id": "MEMNET_WORKER_ID",
 }
+# What each setting means (memnet worker --help and the README's table say the same).
+HELP = {
+    "redis_url": "the Redis to use; rediss:// and user:password@ work (percent-encode "
+    "special characters in the password)",
+    "model": "the model file every worker serves",
+    "snapshot_dir": "snapshots, shared by all workers; one subdirectory per partition",
+    "partitions": "partition count, fixed once the first worker records it in PREFIX:meta",
+    "prefix": "key prefix",
+    "batch_size": "entries read per partition per step",
+    "block_ms": "longest idle wait for new entries",
+    "lease_ms": "partition lease, renewed every third of it",
+    "snapshot_every_entries": "snapshot a partition after this many entries "
+    "(or MEMNET_SNAPSHOT_EVERY_S)",
+    "snapshot_every_s": "snapshot a partition after this many seconds "
+    "(or MEMNET_SNAPSHOT_EVERY_ENTRIES)",
+    "snapshots_kept": "snapshots kept per partition; the input is trimmed below the oldest",
+    "stop_snapshot_s": "longest a stopping worker spends on final snapshots (SIGTERM); "
+    "partitions that do not fit hand over with their previous snapshot",
+    "max_message_bytes": "larger messages are dead-lettered",
+    "response_maxlen": "approximate length kept of each out/dead stream (0: all)",
+    "metrics_port": "Prometheus metrics port, else $PORT (honcho sets it per process); 0: off",
+    "metrics_host": "address /metrics and /healthz listen on (0.0.0.0: every interface)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR; logs are JSON lines on stderr",
+    "worker_id": "consumer name and lease holder",
+}
+_SHOWN_DEFAULTS = {"model": "(required)", "worker_id": "HOST-PID-RANDOM"}
+
+# Set for the memnet command's own process (worker.cli.main), never on import: read by
+# OpenBLAS and JAX when they load.
+PROCESS_DEFAULTS = {"MEMNET_BLAS_THREADS": "1", "JAX_PLATFORMS": "cpu"}
+PROCESS_HELP = {
+    "MEMNET_BLAS_THREADS": "BLAS threads per process (sets OPENBLAS_NUM_THREADS, "
+    "OMP_NUM_THREADS and MKL_NUM_THREADS where they are unset)",
+    "JAX_PLATFORMS": "where JAX runs; the default skips JAX's start-up probe for a TPU",
+}
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(environment variable, default as shown, meaning) for every setting, in order."""
+    rows = []
+    for f in fields(Settings):
+        default = _SHOWN_DEFAULTS.get(f.name, f.default)
+        rows.append((ENV_NAMES[f.name], str(default), HELP[f.name]))
+    return rows + [(name, PROCESS_DEFAULTS[name], PROCESS_HELP[name]) for name in PROCESS_HELP]
+
+
+def set_process_defaults(env: MutableMapping[str, str] | None = None) -> None:
+    """What a memnet process sets before numpy or JAX loads (only the memnet command does:
+    importing the packages changes no variable). One BLAS thread per process: several
+    workers share the cores, and OpenBLAS's spinning threads turn 50 us products into 8 ms
+    ones under load. JAX on the CPU (the platform the worker's answers are defined on)
+    without the start-up probe for a TPU, and its log line."""
+    env = os.environ if env is None else env
+    threads = env.get("MEMNET_BLAS_THREADS") or PROCESS_DEFAULTS["MEMNET_BLAS_THREADS"]
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, threads)
+    env.setdefault("JAX_PLATFORMS", PROCESS_DEFAULTS["JAX_PLATFORMS"])
+
+
 _POSITIVE = {
     "partitions",
     "batch_size",
@@ -111,7 +179,7 @@ _POSITIVE = {
 def _parse(name: str, key: str, raw: str) -> object:
     if key in ("model", "snapshot_dir"):
         return Path(raw)
-    if key in ("redis_url", "prefix", "log_level", "worker_id"):
+    if key in ("redis_url", "prefix", "log_level", "worker_id", "metrics_host"):
         return raw
     try:
         value: float = float(raw) if key in ("snapshot_every_s", "stop_snapshot_s") else int(raw)
@@ -127,12 +195,11 @@ def default_worker_id() -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and messages."""
+    """The URL with any password replaced by ***, for logs and messages (read from the text
+    as written, so a URL with a bad port is redacted too)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    user = userinfo.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -1,0 +1,261 @@
+"""The ``memnet`` command line: version, help, imports, the process's settings, and one
+line (never a traceback) with a documented exit status for each user error."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from worker import cli as worker_cli
+from worker.cli import build_parser
+from worker.cli import main as cli
+from worker.settings import ENV_NAMES, Settings, SettingsError, redact, set_process_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+NO_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+# memnet/__init__.py re-exports the engine; until it does so lazily, importing any memnet
+# module (the library commands' parsers included) loads JAX.
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, stdout: int = subprocess.PIPE
+) -> subprocess.CompletedProcess:
+    """``python -m worker.cli ARGS`` (what the memnet script runs), as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "REDIS_URL": NO_REDIS, **(env or {})},
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def one_line(done: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    return done.stderr
+
+
+def test_version():
+    done = run("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"memnet {VERSION}"
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_help_shows_every_default():
+    commands = subcommands()
+    assert {"init", "train", "worker", "write", "produce", "status", "eval-babi"} <= set(commands)
+    for name, parser in commands.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.default is None or action.default is False or not action.option_strings:
+                continue
+            if action.default == argparse.SUPPRESS:
+                continue
+            text = formatter._expand_help(action) if action.help else ""
+            assert "default" in text, f"memnet {name} {action.option_strings[0]}: {text!r}"
+    init_help = commands["init"].format_help()
+    assert "(default: 16)" in init_help and "(default: 0)" in init_help  # --hidden, --seed
+
+
+def test_main_help_documents_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for status in ("0 ", "1 ", "2 ", "3 ", "130 "):
+        assert f"\n  {status}" in out
+
+
+def test_worker_help_lists_every_setting_with_its_default_and_meaning(capsys):
+    with pytest.raises(SystemExit):
+        cli(["worker", "--help"])
+    out = capsys.readouterr().out
+    for name in ENV_NAMES.values():
+        assert name in out
+    assert "MEMNET_LEASE_MS=5000\n      partition lease" in out
+    assert "MEMNET_MODEL (required)" in out
+    assert "JAX_PLATFORMS=cpu" in out and "MEMNET_BLAS_THREADS=1" in out
+
+
+def test_importing_the_client_loads_no_jax_and_changes_no_environment():
+    bare = {k: v for k, v in os.environ.items() if not k.endswith("NUM_THREADS")}
+    bare.pop("JAX_PLATFORMS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os, sys; before = dict(os.environ); import worker.client; "
+         "print('jax' in sys.modules, dict(os.environ) == before)"],
+        cwd=ROOT, env=bare, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]
+
+
+def test_the_command_sets_its_own_process_defaults():
+    env: dict[str, str] = {}
+    set_process_defaults(env)
+    assert env == {
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "JAX_PLATFORMS": "cpu",
+    }
+    env = {"MEMNET_BLAS_THREADS": "2", "OMP_NUM_THREADS": "3", "JAX_PLATFORMS": "cuda"}
+    set_process_defaults(env)
+    assert env["OPENBLAS_NUM_THREADS"] == "2" and env["OMP_NUM_THREADS"] == "3"
+    assert env["JAX_PLATFORMS"] == "cuda"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["write", "--help"], ["produce", "--help"]])
+def test_help_loads_no_jax(argv):
+    done = python(
+        "import sys\nfrom worker.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('jax' in sys.modules, file=sys.stderr)"
+    )
+    assert done.stderr.strip() == "False", done.stderr
+
+
+def test_a_client_command_loads_no_jax():
+    done = python(
+        "import sys\nfrom worker.cli import main\n"
+        "status = main(['write', '--memory', 'm', '--x', '1,2'])\n"
+        "print(status, 'jax' in sys.modules, file=sys.stderr)",
+        env={"REDIS_URL": NO_REDIS},
+    )
+    assert done.stderr.splitlines()[-1] == "3 False", done.stderr
+
+
+def test_produce_of_a_missing_file_is_one_line_and_exit_2(tmp_path):
+    done = run("produce", str(tmp_path / "missing.jsonl"))
+    assert done.returncode == 2
+    assert "missing.jsonl" in one_line(done) and "No such file" in done.stderr
+
+
+def test_produce_passes_skip_through(monkeypatch, tmp_path):
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"op": "write", "memory": "m", "x": [1]}\n')
+    calls = []
+    monkeypatch.setattr(worker_cli, "_client", lambda: "client")
+    monkeypatch.setattr(
+        "worker.produce.produce_file", lambda client, path, **kw: calls.append(kw) or 0
+    )
+    assert cli(["produce", str(events), "--skip", "5"]) == 0
+    assert cli(["produce", str(events)]) == 0
+    assert calls == [{"skip": 5}, {"skip": 0}]
+    with pytest.raises(SystemExit) as exited:
+        cli(["produce", str(events), "--skip", "-1"])
+    assert exited.value.code == 2
+
+
+def test_unreachable_redis_is_exit_3():
+    done = run("write", "--memory", "m", "--x", "1,2")
+    assert done.returncode == 3
+    assert "cannot reach Redis" in one_line(done)
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:notaport/0", "redis://u:pw@h:99999/0"])
+def test_a_bad_port_in_redis_url_names_the_variable(url):
+    with pytest.raises(SettingsError, match="REDIS_URL") as error:
+        Settings.from_env({"REDIS_URL": url})
+    assert "pw" not in str(error.value)
+    done = run("write", "--memory", "m", "--x", "1,2", env={"REDIS_URL": url})
+    assert done.returncode == 2
+    assert "REDIS_URL" in one_line(done) and "pw" not in done.stderr
+
+
+def test_redact_hides_only_the_password():
+    assert redact("redis://u:s3cret@h:6379/0") == "redis://u:***@h:6379/0"
+    assert redact("rediss://:s3cret@h/0") == "rediss://:***@h/0"
+    assert redact("redis://u:pw@h:bad/0") == "redis://u:***@h:bad/0"
+    assert redact("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_metrics_port_in_use_names_the_setting(tmp_path, model_file):
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        done = run(
+            "worker",
+            env={"MEMNET_MODEL": str(model_file), "MEMNET_METRICS_PORT": port,
+                 "MEMNET_SNAPSHOT_DIR": str(tmp_path)},
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert "MEMNET_METRICS_PORT" in one_line(done) and port in done.stderr
+
+
+def test_status_into_a_closed_pipe_exits_quietly(redis_url, redis_server, tmp_path):
+    with redis_server.client() as r:  # a deployment's meta, as a worker records it
+        r.hset("memnet:meta", mapping={"partitions": 8, "protocol": 1})
+    env = {"REDIS_URL": redis_url, "MEMNET_PREFIX": "memnet", "MEMNET_SNAPSHOT_DIR": str(tmp_path)}
+    for args in (["status"], ["status", "--json"]):
+        read, write = os.pipe()
+        os.close(read)  # `memnet status | head -1` once head has exited
+        try:
+            done = run(*args, env=env, stdout=write)
+        finally:
+            os.close(write)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+
+
+def test_interrupted_is_130(monkeypatch):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker_cli, "_client", interrupted)
+    assert cli(["write", "--memory", "m", "--x", "1"]) == 130
+
+
+@pytest.mark.parametrize(
+    ("missing", "argv", "extra"),
+    [
+        ("optax", ["train", "--task", "1"], "train"),
+        ("matplotlib", ["train", "--task", "1"], "train"),
+        ("fakeredis", ["demo"], "demo"),
+    ],
+)
+def test_a_missing_extra_names_the_extra(missing, argv, extra, tmp_path):
+    # The module blocked as if not installed; no REDIS_URL and no redis-server on PATH, so
+    # the demo needs its embedded fakeredis.
+    code = (
+        f"import sys\nsys.modules[{missing!r}] = None\nfrom worker.cli import main\n"
+        f"sys.exit(main({argv!r}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["PATH"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"needs the {extra} extra" in one_line(done)
+    assert f"pip install 'memnet[{extra}]'" in done.stderr
