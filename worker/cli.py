@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import logs
+from worker.dead import at_least_zero
 from worker.settings import Settings, SettingsError, describe, set_process_defaults
 
 EXIT_CODES = """\
@@ -106,12 +107,6 @@ def _vector(value: str) -> list[float]:
         ) from None
 
 
-def _count(value: str) -> int:
-    if not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}")
-    return int(value)
-
-
 def _settings_epilog() -> str:
     lines = ["settings, from the environment (VARIABLE=default, then what it does):"]
     for name, default, meaning in describe():
@@ -179,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help='one event per line, e.g. {"op":"write","memory":"m","x":[...]}')
     p.add_argument(
         "--skip",
-        type=_count,
+        type=at_least_zero,
         default=0,
         metavar="N",
         help="skip the file's first N events (to resume an interrupted run)",

@@ -221,7 +221,8 @@ def _print(letter: DeadLetter, as_json: bool, out: IO[str]) -> None:
     print(line, file=out, flush=True)
 
 
-def _count(value: str) -> int:
+def at_least_zero(value: str) -> int:
+    """An argparse type: a count of 0 or more."""
     n = int(value)
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
@@ -248,7 +249,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     p.add_argument(
         "--count",
-        type=_count,
+        type=at_least_zero,
         default=20,
         metavar="N",
         help="the N newest (default %(default)s; 0: all)",

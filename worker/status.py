@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from worker.dead import add_commands as add_dead_command
 from worker.dead import as_text as text
-from worker.dead import quiet_stdout
+from worker.dead import at_least_zero, quiet_stdout
 from worker.settings import Settings, redact
 
 if TYPE_CHECKING:
@@ -306,13 +306,6 @@ def _snapshots_line(status: dict[str, Any]) -> str:
 
 
 # ---- the command ------------------------------------------------------------------------------
-def _count(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return n
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register the operator commands ``memnet status`` and ``memnet dead``."""
     p = sub.add_parser(
@@ -334,7 +327,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     p.add_argument(
         "--max-lag",
-        type=_count,
+        type=at_least_zero,
         default=MAX_LAG,
         metavar="N",
         help="for --check: the most entries a partition may have unread (default %(default)s)",
