@@ -1,7 +1,7 @@
 """End-to-end benchmark pieces: a producer and a subscriber process, and the harness that
 runs them around real `memnet worker` processes on a private redis-server.
 
-    python scripts/bench_e2e.py produce URL WORKLOAD N MEMORIES SEED RATE
+    python scripts/bench_e2e.py produce URL WORKLOAD N MEMORIES SEED RATE INPUT_DIM MEMORY_DIM
     python scripts/bench_e2e.py subscribe URL EXPECTED OUT.json
 """
 
@@ -22,8 +22,8 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import RedisServer  # noqa: E402
 from worker.protocol import Keys, pack, partition_of  # noqa: E402
+from worker.servers import RedisServer  # noqa: E402
 
 PREFIX, PARTITIONS = "bench", 8
 
@@ -234,7 +234,10 @@ def _ge(a: str, b: str) -> bool:
 
 
 if __name__ == "__main__":
-    cmd, args = sys.argv[1], sys.argv[2:]
+    cmd, args = (sys.argv[1:2] or ["--help"])[0], sys.argv[2:]
+    if cmd not in ("produce", "subscribe"):
+        print(__doc__.strip())
+        sys.exit(0 if cmd in ("-h", "--help") else 2)
     if cmd == "produce":
         produce(
             args[0],

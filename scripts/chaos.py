@@ -58,10 +58,10 @@ sys.path.insert(0, str(ROOT))
 
 from memnet import ModelConfig, random_model, save_model  # noqa: E402
 from scripts.chaos_compare import COUNTS, compare  # noqa: E402
-from tests.servers import RedisServer  # noqa: E402
-from tests.streams import WorkerProcess, owners  # noqa: E402
+from worker.local import WorkerProcess, owners  # noqa: E402
 from worker.permissions import acl_rules  # noqa: E402
 from worker.protocol import GROUP, Keys, pack, parse_id, partition_of  # noqa: E402
+from worker.servers import RedisServer  # noqa: E402
 
 PREFIX, PARTITIONS, LEASE_MS = "chaos", 8, 2000
 MODEL = ModelConfig(input_dim=16, memory_dim=16, output_dim=4, hidden=16, slots=256, top_k=5)

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 MEMNET=.venv/bin/memnet
 work=$(mktemp -d /tmp/memnet-drill-XXXX)
-port=$($PY -c 'from tests.servers import free_port; print(free_port())')
+port=$($PY -c 'from worker.servers import free_port; print(free_port())')
 export REDIS_URL="redis://127.0.0.1:$port/0" MEMNET_PREFIX=drill MEMNET_SNAPSHOT_DIR="$work/snap"
 export MEMNET_MODEL="$work/model.safetensors" MEMNET_SNAPSHOT_EVERY_S=2 MEMNET_LEASE_MS=2000
 pids=()

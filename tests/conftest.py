@@ -37,7 +37,7 @@ def rng():
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    from tests.servers import RedisServer
+    from worker.servers import RedisServer
 
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server

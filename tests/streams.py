@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -133,42 +129,3 @@ def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.05)
-
-
-class WorkerProcess:
-    """``memnet worker`` as a real process (what honcho runs)."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        with open(log, "ab") as stderr:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "worker"],
-                env={**os.environ, **env},
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                cwd=Path(__file__).resolve().parents[1],
-            )
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout_s: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise
-        return self.proc.returncode
-
-
-def owners(client: redis.Redis, prefix: str, partitions: int) -> list[str | None]:
-    keys = Keys(prefix)
-    values = [client.get(keys.part(p, "lease")) for p in range(partitions)]
-    return [v.decode() if v is not None else None for v in values]

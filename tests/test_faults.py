@@ -11,9 +11,7 @@ import pytest
 
 from memnet import Engine, load_model, random_model, save_model
 from tests.conftest import WORKER_MODEL
-from tests.servers import RedisServer
 from tests.streams import (
-    WorkerProcess,
     assert_same_answer,
     events,
     library_answers,
@@ -23,8 +21,10 @@ from tests.streams import (
     worker_settings,
 )
 from worker.faults import Fenced
+from worker.local import WorkerProcess
 from worker.protocol import Keys, partition_of
 from worker.scripts import fenced
+from worker.servers import RedisServer
 from worker.worker import Worker
 
 PREFIX = "f"
@@ -289,7 +289,7 @@ def test_acl_user_with_password_in_the_url_only(tmp_path, model_file):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from tests.servers import RedisCluster
+    from worker.servers import RedisCluster
 
     c = RedisCluster(tmp_path_factory.mktemp("cluster"))
     yield c

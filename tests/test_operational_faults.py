@@ -21,18 +21,18 @@ import redis
 
 from memnet import Engine, load_model, random_model, save_model
 from tests.conftest import WORKER_MODEL
-from tests.servers import RedisServer
 from tests.streams import (
     assert_same_answer,
     events,
     library_answers,
     outputs,
-    owners,
     wait_for,
     worker_settings,
 )
+from worker.local import owners
 from worker.permissions import acl_rules
 from worker.protocol import Keys, pack, partition_of
+from worker.servers import RedisServer
 from worker.settings import SettingsError
 from worker.worker import Worker
 
@@ -313,7 +313,7 @@ def worker_env(url, tmp_path, model_file, name):
 def test_the_documented_minimal_acl_serves_through_a_handover_and_a_redis_restart(
     tmp_path, model_file, engine
 ):
-    from tests.streams import WorkerProcess
+    from worker.local import WorkerProcess
 
     rules = acl_rules(PREFIX)
     server = RedisServer(

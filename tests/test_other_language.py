@@ -13,8 +13,9 @@ import pytest
 import redis
 
 from memnet import Engine, load_model
-from tests.streams import WorkerProcess, wait_for
+from tests.streams import wait_for
 from tests.test_worker import CONFIG
+from worker.local import WorkerProcess
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "node_client.mjs"
 

@@ -16,9 +16,10 @@ import time
 import pytest
 
 from memnet import Engine, load_model
-from tests.streams import owners, send, worker_settings
+from tests.streams import send, worker_settings
 from worker import dead, health, status
 from worker.faults import Throttled
+from worker.local import owners
 from worker.protocol import Keys, dead_letter, pack, partition_of
 from worker.worker import Worker
 

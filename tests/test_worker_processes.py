@@ -17,16 +17,15 @@ import pytest
 
 from memnet import Engine, load_model
 from tests.streams import (
-    WorkerProcess,
     assert_same_answer,
     events,
     library_answers,
     outputs,
-    owners,
     send,
     wait_for,
 )
 from tests.test_worker import DIMS, MEMORIES
+from worker.local import WorkerProcess, owners
 
 PREFIX = "p"
 PARTITIONS = 8

@@ -1,6 +1,6 @@
 """Workers on this machine for commands that bring their own (``memnet demo``,
 ``memnet eval-babi``): a Redis to use, worker processes under a private key prefix, and
-collecting responses."""
+collecting responses; and ``memnet worker`` as one process, for the scripts and the tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,16 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
+import redis
 
 from worker.client import MemnetClient
 from worker.connection import connect, text
-from worker.protocol import pack, parse_id
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from worker.protocol import Keys, pack, parse_id
+from worker.servers import RedisServer
 
 
 @contextlib.contextmanager
@@ -37,20 +32,11 @@ def local_redis(workdir: Path) -> Iterator[tuple[str, str]]:
         yield os.environ["REDIS_URL"], "REDIS_URL"
         return
     if shutil.which("redis-server"):
-        port = _free_port()
-        proc = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        server = RedisServer(workdir / "redis")
         try:
-            url = f"redis://127.0.0.1:{port}/0"
-            _wait_ping(url)
-            yield url, "a private redis-server"
+            yield server.url, "a private redis-server"
         finally:
-            proc.terminate()
-            proc.wait(10)
+            server.stop()
         return
     # The demo extra; a missing one is reported by worker.cli as the extra to install.
     import fakeredis
@@ -66,16 +52,54 @@ def local_redis(workdir: Path) -> Iterator[tuple[str, str]]:
         server.server_close()
 
 
-def _wait_ping(url: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            connect(url).ping()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
+def _checkout() -> Path | None:
+    """The source checkout this ``worker`` package is imported from (its root holds
+    pyproject.toml), or None for an installed package."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+class WorkerProcess:
+    """``memnet worker`` as a real process (what honcho runs), its stderr appended to log.
+
+    From a checkout it runs in the checkout's root, so ``python -m worker.cli`` imports this
+    same source even where it is not installed; an installed package runs where it is."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with open(log, "ab") as stderr:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", "worker"],
+                env={**os.environ, **env},
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                cwd=_checkout(),
+            )
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
                 raise
-            time.sleep(0.05)
+        return self.proc.returncode
+
+
+def owners(client: redis.Redis, prefix: str, partitions: int) -> list[str | None]:
+    """Each partition's lease holder (a worker id), None where no worker holds it."""
+    keys = Keys(prefix)
+    values = [client.get(keys.part(p, "lease")) for p in range(partitions)]
+    return [v.decode() if v is not None else None for v in values]
 
 
 @contextlib.contextmanager

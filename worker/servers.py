@@ -1,4 +1,5 @@
-"""Real redis-server processes for the tests (started and stopped by fixtures)."""
+"""Real redis-server processes on this machine, for the demo, eval-babi, the scripts and the
+tests. Only the standard library and redis-py: no JAX, no memnet."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class RedisServer:
 
     def __init__(self, workdir: Path, *extra: str, port: int | None = None) -> None:
         if shutil.which("redis-server") is None:
-            raise RuntimeError("redis-server is not installed: the tests need a real Redis")
+            raise RuntimeError("redis-server is not installed: a real Redis is needed here")
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
