@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import redis
 
@@ -43,6 +44,7 @@ class LeaseKeeper(threading.Thread):
         settings: Settings,
         client: Client,
         owned: Callable[[], dict[int, int]],
+        holding: Callable[[int, int], AbstractContextManager[bool]],
         on_lost: Callable[[int, bool], None],
         last_progress: Callable[[], float],
         stall_s: float,
@@ -54,6 +56,7 @@ class LeaseKeeper(threading.Thread):
         self.client = client
         self.scripts = Scripts(client)
         self.owned = owned
+        self.holding = holding
         self.on_lost = on_lost
         self.last_progress = last_progress
         self.stall_s = stall_s
@@ -92,7 +95,10 @@ class LeaseKeeper(threading.Thread):
         self.members = sorted(text(live))
         for p, epoch in self.owned().items():
             keys = [self.keys.part(p, "epoch"), self.keys.part(p, "lease")]
-            renewed = self.scripts.renew(keys=keys, args=[epoch, s.worker_id, s.lease_ms])
+            with self.holding(p, epoch) as held:  # not released meanwhile
+                if not held:
+                    continue
+                renewed = self.scripts.renew(keys=keys, args=[epoch, s.worker_id, s.lease_ms])
             if renewed != 1:
                 self.on_lost(p, renewed == -1)
             self.report_lag(p)

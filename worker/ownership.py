@@ -67,6 +67,14 @@ class Ownership:
         with self._lock:
             return {p: part.epoch for p, part in self.parts.items()}
 
+    @contextlib.contextmanager
+    def holding(self, p: int, epoch: int) -> Iterator[bool]:
+        """For the lease keeper: whether p is still owned at epoch, kept so while its lease
+        is renewed (the table cannot change meanwhile)."""
+        with self._lock:
+            part = self.parts.get(p)
+            yield part is not None and part.epoch == epoch
+
     def mark_lost(self, p: int, data_lost: bool) -> None:
         """The lease keeper could not renew p (data_lost: Redis forgot its epoch)."""
         with self._lock:
@@ -132,9 +140,9 @@ class Ownership:
 
     def rebuild(self, part: Partition, why: str) -> None:
         """Release a partition and take it again at once: from its snapshot, plus replay."""
+        self.drop(part.number, f"rebuilding: {why}")
         with contextlib.suppress(Exception):
             self.release(part)
-        self.drop(part.number, f"rebuilding: {why}")
         self.rebuild_due = True
 
     def _recreate_group(self, part: Partition, error: BaseException) -> None:
@@ -169,9 +177,9 @@ class Ownership:
             delay,
             exc_info=error if kind is Kind.OTHER else None,
         )
+        self.drop(p, f"{kind.value}: released")
         with contextlib.suppress(Exception):
             self.release(part)
-        self.drop(p, f"{kind.value}: released")
 
     # ---- taking and handing over ---------------------------------------------------------
     def rebalance(self, members: list[str], grace: bool) -> None:
@@ -234,8 +242,8 @@ class Ownership:
         False if the partition cannot be rebuilt exactly (released, tried again later)."""
         p = part.number
         if not self.restore(part):
-            self.release(part)
             self.drop(p, "released: nothing to rebuild it from")
+            self.release(part)
             self._retry.setdefault(p, Backoff(base_s=60.0, cap_s=60.0)).fail()
             return False
         committed = self.client.get(self.keys.part(p, "offset"))
@@ -318,14 +326,17 @@ class Ownership:
             self.snapshot(part, abort)
         if self.parts.get(p) is not part:
             return  # the snapshot found it superseded
-        self.release(part)
         with self._lock:
             self.parts.pop(p, None)
         self.idle.discard(p)
+        self.release(part)
         metrics.OWNED.set(len(self.parts))
         log.info("released partition %d (epoch %d) at %s", p, part.epoch, part.position)
 
     def release(self, part: Partition) -> None:
+        """Give up the lease (fenced). Callers take the partition out of the table first:
+        the lease keeper renews only what is in it (``holding``), so a released lease is
+        never renewed again behind the release."""
         self.scripts.release(
             keys=[self.keys.part(part.number, "epoch"), self.keys.part(part.number, "lease")],
             args=[part.epoch, self.s.worker_id],

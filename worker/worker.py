@@ -87,6 +87,7 @@ class Worker:
             settings,
             connect(settings.redis_url),
             self.owner.owned,
+            self.owner.holding,
             self.owner.mark_lost,
             lambda: self._progress,
             stall_s=max(30.0, 10 * settings.lease_ms / 1000),
