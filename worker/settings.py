@@ -1,4 +1,6 @@
-"""Worker settings: the only place that reads the environment.
+"""Settings of workers and clients, read from the environment (REDIS_URL, MEMNET_*): one
+frozen dataclass. (Elsewhere only ``memnet demo`` looks at REDIS_URL, to choose a Redis, and
+the engine at MEMNET_BLAS_THREADS.)
 
 Every setting has a documented default whose unit is in its name (``HELP`` says what each
 means; ``memnet worker --help`` lists them). A bad value stops start-up with a message naming
