@@ -450,3 +450,39 @@ def test_a_client_finding_no_meta_gets_a_message_not_a_traceback(redis_url, monk
     assert cli(["write", "--memory", "m", "--x", "1,2"]) == 2
     err = capsys.readouterr().err
     assert "o:meta does not exist: start a worker first" in err and "Traceback" not in err
+
+
+def test_a_partition_that_cannot_be_taken_does_not_stop_the_others(
+    redis_url, redis_server, tmp_path, model_file, engine, caplog, monkeypatch
+):
+    """An unreadable snapshot store of one partition (EIO, a stale NFS handle) costs that
+    partition only: the worker serves the rest and tries it again after a backoff."""
+    from worker import ownership
+
+    real = ownership.open_store
+
+    def open_store(settings, p, engine):
+        if p == 1:
+            raise OSError(5, "Input/output error", str(tmp_path / "snap" / "p1"))
+        return real(settings, p, engine)
+
+    monkeypatch.setattr(ownership, "open_store", open_store)
+    r = redis_server.client()
+    batch = [e for e in events(300, MEMORIES, DIMS, np.random.default_rng(47))]
+    others = [e for e in batch if partition_of(e["memory"], PARTITIONS) != 1]
+    with caplog.at_level(logging.INFO):
+        w = Worker(settings(redis_url, tmp_path, model_file), engine)
+        thread = threading.Thread(target=w.run, daemon=True)
+        thread.start()
+        wait_for(lambda: sorted(w.parts) == [0, 2, 3], 60, "the other partitions")
+        send_ids(r, with_ids(batch))
+        answered(r, queries(others))
+        assert thread.is_alive() and 1 not in w.parts
+        w.request_stop()
+        thread.join(10)
+    assert "partition 1: cannot take it" in caplog.text
+    expected = library_answers(engine, others)
+    out = outputs(r, PREFIX, PARTITIONS)
+    assert sorted(m["id"] for _, m in out) == sorted(expected)
+    for _, response in out:
+        assert_same_answer(response, expected[response["id"]])

@@ -208,12 +208,22 @@ class Ownership:
         return free[shift:] + free[:shift]
 
     def take(self, p: int) -> None:
-        store = open_store(self.s, p, self.engine)
-        floor = max(store.newest_epoch(), self._floor.get(p, 0))
-        epoch = self.scripts.acquire(
-            keys=[self.keys.part(p, "lease"), self.keys.part(p, "epoch")],
-            args=[self.s.worker_id, self.s.lease_ms, floor],
-        )
+        try:
+            store = open_store(self.s, p, self.engine)
+            floor = max(store.newest_epoch(), self._floor.get(p, 0))
+            epoch = self.scripts.acquire(
+                keys=[self.keys.part(p, "lease"), self.keys.part(p, "epoch")],
+                args=[self.s.worker_id, self.s.lease_ms, floor],
+            )
+        except Exception as e:  # an unreadable store, a refused ACQUIRE: not this time
+            if classify(e) is Kind.UNAVAILABLE:
+                raise
+            delay = self._retry.setdefault(p, Backoff(base_s=1.0, cap_s=60.0)).fail()
+            self.throttled.log(
+                f"take-{p}", logging.ERROR, "partition %d: cannot take it (%s); next try in "
+                "%.0f s", p, e, delay,
+            )  # fmt: skip
+            return
         if epoch is None:
             return
         part = Partition(
@@ -225,6 +235,8 @@ class Ownership:
             if not self._start(part):
                 return
         except Exception as e:
+            if classify(e) is Kind.UNAVAILABLE:  # half started: let the lease expire
+                self.drop(p, "Redis unavailable while taking it")
             self.contain(part, e)
             return
         self.idle.discard(p)

@@ -164,8 +164,8 @@ class Worker:
             self._resynchronise()
         if time.monotonic() >= self._next_cycle or self.owner.rebuild_due:
             grace = self.burst or time.monotonic() - self._started >= self.s.renew_every_s
+            self._next_cycle = time.monotonic() + self.s.renew_every_s  # even if it fails
             self.owner.rebalance(self.keeper.members, grace)
-            self._next_cycle = time.monotonic() + self.s.renew_every_s
         if self.step():
             return False
         if self.burst and len(self.owner.idle) == len(self.parts):
