@@ -276,6 +276,17 @@ def mount(*args: str) -> subprocess.CompletedProcess:
     return mount_command("mount", *args)
 
 
+def remount(path: str, mode: str) -> subprocess.CompletedProcess:
+    """``mount -o remount,MODE``, retried for up to 5 s: the kernel refuses to make a
+    filesystem read-only while a file on it is open for writing."""
+    for _ in range(100):
+        done = mount("-o", f"remount,{mode}", path)
+        if done.returncode == 0:
+            break
+        time.sleep(0.05)
+    return done
+
+
 def mount_command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, check=False, timeout=30)
 
@@ -383,27 +394,18 @@ class Faults:
         return f"the workers logged {len(failed)} snapshot failure{plural} ({', '.join(levels)})"
 
     def fault_readonly(self) -> None:
-        """Remount the snapshot store read-only for a while (retried while a file is open
-        for writing: the kernel refuses then), then read-write again."""
+        """Remount the snapshot store read-only for a while, then read-write again."""
         path, mark = str(self.store.path), self.logs.mark()
-        for _ in range(100):
-            done = mount("-o", "remount,ro", path)
-            if done.returncode == 0:
-                break
-            time.sleep(0.05)
-        else:
+        done = remount(path, "ro")
+        if done.returncode != 0:
             say(f"could not remount the snapshot store read-only: {done.stderr.strip()}")
             return
         try:
             say(f"snapshot store read-only for {self.hold_s:.0f} s")
             time.sleep(self.hold_s)
         finally:
-            for _ in range(100):
-                done = mount("-o", "remount,rw", path)
-                if done.returncode == 0:
-                    break
-                time.sleep(0.05)
-            else:
+            done = remount(path, "rw")
+            if done.returncode != 0:
                 raise RuntimeError(f"cannot remount {path} read-write: {done.stderr.strip()}")
         say(f"snapshot store read-write again; {self.snapshot_errors(mark)}")
 
