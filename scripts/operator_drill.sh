@@ -5,7 +5,8 @@
 # 16 KB tmpfs (every snapshot fails: no space left). Mid-stream the consumer groups of two
 # partitions are destroyed and memnet:meta is deleted. Then it checks: both workers alive,
 # every query answered exactly as the library answers it one event at a time, how long meta
-# took to come back, and the snapshot-failure lines per minute per worker.
+# took to come back, the snapshot-failure lines per minute per worker, and how long the
+# workers take to exit after SIGTERM.
 #
 #   sudo bash scripts/operator_drill.sh          # from the repository root, after `make test`
 set -euo pipefail
@@ -66,6 +67,11 @@ sleep 20
 alive=0
 for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
 minutes=$($PY -c "import time; print(max(1/60, (time.time() - $started) / 60))")
+# SIGTERM, as a supervisor stops them: how long until both have exited
+t0=$($PY -c 'import time; print(time.monotonic())')
+for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+wait "${pids[@]}" 2>/dev/null || true
+echo "both workers exited $($PY -c "import time; print(round(time.monotonic() - $t0, 2))") s after SIGTERM"
 $PY - "$work" "$port" "$alive" "$minutes" <<'EOF'
 import json, sys
 import msgpack, numpy as np, redis

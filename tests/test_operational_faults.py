@@ -403,9 +403,14 @@ def test_meta_is_reasserted_and_a_mismatching_newcomer_is_refused(
 
 # ---- 8. stopping takes seconds, whatever the number of memories ------------------------
 @pytest.mark.slow
-def test_a_stop_with_a_hundred_thousand_memories_takes_under_four_seconds(
-    redis_url, redis_server, tmp_path, model_file, engine
+def test_a_stop_abandons_final_snapshots_past_its_budget_and_loses_nothing(
+    redis_url, redis_server, tmp_path, model_file, engine, caplog
 ):
+    """Stopping is bounded by MEMNET_STOP_SNAPSHOT_S, not by the number of memories: with
+    a zero budget every final snapshot is abandoned (before this, all 120,000 memories
+    were written whatever it took), every lease is still released, and the next owner
+    replays what the last snapshot lacks. How long a stop takes is measured by
+    scripts/operator_drill.sh, not asserted here."""
     r = redis_server.client()
     rng = np.random.default_rng(46)
     names = [f"user-{i}" for i in range(120_000)]
@@ -413,7 +418,7 @@ def test_a_stop_with_a_hundred_thousand_memories_takes_under_four_seconds(
     writes = [{"op": "write", "memory": n, "x": x[i].tobytes()} for i, n in enumerate(names)]
     s = settings(
         redis_url, tmp_path, model_file, batch_size=1000, snapshot_every_entries=10**9,
-        snapshot_every_s=3600.0,
+        snapshot_every_s=3600.0, stop_snapshot_s=0.0,
     )  # fmt: skip
     serving = Serving(s, engine)
     pipe = r.pipeline(transaction=False)
@@ -430,8 +435,10 @@ def test_a_stop_with_a_hundred_thousand_memories_takes_under_four_seconds(
         "every write to be applied",
     )
     assert sum(len(p.memories) for p in serving.worker.parts.values()) == len(names)
-    took = serving.stop()
-    assert took < 4.0, f"stopping took {took:.1f} s"
+    with caplog.at_level(logging.INFO, logger="worker.worker"):
+        serving.stop()
+    abandoned = [m for m in caplog.messages if "snapshot abandoned" in m]
+    assert len(abandoned) == PARTITIONS, caplog.messages
     assert owners(r, PREFIX, PARTITIONS) == [None] * PARTITIONS
     # nothing is lost: the next owner replays what the last snapshot lacks
     probe = [{"op": "query", "memory": n, "id": f"q-{n}", "x": x[0].tolist()} for n in names[:20]]
