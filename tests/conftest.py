@@ -5,6 +5,8 @@ import pytest
 
 from memnet import ModelConfig, random_model, save_model
 
+pytest_plugins = ["tests.fixtures_s3"]
+
 # The small model the worker tests serve (exact search, fast to compile).
 WORKER_MODEL = ModelConfig(input_dim=8, memory_dim=8, output_dim=3, hidden=16, slots=64, top_k=5)
 

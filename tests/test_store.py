@@ -1,0 +1,171 @@
+"""The store contract (memnet/store.py), the same for a directory and for S3 (moto's server
+through obstore), and snapshots on S3 end to end.
+
+The S3 fixture (`s3_server`) comes from the tests.fixtures_s3 plugin."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memnet.errors import StaleSnapshot
+from memnet.snapshot import SnapshotStore
+from memnet.store import (
+    AlreadyExists,
+    DirectoryStore,
+    NotFound,
+    ObjectStore,
+    StoreError,
+    get_many,
+    open_store,
+    put_many,
+)
+from tests.test_engine import random_events
+from tests.test_snapshot import GRAPH, assert_same_memories, engine_for, feed
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 server, with this process's AWS variables pointing at it."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture(params=["directory", "s3"])
+def store(request, tmp_path):
+    if request.param == "directory":
+        return DirectoryStore(tmp_path / "store")
+    return open_store(request.getfixturevalue("s3_env").url("root"))
+
+
+def test_put_then_get_and_overwrite(store):
+    store.put("a/one", b"1")
+    store.put("a/b/two", b"")  # empty, and nested
+    assert store.get("a/one") == b"1" and store.get("a/b/two") == b""
+    store.put("a/one", b"uno")
+    assert store.get("a/one") == b"uno"
+
+
+def test_create_only_if_absent(store):
+    store.create("manifests/m", b"first")
+    with pytest.raises(AlreadyExists, match="manifests/m"):
+        store.create("manifests/m", b"second")
+    assert store.get("manifests/m") == b"first"
+    assert isinstance(AlreadyExists("x"), StoreError)
+
+
+def test_get_of_a_missing_key_is_not_found(store):
+    with pytest.raises(NotFound, match="nothing/here: missing"):
+        store.get("nothing/here")
+    store.put("nothing/else", b"x")
+    with pytest.raises(NotFound):
+        store.get("nothing/here")
+
+
+def test_list_gives_keys_under_a_prefix_with_sizes(store):
+    assert store.list("a/") == []
+    start = time.time()
+    store.put("a/one", b"1")
+    store.put("a/deeper/two", b"22")
+    store.create("a/three", b"333")
+    store.put("ab/not-under-a", b"x")
+    listed = {item.key: item.size for item in store.list("a/")}
+    assert listed == {"a/one": 1, "a/deeper/two": 2, "a/three": 3}
+    assert all(abs(item.modified - start) < 60 for item in store.list("a/"))
+    assert {item.key for item in store.list("ab/")} == {"ab/not-under-a"}
+
+
+def test_delete_removes_keys_and_ignores_missing_ones(store):
+    store.put("d/1", b"1")
+    store.put("d/2", b"2")
+    store.delete(["d/1", "d/never"])
+    store.delete([])
+    assert [item.key for item in store.list("d/")] == ["d/2"]
+    with pytest.raises(NotFound):
+        store.get("d/1")
+
+
+def test_put_many_and_get_many_keep_the_order(store):
+    items = [(f"m/{i:03d}", bytes([i]) * i) for i in range(20)]
+    put_many(store, items)
+    assert get_many(store, [k for k, _ in reversed(items)]) == [d for _, d in reversed(items)]
+    with pytest.raises(NotFound, match="m/missing"):
+        get_many(store, ["m/001", "m/missing"])
+
+
+def test_open_store_picks_by_url(tmp_path, s3_env):
+    for url in (tmp_path, str(tmp_path), f"file://{tmp_path}"):
+        opened = open_store(url)
+        assert isinstance(opened, DirectoryStore) and opened.root == tmp_path
+    assert isinstance(open_store(s3_env.url("p")), ObjectStore)
+    with pytest.raises(StoreError, match="ftp://x: unsupported snapshot URL"):
+        open_store("ftp://x")
+
+
+def test_a_directory_store_names_the_file_it_cannot_write(tmp_path):
+    (tmp_path / "file").write_bytes(b"not a directory")
+    store = DirectoryStore(tmp_path)
+    with pytest.raises(StoreError, match="cannot write"):
+        store.put("file/below", b"x")
+    with pytest.raises(StoreError, match="cannot write"):
+        store.create("file/below", b"x")
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_a_directory_store_writes_whole_files_or_nothing(tmp_path):
+    store = DirectoryStore(tmp_path)
+    store.put("a/x", b"1")
+    (tmp_path / "a" / ".tmp-crashed").write_bytes(b"half")
+    assert [item.key for item in store.list("a/")] == ["a/x"]
+    store.remove_temporary("a/")
+    assert sorted(p.name for p in Path(tmp_path, "a").iterdir()) == ["x"]
+
+
+@pytest.mark.parametrize("index", [None, GRAPH], ids=["exact", "graph"])
+def test_snapshots_round_trip_on_s3(s3_env, rng, index):
+    engine = engine_for(index=index)
+    url = s3_env.url("snapshots")
+    writer = SnapshotStore(url, engine, prefix="p3")
+    memories = {n: engine.new_memory() for n in ("a", "b", "c")}
+    names = list(memories)
+    events = [(names[i % 3], e) for i, e in enumerate(random_events(engine, rng, 120, 0.8))]
+    feed(engine, memories, events[:60])
+    writer.save(memories, "1-0", epoch=2)
+    feed(engine, memories, events[60:])
+    writer.save({n: memories[n] for n in ("a", "b")}, "2-0", epoch=2, deleted=["c"])
+
+    reader = SnapshotStore(url, engine, prefix="p3")  # a new object: nothing shared in RAM
+    loaded = reader.load()
+    assert (loaded.position, loaded.epoch, loaded.refused) == ("2-0", 2, [])
+    assert set(loaded.entries) == {"a", "b"}
+    assert_same_memories(reader.fetch(["a", "b"]), {n: memories[n] for n in ("a", "b")})
+    assert reader.positions() == ["2-0", "1-0"] and reader.newest_epoch() == 2
+
+    whole = open_store(s3_env.url())  # everything lies under the URL's prefix and p3/
+    keys = {item.key for item in whole.list("")}
+    assert keys and all(k.startswith("snapshots/p3/") for k in keys)
+    assert SnapshotStore(url, engine, prefix="p4").load() is None
+
+
+def test_snapshot_writers_racing_on_s3_publish_one_manifest(s3_env):
+    engine = engine_for()
+    url = s3_env.url("snapshots")
+    first, second = SnapshotStore(url, engine), SnapshotStore(url, engine)
+    memories = {"a": engine.new_memory()}
+    first.save(memories, "1-0", epoch=1)
+    second.load()
+    memories["a"].set(3, np.ones(8, np.float32))
+    published = []
+
+    def race():
+        published.append(first.save({"a": memories["a"]}, "2-0", epoch=1))
+        return False
+
+    with pytest.raises(StaleSnapshot, match="published by another writer"):
+        second.save({}, "3-0", epoch=1, abort=lambda: not published and race())
+    loaded = SnapshotStore(url, engine).load()
+    assert loaded.name == published[0].name and loaded.position == "2-0"
