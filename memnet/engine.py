@@ -62,6 +62,7 @@ Result = Answer | Rejected | None
 
 
 MAX_BATCH = 1024  # events per jitted call at most
+MEMORY_OVERHEAD_BYTES = 1200  # Python objects of one memory (measured: ~2.3 KB in all, 64 x 8)
 SCAN_MARGIN = 8  # a batched scan keeps k + this many nearest base rows per vector
 
 
@@ -107,6 +108,19 @@ class Engine:
         if cfg.slots <= cfg.index.exact_max_slots:
             return Memory(ExactSlots(self.scan_base(), cfg.index.overlay_max))
         return Memory(GraphSlots(self.init_base(), cfg.index))
+
+    def memory_bytes(self, memory: Memory) -> int:
+        """About how much RAM a memory holds of its own (shared bases not counted): its
+        arrays plus MEMORY_OVERHEAD_BYTES of Python objects."""
+        search = memory.search
+        n = MEMORY_OVERHEAD_BYTES + search.overlay_bytes()
+        if isinstance(search, ExactSlots):
+            n += search.changed.nbytes
+            if search.base is not self._scan_base:  # folded into a private copy
+                n += search.base.vectors.nbytes + search.base.norms.nbytes
+        elif not search.base.shared:  # its own graph: vectors, and about as much of links
+            n += 3 * search.base.vectors.nbytes
+        return n
 
     def scan_base(self) -> ScanBase:
         """memory_init with its norms, computed once and shared read-only by every exactly

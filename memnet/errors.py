@@ -26,3 +26,8 @@ class StaleSnapshot(SnapshotError):
 
 class SnapshotAborted(SnapshotError):
     """A snapshot was abandoned on request (a stopping worker out of time); nothing written."""
+
+
+class CorruptBlob(SnapshotError):
+    """A stored memory failed its checksum and was moved aside: loading again falls back to
+    a snapshot that does not need it."""

@@ -254,6 +254,9 @@ class ExactSlots:
     def filled_count(self) -> int:
         return self._filled
 
+    def overlay_bytes(self) -> int:
+        return self.overlay.nbytes
+
     def vector(self, slot: int) -> np.ndarray:
         return self.overlay.current(self.base.vectors, slot)
 

@@ -18,6 +18,10 @@ class Overlay:
     def __len__(self) -> int:
         return self._n
 
+    @property
+    def nbytes(self) -> int:
+        return self.row.nbytes + self._slots.nbytes + self._vectors.nbytes
+
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """(slots [n], vectors [n, M]): views, valid until the next change."""
         return self._slots[: self._n], self._vectors[: self._n]

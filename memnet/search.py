@@ -45,6 +45,9 @@ class GraphSlots:
     def filled_count(self) -> int:
         return self._filled
 
+    def overlay_bytes(self) -> int:
+        return self._overlay.nbytes
+
     def overlay(self) -> tuple[np.ndarray, np.ndarray]:
         """(slots [n], vectors [n, M]) changed since the base graph was built."""
         return self._overlay.items()

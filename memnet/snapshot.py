@@ -1,20 +1,33 @@
-"""Snapshots: a set of named memories plus an opaque position, written crash-safely.
+"""Incremental, content-addressed snapshots of a set of named memories, on any store.
 
-Layout of a snapshot directory (one per snapshot, newest ``keep`` kept)::
+Keys under a partition's prefix (memnet/store.py: a directory or an S3 bucket)::
 
-    snap-<epoch>-<serial>/
-        MANIFEST.json        format, version, model fingerprint and config, position, epoch,
-                             memory names, and the size and sha256 of every other file;
-                             the manifest's own sha256 sits beside its body
-        state.safetensors    per memory: the slots changed since its base, and their vectors
-        base-<id>.safetensors, base-<id>.hnsw
-                             a memory's re-indexed graph and the vectors it was built from
-                             (hard-linked from the previous snapshot when unchanged)
+    manifests/snap-<epoch>-<serial>.json
+        format, version, model fingerprint and config, position, epoch, serial, the parent
+        snapshot, the index blob, the blobs this snapshot dropped; its own sha256 beside it
+    index/<sha256>      JSON: memory name -> [blob key, size, writes, base], either every
+                        memory (a full index) or the changes since the parent (a delta)
+    blobs/<sha256>      one memory (memnet/codec.py), or a graph base's arrays or index
 
-Writing goes to ``.tmp-*``, every file and the directory are fsynced, then it is renamed into
-place. Loading verifies the manifest, every checksum and the model fingerprint before any
-byte reaches hnswlib, refuses a truncated, corrupted or foreign snapshot with a message naming
-the file, and falls back to the previous good one. Nothing is pickled.
+A snapshot writes only the memories changed since the previous one, then a delta index,
+then publishes its manifest last with a create-if-absent (a hard link on disk, If-None-Match
+on S3): a snapshot appears whole or not at all, and two writers never publish the same name.
+Its cost follows what changed: a full index is written only once the deltas since the last
+one add up to a quarter of the memories (or 32 snapshots), so that cost is amortised too.
+
+Loading resolves the newest snapshot's chain of indexes back to a full one, verifying every
+manifest's and index's checksum and the model fingerprint, and checks that every blob it
+names exists with its size; it falls back to the previous snapshot otherwise. Memories are
+then fetched on demand (``fetch``), each blob verified against its hash before decoding, so a
+worker need not hold every memory in RAM; a blob that fails is moved to ``corrupt/`` and the
+fetch fails, so the next ``load`` falls back to a snapshot that does not need it (the worker
+releases the partition and takes it again). Nothing is pickled.
+
+Retention: the newest ``keep`` snapshots are kept (with the manifests and indexes their
+chains need). A blob is deleted once no kept snapshot references it: each manifest lists the
+blobs it dropped (memories changed or deleted since its parent), deleted when that manifest
+becomes the oldest kept. Blobs of snapshots that were never published (a crash mid-write)
+are swept at each full index, once older than ``SWEEP_GRACE_S``.
 
 The position is the caller's: the worker stores the last stream entry applied to these
 memories, and resumes *after* it.
@@ -22,98 +35,95 @@ memories, and resumes *after* it.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import os
-import re
-import shutil
 import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from functools import cached_property
+from typing import Any
 
-import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
-
+from memnet.codec import decode_base, decode_memory, encode_base, encode_memory, own_base
 from memnet.engine import Engine
-from memnet.errors import SnapshotAborted, SnapshotError, StaleSnapshot
-from memnet.graph import GraphBase, fsync_path, sha256_file
+from memnet.errors import CorruptBlob, SnapshotAborted, SnapshotError, StaleSnapshot
+from memnet.graph import GraphBase
+from memnet.manifest import (
+    FORMAT,
+    NAME,
+    VERSION,
+    Entry,
+    SnapshotInfo,
+    canonical,
+    digest,
+    read_manifest,
+    sealed,
+    verify,
+)
 from memnet.memory import Memory
-from memnet.search import ExactSlots, GraphSlots
+from memnet.store import (
+    AlreadyExists,
+    NotFound,
+    Store,
+    StoreError,
+    create_many,
+    get_many,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "memnet-snapshot"
-VERSION = 1
-MANIFEST = "MANIFEST.json"
-_NAME = re.compile(r"^snap-(\d{12})-(\d{12})$")
-
-
-@dataclass(frozen=True, order=True)
-class SnapshotInfo:
-    epoch: int
-    serial: int
-    path: Path = field(compare=False)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-class Snapshots(Protocol):
-    """What a worker needs from a snapshot store.
-
-    ``SnapshotStore`` keeps snapshots in a directory (local disk or a mount every worker
-    reaches); a store on an object service would provide the same calls, keeping the same
-    contract: a snapshot appears whole or not at all, and is verified before use.
-    """
-
-    def save(
-        self,
-        memories: Mapping[str, Memory],
-        position: str | None,
-        epoch: int = 0,
-        abort: Callable[[], bool] | None = None,
-    ) -> SnapshotInfo: ...
-
-    def load(self) -> Loaded | None: ...
-
-    def positions(self) -> list[str | None]: ...
-
-    def newest_epoch(self) -> int: ...
-
-    def clean_temporary(self) -> None: ...
+MAX_DEPTH = 32  # deltas between full indexes at most
+MIN_FULL_CHANGES = 1024  # a full index before this many changes only at MAX_DEPTH
+SWEEP_GRACE_S = 3600.0  # an unreferenced blob younger than this may be a writer's in flight
 
 
 @dataclass
 class Loaded:
-    memories: dict[str, Memory]
+    entries: dict[str, Entry]
     position: str | None
     epoch: int
     name: str
     refused: list[str]  # why newer snapshots were skipped
+    store: SnapshotStore = field(repr=False)
 
-
-def _canonical(body: Any) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    @cached_property
+    def memories(self) -> dict[str, Memory]:
+        """Every memory of the snapshot, fetched now (tools and tests; a worker fetches
+        memories as events need them)."""
+        return self.store.fetch(list(self.entries))
 
 
 class SnapshotStore:
-    """Snapshots of one set of memories (the worker keeps one store per partition)."""
+    """Snapshots of one set of memories (the worker keeps one per partition) under
+    ``prefix`` of ``store``. After ``load`` or ``save`` it knows the newest snapshot's view
+    (name -> Entry), so the next ``save`` writes only what changed."""
 
     def __init__(
-        self, directory: str | os.PathLike[str], engine: Engine | None, keep: int = 3
+        self,
+        store: Store | str | os.PathLike[str],
+        engine: Engine | None,
+        keep: int = 3,
+        prefix: str = "",
     ) -> None:
-        """engine may be None for a store that only lists snapshots."""
+        """store: a Store, or a directory path or URL for open_store; engine may be None
+        for a store that only lists snapshots."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
-        self.directory = Path(directory)
+        self.store: Store = store if hasattr(store, "create") else open_store(store)  # type: ignore[arg-type]
+        self.prefix = prefix.rstrip("/") + "/" if prefix else ""
         self._engine = engine
         self.keep = keep
+        self.view: dict[str, Entry] = {}
+        self.head: tuple[SnapshotInfo, dict[str, Any]] | None = None
+        self._resolved = False  # view and head reflect the store's newest snapshot
+        self._bodies: dict[str, dict[str, Any]] = {}  # manifest key -> verified body
+        self._gc_mark: SnapshotInfo | None = None  # dropped lists processed up to here
+
+    @property
+    def where(self) -> str:
+        return f"{self.store.url}/{self.prefix}".rstrip("/")
 
     @property
     def engine(self) -> Engine:
@@ -123,43 +133,169 @@ class SnapshotStore:
 
     # ---- listing -------------------------------------------------------------------------
     def snapshots(self) -> list[SnapshotInfo]:
-        """Snapshots on disk, newest first (by epoch, then serial)."""
-        if not self.directory.is_dir():
-            return []
+        """Published snapshots, newest first (by epoch, then serial)."""
         found = []
-        for entry in self.directory.iterdir():
-            match = _NAME.match(entry.name)
-            if match and entry.is_dir():
-                found.append(SnapshotInfo(int(match[1]), int(match[2]), entry))
+        for item in self.store.list(self.prefix + "manifests/"):
+            match = NAME.match(item.key.rsplit("/", 1)[-1])
+            if match:
+                found.append(SnapshotInfo(int(match[1]), int(match[2]), item.key))
         return sorted(found, reverse=True)
 
-    def positions(self) -> list[str | None]:
-        """Positions of the kept snapshots, newest first (unreadable manifests skipped)."""
-        return [body["position"] for _, body in self.manifests()]
-
     def manifests(self) -> list[tuple[SnapshotInfo, dict[str, Any]]]:
-        """(snapshot, manifest body) newest first, for those whose manifest verifies.
-
-        Only the manifest is checked here; ``load`` verifies every file.
-        """
+        """(snapshot, manifest body) newest first, for those whose manifest verifies."""
         out = []
         for info in self.snapshots():
             try:
-                out.append((info, read_manifest(info.path)))
+                out.append((info, self._body(info.key)))
             except SnapshotError:
                 continue
         return out
 
+    def positions(self) -> list[str | None]:
+        """Positions of the kept snapshots, newest first (unreadable manifests skipped)."""
+        return [body["position"] for _, body in self.manifests()[: self.keep]]
+
     def newest_epoch(self) -> int:
-        """The highest epoch of any snapshot here (0 if none)."""
         found = self.snapshots()
         return found[0].epoch if found else 0
 
     def clean_temporary(self) -> None:
         """Remove leftovers of interrupted writes (call when taking ownership)."""
-        if self.directory.is_dir():
-            for entry in self.directory.glob(".tmp-*"):
-                shutil.rmtree(entry, ignore_errors=True)
+        remove = getattr(self.store, "remove_temporary", None)
+        if remove is not None:
+            remove(self.prefix)
+
+    def _body(self, key: str) -> dict[str, Any]:
+        body = self._bodies.get(key)
+        if body is None:
+            body = self._bodies[key] = read_manifest(self.store, key)
+        return body
+
+    # ---- loading -------------------------------------------------------------------------
+    def load(self) -> Loaded | None:
+        """The newest snapshot that verifies (its view; memories come from ``fetch``), or
+        None if there is none. Each refused snapshot is logged with its reason and listed in
+        ``Loaded.refused``; if snapshots exist but none verifies, SnapshotError lists them."""
+        refused: list[str] = []
+        found = self.snapshots()
+        present = {b.key: b.size for b in self.store.list(self.prefix + "blobs/")} if found else {}
+        for info in found:
+            try:
+                view, body = self._resolve(info)
+                self._check_present(info, view, present)
+            except StoreError as e:
+                if isinstance(e, NotFound):
+                    log.warning("refusing snapshot: %s", e)
+                    refused.append(str(e))
+                    continue
+                raise  # the store is unreachable: not a reason to fall back
+            except SnapshotError as e:
+                log.warning("refusing snapshot: %s", e)
+                refused.append(str(e))
+                continue
+            self.view, self.head, self._resolved = view, (info, body), True
+            return Loaded(dict(view), body["position"], body["epoch"], info.name, refused, self)
+        self.view, self.head, self._resolved = {}, None, True
+        if not found:
+            refused += self._format_1()
+        if refused:
+            raise SnapshotError(f"no usable snapshot in {self.where}: " + " | ".join(refused))
+        return None
+
+    def _format_1(self) -> list[str]:
+        """Why snapshots of the first format (snap-*/MANIFEST.json) here are not used."""
+        old = [i.key for i in self.store.list(self.prefix) if i.key.endswith("/MANIFEST.json")]
+        if not old:
+            return []
+        return [
+            f"{self.store.url}/{old[0]}: a snapshot of format 1 (memnet 0.1), which this "
+            "version does not read: replay the input, or start under a new MEMNET_PREFIX"
+        ]
+
+    def _resolve(self, info: SnapshotInfo) -> tuple[dict[str, Entry], dict[str, Any]]:
+        """The full view of a snapshot: its chain of indexes applied from the full one."""
+        body = self._body(info.key)
+        if self._engine is not None and body["model"] != self.engine.model.fingerprint:
+            raise SnapshotError(
+                f"{self.store.url}/{info.key}: written for model {body['model'][:12]}, "
+                f"but this model is {self.engine.model.fingerprint[:12]} (another model)"
+            )
+        chain = [body]
+        while chain[-1]["parent"] is not None and len(chain) <= MAX_DEPTH + 1:
+            chain.append(self._body(self.prefix + "manifests/" + chain[-1]["parent"] + ".json"))
+        if chain[-1]["parent"] is not None:
+            raise SnapshotError(f"{self.store.url}/{info.key}: a chain of indexes too long")
+        view: dict[str, Entry] = {}
+        for link in reversed(chain):
+            index = self._index(link)
+            for name in index.get("removed", []):
+                view.pop(name, None)
+            for name, raw in index["memories"].items():
+                view[name] = Entry.from_json(raw)
+        return view, body
+
+    def _index(self, body: dict[str, Any]) -> dict[str, Any]:
+        key, size = body["index"]["key"], body["index"]["size"]
+        data = self.store.get(key)
+        where = f"{self.store.url}/{key}"
+        if len(data) != size:
+            raise SnapshotError(f"{where}: {len(data)} bytes, expected {size} (truncated?)")
+        if digest(data) != key.rsplit("/", 1)[-1]:
+            raise SnapshotError(f"{where}: checksum mismatch (index corrupted)")
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise SnapshotError(f"{where}: unreadable ({e})") from None
+
+    def _check_present(
+        self, info: SnapshotInfo, view: dict[str, Entry], present: dict[str, int]
+    ) -> None:
+        for name, entry in view.items():
+            sizes = [(entry.key, entry.size)]
+            if entry.base is not None:
+                sizes += [(entry.base[1], entry.base[2]), (entry.base[3], entry.base[4])]
+            for key, size in sizes:
+                if key not in present:
+                    raise SnapshotError(
+                        f"{self.store.url}/{info.key}: blob {key} of memory {name!r} is missing"
+                    )
+                if present[key] != size:
+                    raise SnapshotError(
+                        f"{self.store.url}/{key}: {present[key]} bytes, expected {size} "
+                        "(truncated?)"
+                    )
+
+    def fetch(self, names: Iterable[str]) -> dict[str, Memory]:
+        """The memories of the current view with these names (each blob verified)."""
+        todo = [(name, self.view[name]) for name in names]
+        blobs = get_many(self.store, [entry.key for _, entry in todo])
+        out = {}
+        for (name, entry), data in zip(todo, blobs, strict=True):
+            where = f"{self.store.url}/{entry.key}"
+            try:
+                verify(data, entry.key, entry.size, where)
+            except SnapshotError as e:
+                self._quarantine(entry.key, data)  # (StoreError if it cannot: back off)
+                raise CorruptBlob(str(e)) from None
+            base = None if entry.base is None else self._base(entry.base)
+            out[name] = decode_memory(data, self.engine, base, where)
+        return out
+
+    def _quarantine(self, key: str, data: bytes) -> None:
+        """Move a corrupted blob to corrupt/ (for inspection): every snapshot naming it is
+        then refused by ``load``, which falls back to one that does not."""
+        name = key.rsplit("/", 1)[-1]
+        self.store.put(self.prefix + "corrupt/" + name, data)
+        self.store.delete([key])
+        log.error("%s/%s: corrupted; moved to corrupt/%s", self.store.url, key, name)
+
+    def _base(self, ref: tuple[str, str, int, str, int]) -> GraphBase:
+        """A memory's own graph base, loaded afresh (a memory changes its base in place)."""
+        base_id, akey, asize, ikey, isize = ref
+        arrays, index = get_many(self.store, [akey, ikey])
+        verify(arrays, akey, asize, f"{self.store.url}/{akey}")
+        verify(index, ikey, isize, f"{self.store.url}/{ikey}")
+        return decode_base(arrays, index, self.engine, base_id, f"{self.store.url}/{akey}")
 
     # ---- saving --------------------------------------------------------------------------
     def save(
@@ -168,15 +304,19 @@ class SnapshotStore:
         position: str | None,
         epoch: int = 0,
         abort: Callable[[], bool] | None = None,
+        deleted: Iterable[str] = (),
     ) -> SnapshotInfo:
-        """Write a snapshot; raises StaleSnapshot if one of a newer epoch exists,
-        SnapshotAborted once ``abort()`` says so (checked as memories are gathered), and
-        SnapshotError naming the directory if it cannot be written (a full or read-only
-        disk): nothing half-written is left behind, the previous snapshots stay."""
+        """Publish a snapshot in which ``memories`` (those changed since the last one; the
+        others keep their state) have their current state and ``deleted`` are gone.
+
+        Raises StaleSnapshot if one of a newer epoch exists, SnapshotAborted once
+        ``abort()`` says so (checked as memories are encoded), and SnapshotError naming
+        the store if it cannot be written: then nothing is published, the previous
+        snapshots stay."""
         try:
-            return self._save(memories, position, epoch, abort)
-        except (OSError, SafetensorError) as e:
-            raise SnapshotError(f"{self.directory}: cannot write a snapshot ({e})") from e
+            return self._save(memories, position, epoch, abort, set(deleted))
+        except OSError as e:  # (encoding a graph base uses a temporary file)
+            raise SnapshotError(f"{self.where}: cannot write a snapshot ({e})") from e
 
     def _save(
         self,
@@ -184,246 +324,187 @@ class SnapshotStore:
         position: str | None,
         epoch: int,
         abort: Callable[[], bool] | None,
+        deleted: set[str],
     ) -> SnapshotInfo:
-        self.directory.mkdir(parents=True, exist_ok=True)
         existing = self.snapshots()
+        self._check_epoch(existing, epoch)
+        if not self._resolved:  # opened to save without loading: continue the newest
+            try:
+                self.load()
+            except StoreError:
+                raise
+            except SnapshotError:  # none usable: start a new chain
+                pass
+        parent = self.head
+        serial = 1 + max((s.serial for s in existing), default=0)
+        info = SnapshotInfo(
+            epoch, serial, self.prefix + f"manifests/snap-{epoch:012d}-{serial:012d}.json"
+        )
+        changes, blobs = self._encode(memories, f"{epoch}-{serial}", abort)
+        written: list[str] = []  # what this writer created (removed if it fails)
+        try:
+            if abort is not None and abort():
+                raise SnapshotAborted(f"{self.where}: snapshot abandoned before writing")
+            create_many(self.store, blobs, written)
+            removed = sorted(n for n in deleted if n in self.view and n not in changes)
+            body, index_blob = self._manifest(info, parent, changes, removed, position)
+            create_many(self.store, [index_blob], written)
+            self._check_epoch(self.snapshots(), epoch)
+            try:
+                self.store.create(info.key, json.dumps(sealed(body), indent=1).encode())
+            except AlreadyExists:
+                raise StaleSnapshot(
+                    f"{self.store.url}/{info.key}: published by another writer"
+                ) from None
+        except BaseException:
+            try:
+                self.store.delete(written)
+            except StoreError as e:
+                log.warning(
+                    "%s: could not remove the unpublished snapshot's blobs: %s", self.where, e
+                )
+            raise
+        for name in removed:
+            del self.view[name]
+        self.view.update(changes)
+        self.head = (info, body)
+        self._bodies[info.key] = body
+        try:
+            self._retire(full=body["parent"] is None)
+        except SnapshotError as e:  # the snapshot stands; what it could not delete waits
+            log.warning("%s: retiring old snapshots failed: %s", self.where, e)
+        return info
+
+    def _check_epoch(self, existing: list[SnapshotInfo], epoch: int) -> None:
         if existing and existing[0].epoch > epoch:
             raise StaleSnapshot(
-                f"{existing[0].path}: a snapshot of epoch {existing[0].epoch} "
+                f"{self.store.url}/{existing[0].key}: a snapshot of epoch {existing[0].epoch} "
                 f"exists; this writer's epoch {epoch} is stale"
             )
-        serial = 1 + max((s.serial for s in existing), default=0)
-        tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            body = self._write_files(tmp, memories, existing, abort)
-            body.update(position=position, epoch=epoch, serial=serial, created=time.time())
-            manifest = {"manifest": body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            fsync_path(tmp / MANIFEST)
-            fsync_path(tmp)
-            final = self.directory / f"snap-{epoch:012d}-{serial:012d}"
-            newest = self.snapshots()
-            if newest and newest[0].epoch > epoch:
-                raise StaleSnapshot(f"{newest[0].path}: a snapshot of a newer epoch appeared")
-            os.rename(tmp, final)
-            fsync_path(self.directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self._retire()
-        return SnapshotInfo(epoch, serial, final)
 
-    def _write_files(
-        self,
-        tmp: Path,
-        memories: Mapping[str, Memory],
-        existing: list[SnapshotInfo],
-        abort: Callable[[], bool] | None,
-    ) -> dict[str, Any]:
-        arrays: dict[str, np.ndarray] = {}
-        entries = []
-        files: dict[str, dict[str, Any]] = {}
+    def _encode(
+        self, memories: Mapping[str, Memory], made: str, abort: Callable[[], bool] | None
+    ) -> tuple[dict[str, Entry], list[tuple[str, bytes]]]:
+        changes: dict[str, Entry] = {}
+        blobs: list[tuple[str, bytes]] = []
         for n, (name, memory) in enumerate(sorted(memories.items())):
-            if abort is not None and n % 1024 == 0 and abort():
-                raise SnapshotAborted(f"{self.directory}: snapshot abandoned after {n} memories")
-            key = f"m{n}"
-            entry = {"name": name, "key": key, "writes": memory.writes}
-            search = memory.search
-            if isinstance(search, ExactSlots):
-                slots = np.flatnonzero(search.changed)
-                entry["kind"] = "exact"
-                entry["base"] = None
-                rows = search.vectors(slots)
-            else:
-                slots, rows = search.overlay()
-                entry["kind"] = "graph"
-                entry["base"] = None if search.base.shared else search.base.id
-                if entry["base"]:
-                    files.update(self._write_base(tmp, search.base, existing))
-            arrays[f"{key}.slots"] = np.ascontiguousarray(slots, np.int64)
-            arrays[f"{key}.rows"] = np.ascontiguousarray(rows, np.float32)
-            entries.append(entry)
-        if abort is not None and abort():
-            raise SnapshotAborted(f"{self.directory}: snapshot abandoned before writing")
-        save_file(arrays, str(tmp / "state.safetensors"))
-        files["state.safetensors"] = self._seal(tmp / "state.safetensors")
+            if abort is not None and n % 256 == 0 and abort():
+                raise SnapshotAborted(f"{self.where}: snapshot abandoned after {n} memories")
+            data = encode_memory(name, memory, made)
+            key = self.prefix + "blobs/" + digest(data)
+            blobs.append((key, data))
+            changes[name] = Entry(
+                key, len(data), memory.writes, self._base_ref(name, memory, made, blobs)
+            )
+        return changes, blobs
+
+    def _base_ref(
+        self, name: str, memory: Memory, made: str, blobs: list[tuple[str, bytes]]
+    ) -> tuple[str, str, int, str, int] | None:
+        base = own_base(memory)
+        if base is None:
+            return None
+        old = self.view.get(name)
+        if old is not None and old.base is not None and old.base[0] == base.id:
+            return old.base  # unchanged since the last snapshot: already stored
+        arrays, index = encode_base(base, name, made)
+        akey, ikey = (self.prefix + "blobs/" + digest(b) for b in (arrays, index))
+        blobs += [(akey, arrays), (ikey, index)]
+        return (base.id, akey, len(arrays), ikey, len(index))
+
+    def _manifest(
+        self,
+        info: SnapshotInfo,
+        parent: tuple[SnapshotInfo, dict[str, Any]] | None,
+        changes: dict[str, Entry],
+        removed: list[str],
+        position: str | None,
+    ) -> tuple[dict[str, Any], tuple[str, bytes]]:
+        dropped: set[str] = set()
+        for name in (*changes, *removed):
+            old = self.view.get(name)
+            if old is not None:
+                dropped |= old.blobs() - (changes[name].blobs() if name in changes else set())
+        count = len(self.view) - len(removed) + sum(n not in self.view for n in changes)
+        pbody = parent[1] if parent else None
+        since = (pbody["since_full"] if pbody else 0) + len(changes) + len(removed)
+        full = (
+            pbody is None
+            or pbody["depth"] >= MAX_DEPTH
+            or since > max(MIN_FULL_CHANGES, count // 4)
+        )
+        if full:
+            merged = {n: e for n, e in self.view.items() if n not in removed}
+            merged.update(changes)
+            index = {"memories": {n: e.to_json() for n, e in merged.items()}}
+        else:
+            index = {"memories": {n: e.to_json() for n, e in changes.items()}, "removed": removed}
+        index["made"] = info.name  # (two snapshots never share an index blob)
+        data = canonical(index)
+        key = self.prefix + "index/" + digest(data)
         model = self.engine.model
-        return {
+        body = {
             "format": FORMAT,
             "version": VERSION,
             "model": model.fingerprint,
             "config": model.config.to_json(),
-            "memories": entries,
-            "files": files,
+            "position": position,
+            "epoch": info.epoch,
+            "serial": info.serial,
+            "created": time.time(),
+            "parent": None if full or parent is None else parent[0].name,
+            "depth": 0 if full else pbody["depth"] + 1,  # type: ignore[index]
+            "since_full": 0 if full else since,
+            "count": count,
+            "index": {"key": key, "size": len(data)},
+            "dropped": sorted(dropped),
         }
+        return body, (key, data)
 
-    def _write_base(
-        self, tmp: Path, base: GraphBase, existing: list[SnapshotInfo]
-    ) -> dict[str, dict[str, Any]]:
-        names = (f"base-{base.id}.safetensors", f"base-{base.id}.hnsw")
-        for info in existing:  # unchanged since an earlier snapshot: link, do not rewrite
-            try:
-                listed = read_manifest(info.path)["files"]
-                if all(n in listed for n in names):
-                    for n in names:
-                        os.link(info.path / n, tmp / n)
-                    return {n: listed[n] for n in names}
-            except (SnapshotError, OSError):
-                for n in names:
-                    (tmp / n).unlink(missing_ok=True)
-        save_file(
-            {"vectors": base.vectors, "filled": base.filled.astype(np.uint8)}, str(tmp / names[0])
-        )
-        base.index.save_index(str(tmp / names[1]))
-        size = (tmp / names[1]).stat().st_size if (tmp / names[1]).exists() else 0
-        if size == 0:
-            raise SnapshotError(f"{tmp / names[1]}: hnswlib wrote no index (disk full?)")
-        return {n: self._seal(tmp / n) for n in names}
+    # ---- retention -----------------------------------------------------------------------
+    def _retire(self, full: bool) -> None:
+        """Keep the newest ``keep`` snapshots and what their chains need; delete the blobs
+        no kept snapshot references; after a full index, sweep unpublished leftovers."""
+        found = self.snapshots()
+        kept = found[: self.keep]
+        oldest = kept[-1]
+        needed = {i.key for i in kept}
+        for info in kept:
+            body = self._body(info.key)
+            while body["parent"] is not None:
+                key = self.prefix + "manifests/" + body["parent"] + ".json"
+                needed.add(key)
+                body = self._body(key)
+        garbage: list[str] = []
+        for info in found:
+            if info <= oldest and (self._gc_mark is None or info > self._gc_mark):
+                try:
+                    garbage += self._body(info.key)["dropped"]
+                except SnapshotError:
+                    continue
+        retired = [i for i in found if i.key not in needed]
+        for info in retired:
+            with contextlib.suppress(SnapshotError):
+                garbage.append(self._body(info.key)["index"]["key"])
+        self.store.delete(garbage)
+        self.store.delete(i.key for i in retired)
+        for info in retired:
+            self._bodies.pop(info.key, None)
+        self._gc_mark = oldest
+        if full:
+            self._sweep(kept, needed)
 
-    @staticmethod
-    def _seal(path: Path) -> dict[str, Any]:
-        fsync_path(path)
-        return {"size": path.stat().st_size, "sha256": sha256_file(path)}
-
-    def _retire(self) -> None:
-        for info in self.snapshots()[self.keep :]:
-            shutil.rmtree(info.path, ignore_errors=True)
-        fsync_path(self.directory)
-
-    # ---- loading -------------------------------------------------------------------------
-    def load(self) -> Loaded | None:
-        """The newest snapshot that verifies, or None if there is none.
-
-        Each refused snapshot is logged with its reason and listed in ``Loaded.refused``;
-        if snapshots exist but none verifies, SnapshotError lists every reason.
-        """
-        refused: list[str] = []
-        for info in self.snapshots():
-            try:
-                memories, body = self._load_one(info.path)
-            except SnapshotError as e:
-                log.warning("refusing snapshot: %s", e)
-                refused.append(str(e))
-                continue
-            return Loaded(memories, body["position"], body["epoch"], info.name, refused)
-        if refused:
-            raise SnapshotError(
-                "no usable snapshot in " + str(self.directory) + ": " + " | ".join(refused)
-            )
-        return None
-
-    def _load_one(self, path: Path) -> tuple[dict[str, Memory], dict[str, Any]]:
-        body = read_manifest(path)
-        model = self.engine.model
-        if body["model"] != model.fingerprint:
-            raise SnapshotError(
-                f"{path / MANIFEST}: written for model {body['model'][:12]}, "
-                f"but this model is {model.fingerprint[:12]} (another model)"
-            )
-        for name, meta in body["files"].items():
-            self._verify(path / name, meta)
-        arrays = self._read(path / "state.safetensors")
-        memories = {}
-        for entry in body["memories"]:
-            try:
-                slots = arrays[f"{entry['key']}.slots"]
-                rows = arrays[f"{entry['key']}.rows"]
-            except KeyError as e:
-                raise SnapshotError(f"{path / 'state.safetensors'}: no array {e}") from None
-            memory = self._rebuild(path, entry, slots, rows)
-            memories[entry["name"]] = memory
-        return memories, body
-
-    @staticmethod
-    def _verify(path: Path, meta: dict[str, Any]) -> None:
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise SnapshotError(f"{path}: missing") from None
-        if size != meta["size"]:
-            raise SnapshotError(f"{path}: {size} bytes, expected {meta['size']} (truncated?)")
-        if sha256_file(path) != meta["sha256"]:
-            raise SnapshotError(f"{path}: checksum mismatch (file corrupted)")
-
-    @staticmethod
-    def _read(path: Path) -> dict[str, np.ndarray]:
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as e:
-            raise SnapshotError(f"{path}: unreadable ({e})") from None
-
-    def _rebuild(
-        self, path: Path, entry: dict[str, Any], slots: np.ndarray, rows: np.ndarray
-    ) -> Memory:
-        cfg = self.engine.config
-        n = len(slots)
-        bad = (
-            rows.shape != (n, cfg.memory_dim)
-            or slots.dtype != np.int64
-            or (n and (slots.min() < 0 or slots.max() >= cfg.slots))
-        )
-        if bad:
-            raise SnapshotError(
-                f"{path / 'state.safetensors'}: arrays of memory "
-                f"{entry['name']!r} do not fit this model"
-            )
-        if entry["kind"] == "exact":
-            if len(np.unique(slots)) != n:
-                raise SnapshotError(
-                    f"{path / 'state.safetensors'}: memory {entry['name']!r} lists a slot twice"
-                )
-            memory = self.engine.new_memory()
-            if not isinstance(memory.search, ExactSlots):
-                raise SnapshotError(f"{path / MANIFEST}: an exact memory, but this model's are not")
-            memory.search.set_many(slots, rows)
-            memory.writes = entry["writes"]
-            return memory
-        base = (
-            self.engine.init_base()
-            if entry["base"] is None
-            else self._load_base(path, entry["base"])
-        )
-        search = GraphSlots(base, cfg.index)
-        for slot, row in zip(slots, rows, strict=True):
-            search.set(int(slot), row)
-        return Memory(search, entry["writes"])
-
-    def _load_base(self, path: Path, base_id: str) -> GraphBase:
-        cfg = self.engine.config
-        arrays = self._read(path / f"base-{base_id}.safetensors")
-        vectors, filled = arrays.get("vectors"), arrays.get("filled")
-        if (
-            vectors is None
-            or filled is None
-            or vectors.shape != (cfg.slots, cfg.memory_dim)
-            or vectors.dtype != np.float32
-            or filled.shape != (cfg.slots,)
-        ):
-            raise SnapshotError(f"{path / f'base-{base_id}.safetensors'}: does not fit this model")
-        return GraphBase.load(
-            path / f"base-{base_id}.hnsw",
-            np.array(vectors),
-            filled.astype(bool),
-            cfg.index,
-            base_id,
-        )
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The verified manifest body of the snapshot at path (SnapshotError naming the file)."""
-    where = path / MANIFEST
-    try:
-        outer = json.loads(where.read_text())
-        body = outer["manifest"]
-        digest = outer["sha256"]
-    except FileNotFoundError:
-        raise SnapshotError(f"{where}: missing") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SnapshotError(f"{where}: unreadable ({e.__class__.__name__}: {e})") from None
-    if hashlib.sha256(_canonical(body)).hexdigest() != digest:
-        raise SnapshotError(f"{where}: checksum mismatch (manifest corrupted)")
-    if body.get("format") != FORMAT or body.get("version") != VERSION:
-        raise SnapshotError(f"{where}: not a {FORMAT} version {VERSION} manifest")
-    return body
+    def _sweep(self, kept: list[SnapshotInfo], needed: set[str]) -> None:
+        referenced = {k for entry in self.view.values() for k in entry.blobs()}
+        for info in kept:
+            if info > kept[-1]:
+                referenced.update(self._body(info.key)["dropped"])
+        referenced.update(self._body(key)["index"]["key"] for key in needed)
+        now = time.time()
+        stale = [
+            item.key
+            for prefix in ("blobs/", "index/")
+            for item in self.store.list(self.prefix + prefix)
+            if item.key not in referenced and now - item.modified > SWEEP_GRACE_S
+        ]
+        self.store.delete(stale)

@@ -53,7 +53,7 @@ def differs(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def final_memories(snapshots: Path, engine: Engine, partitions: int) -> dict[str, Any]:
     memories = {}
     for p in range(partitions):
-        loaded = SnapshotStore(snapshots / f"p{p}", engine).load()
+        loaded = SnapshotStore(snapshots, engine, prefix=f"p{p}").load()
         if loaded is not None:
             memories.update(loaded.memories)
     return memories

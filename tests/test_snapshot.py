@@ -1,16 +1,23 @@
-"""Snapshots: exact round trip, refusal of damaged or foreign ones, fallback, retention."""
+"""Snapshots: exact round trip, incremental writes at a flat cost, refusal of damaged or
+foreign ones with fallback, deletes, retention, stale writers, aborts and the sweep.
+
+Every test runs against real files: a DirectoryStore under tmp_path, whose layout is
+manifests/snap-E-S.json, index/<sha256> and blobs/<sha256> (memnet/snapshot.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 
 from memnet import Engine, IndexConfig, SnapshotError
-from memnet.errors import StaleSnapshot
+from memnet import snapshot as snapshot_module
+from memnet.errors import SnapshotAborted, StaleSnapshot
 from memnet.snapshot import SnapshotStore
+from memnet.store import DirectoryStore
 from tests.conftest import make_model
 from tests.test_engine import as_event, random_events, same
 
@@ -41,6 +48,44 @@ def named_events(engine, rng, n, names=("alpha", "beta", "γάμμα")):
     ]
 
 
+def files(root):
+    """Every file under root: relative key -> size."""
+    return {
+        p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()
+    }
+
+
+def under(keys, folder):
+    return {k for k in keys if k.startswith(folder + "/")}
+
+
+def many(engine, n):
+    """n exact memories, each with one slot of its own."""
+    memories = {}
+    for i in range(n):
+        memory = engine.new_memory()
+        memory.set(i % engine.config.slots, np.full(engine.config.memory_dim, i, np.float32))
+        memories[f"m{i:05d}"] = memory
+    return memories
+
+
+def change(memories, names, value=1.0):
+    for name in names:
+        memories[name].set(7, np.full(memories[name].vector(7).shape, value, np.float32))
+    return {name: memories[name] for name in names}
+
+
+def assert_same_memories(got, want):
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name].matrix(), want[name].matrix())
+        assert got[name].writes == want[name].writes
+
+
+def index_of(root, body):
+    return json.loads((root / body["index"]["key"]).read_bytes())
+
+
 @pytest.mark.parametrize(
     "index", [None, IndexConfig(overlay_max=8), GRAPH], ids=["exact", "exact folded", "graph"]
 )
@@ -69,29 +114,179 @@ def test_round_trip_is_exact_and_continues_as_if_never_stopped(tmp_path, rng, in
         np.testing.assert_array_equal(loaded.memories[n].matrix(), straight[n].matrix())
 
 
-def test_unchanged_graph_files_are_linked_not_rewritten(tmp_path, rng):
+# ---- incremental ---------------------------------------------------------------------------
+def test_a_save_writes_only_the_changed_memories_an_index_and_a_manifest(tmp_path):
+    engine = engine_for()
+    store = SnapshotStore(tmp_path, engine)
+    memories = many(engine, 2000)
+    store.save(memories, "1-0")
+    first = files(tmp_path)
+    assert len(under(first, "blobs")) == 2000
+
+    changed = change(memories, list(memories)[::200])
+    store.save(changed, "2-0")
+    now = files(tmp_path)
+    added = {k: now[k] for k in now.keys() - first.keys()}
+    assert now.keys() >= first.keys()  # (keep=3: nothing retired yet)
+    assert under(added, "blobs") == {store.view[name].key for name in changed}
+    assert len(under(added, "index")) == 1
+    assert under(added, "manifests") == {"manifests/" + store.snapshots()[0].name + ".json"}
+    assert len(added) == 12
+    assert sum(added.values()) < sum(first.values()) / 50
+
+    loaded = SnapshotStore(tmp_path, engine).load()  # the chain resolves to every memory
+    assert loaded.position == "2-0" and len(loaded.entries) == 2000
+    some = [*changed, "m00001", "m01999"]
+    assert_same_memories(loaded.store.fetch(some), {n: memories[n] for n in some})
+
+
+class Counting:
+    """A store that counts what passes through it (bytes written and read, keys listed)."""
+
+    def __init__(self, inner):
+        self.inner, self.url = inner, inner.url
+        self.written = self.read = self.listed = 0
+
+    def get(self, key):
+        data = self.inner.get(key)
+        self.read += len(data)
+        return data
+
+    def put(self, key, data):
+        self.written += len(data)
+        self.inner.put(key, data)
+
+    def create(self, key, data):
+        self.written += len(data)
+        self.inner.create(key, data)
+
+    def list(self, prefix):
+        found = self.inner.list(prefix)
+        self.listed += len(found)
+        return found
+
+    def delete(self, keys):
+        self.inner.delete(keys)
+
+
+def incremental_cost(root, n):
+    """What saving 10 changed memories costs when the store holds n memories."""
+    engine = engine_for()
+    counting = Counting(DirectoryStore(root))
+    store = SnapshotStore(counting, engine)
+    memories = many(engine, n)
+    store.save(memories, "1-0")
+    before = files(root)
+    counting.written = counting.read = counting.listed = 0
+    store.save(change(memories, [f"m{i:05d}" for i in range(10)]), "2-0")
+    now = files(root)
+    added = {k: now[k] for k in now.keys() - before.keys()}
+    return added, counting
+
+
+@pytest.mark.slow
+def test_the_cost_of_a_save_stays_flat_as_the_memories_grow(tmp_path):
+    small, small_io = incremental_cost(tmp_path / "1k", 1_000)
+    large, large_io = incremental_cost(tmp_path / "10k", 10_000)
+    assert len(files(tmp_path / "10k")) > 10_000
+    for added in (small, large):
+        assert len(under(added, "blobs")) == 10 and len(added) == 12
+    # The same memories and made-by name: blobs and an index of the same sizes. (Not the
+    # same bytes: safetensors writes the metadata of a blob in no fixed order.)
+    for folder in ("blobs", "index"):
+        assert sorted(small[k] for k in under(small, folder)) == sorted(
+            large[k] for k in under(large, folder)
+        )
+    # The manifests differ only in the count of memories and the time they were written.
+    (small_manifest,), (large_manifest,) = under(small, "manifests"), under(large, "manifests")
+    assert abs(small[small_manifest] - large[large_manifest]) <= 8
+    assert abs(sum(small.values()) - sum(large.values())) <= 8
+    assert abs(small_io.written - large_io.written) <= 8
+    assert (small_io.read, small_io.listed) == (large_io.read, large_io.listed)
+    assert large_io.listed < 10  # manifests only: no listing of the blobs
+
+
+def test_a_full_index_only_once_changes_add_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot_module, "MIN_FULL_CHANGES", 8)
+    monkeypatch.setattr(snapshot_module, "MAX_DEPTH", 3)
+    engine = engine_for()
+    store = SnapshotStore(tmp_path, engine, keep=20)
+    memories = many(engine, 100)  # a full index past max(8, 100 // 4) = 25 changes
+    store.save(memories, "0-0")
+    names = list(memories)
+    steps = [10, 10, 10, 10, 1, 1, 1]  # changes per save
+    for n, count in enumerate(steps, start=1):
+        store.save(change(memories, names[n : n + count], float(n)), f"{n}-0")
+    kinds = []
+    for (_, body), count in zip(reversed(store.manifests()), [100, *steps], strict=True):
+        full = body["parent"] is None
+        assert len(index_of(tmp_path, body)["memories"]) == (100 if full else count)
+        kinds.append("full" if full else f"delta {body['depth']}")
+    #          first,  10,        20,        30 > 25, 10,        11,        12,        depth 3
+    assert kinds == ["full", "delta 1", "delta 2", "full", "delta 1", "delta 2", "delta 3", "full"]
+
+    loaded = SnapshotStore(tmp_path, engine).load()
+    assert loaded.position == "7-0" and not loaded.refused
+    assert_same_memories(loaded.memories, memories)
+
+
+def test_unchanged_graph_bases_are_not_rewritten(tmp_path, rng):
     engine = engine_for(index=GRAPH)
     store = SnapshotStore(tmp_path, engine)
-    memory = engine.new_memory()
-    for _ in range(20):
-        engine.apply(memory, engine.write(rng.standard_normal(8).astype(np.float32) * 9))
-    memory.search.reindex()  # fold the overlay in: the memory now has a private graph
-    assert not memory.search.base.shared
-    first = store.save({"m": memory}, "1-0")
-    second = store.save({"m": memory}, "2-0")
-    graph = [p.name for p in first.path.iterdir() if p.suffix == ".hnsw"]
-    assert len(graph) == 1
-    assert os.stat(first.path / graph[0]).st_ino == os.stat(second.path / graph[0]).st_ino
+    memory = reindexed(engine, rng)  # the memory now has a private graph
+    store.save({"m": memory}, "1-0")
+    first = store.view["m"]
+    assert first.base is not None and first.base[0] == memory.search.base.id
+    before = files(tmp_path)
+    assert under(before, "blobs") == first.blobs()  # the memory, its base's arrays and graph
+
+    engine.apply(memory, engine.write(rng.standard_normal(8).astype(np.float32) * 9))
+    assert len(memory.search.overlay()[0]) == 1 and memory.search.base.id == first.base[0]
+    store.save({"m": memory}, "2-0")
+    second = store.view["m"]
+    assert second.base == first.base and second.key != first.key
+    added = files(tmp_path).keys() - before.keys()
+    assert under(added, "blobs") == {second.key}  # the overlay only: the base is reused
+    assert store.head[1]["dropped"] == [first.key]
+
+    loaded = SnapshotStore(tmp_path, engine).load()
+    np.testing.assert_array_equal(loaded.memories["m"].matrix(), memory.matrix())
 
 
+# ---- deletes ---------------------------------------------------------------------------------
+def test_a_deleted_memory_leaves_the_view_and_its_blob_goes_with_the_last_snapshot_of_it(
+    tmp_path,
+):
+    engine = engine_for()
+    store = SnapshotStore(tmp_path, engine, keep=3)
+    memories = many(engine, 3)
+    store.save(memories, "1-0")
+    gone = store.view["m00000"].key
+    store.save(change(memories, ["m00001"]), "2-0", deleted=["m00000", "never-there"])
+    assert "m00000" not in store.view
+    loaded = SnapshotStore(tmp_path, engine).load()
+    assert set(loaded.entries) == {"m00001", "m00002"}
+    assert gone in store.head[1]["dropped"]
+
+    # Still needed by snapshot 1 while it is kept: gone only once the manifest that dropped
+    # it (snapshot 2) is the oldest kept.
+    store.save(change(memories, ["m00002"]), "3-0")
+    assert (tmp_path / gone).exists()
+    store.save(change(memories, ["m00001"], 2.0), "4-0")
+    assert [s.serial for s in store.snapshots()[:3]] == [4, 3, 2]
+    assert not (tmp_path / gone).exists()
+    assert "m00000" not in SnapshotStore(tmp_path, engine).load().entries
+
+
+# ---- damage ----------------------------------------------------------------------------------
 def saved_twice(tmp_path, rng):
     engine = engine_for()
     store = SnapshotStore(tmp_path, engine)
-    memories = {"a": engine.new_memory()}
-    feed(engine, memories, named_events(engine, rng, 50, names=("a",)))
+    memories = {"a": engine.new_memory(), "b": engine.new_memory()}
+    feed(engine, memories, named_events(engine, rng, 50, names=("a", "b")))
     old = store.save(memories, "1-0")
     feed(engine, memories, named_events(engine, rng, 50, names=("a",)))
-    new = store.save(memories, "2-0")
+    new = store.save({"a": memories["a"]}, "2-0")
     return engine, store, old, new
 
 
@@ -113,67 +308,288 @@ def edit_manifest(path):
 
 
 @pytest.mark.parametrize(
-    "damage, file, message",
+    "damage, part, message",
     [
-        (truncate, "state.safetensors", "bytes, expected"),
-        (flip, "state.safetensors", "checksum mismatch (file corrupted)"),
-        (os.remove, "state.safetensors", "missing"),
-        (os.remove, "MANIFEST.json", "missing"),
-        (edit_manifest, "MANIFEST.json", "checksum mismatch (manifest corrupted)"),
-        (truncate, "MANIFEST.json", "unreadable"),
+        (truncate, "blob", "bytes, expected"),
+        (os.remove, "blob", "is missing"),
+        (truncate, "index", "bytes, expected"),
+        (flip, "index", "checksum mismatch (index corrupted)"),
+        (os.remove, "index", "missing"),
+        (edit_manifest, "manifest", "checksum mismatch (manifest corrupted)"),
+        (truncate, "manifest", "unreadable"),
     ],
     ids=[
-        "truncated",
-        "flipped byte",
-        "missing file",
-        "missing manifest",
+        "truncated blob",
+        "missing blob",
+        "truncated index",
+        "flipped byte in index",
+        "missing index",
         "edited manifest",
         "truncated manifest",
     ],
 )
-def test_damaged_snapshot_is_refused_and_loading_falls_back(tmp_path, rng, damage, file, message):
-    _engine, store, old, new = saved_twice(tmp_path, rng)
-    damage(new.path / file)
-    loaded = store.load()
+def test_damaged_snapshot_is_refused_and_loading_falls_back(tmp_path, rng, damage, part, message):
+    engine, store, old, new = saved_twice(tmp_path, rng)
+    body = store.head[1]
+    key = {"blob": store.view["a"].key, "index": body["index"]["key"], "manifest": new.key}[part]
+    damage(tmp_path / key)
+
+    reader = SnapshotStore(tmp_path, engine)
+    loaded = reader.load()
     assert loaded.name == old.name and loaded.position == "1-0"
     assert len(loaded.refused) == 1
-    assert str(new.path / file) in loaded.refused[0] and message in loaded.refused[0]
+    assert key in loaded.refused[0] and message in loaded.refused[0], loaded.refused[0]
+    assert set(loaded.memories) == {"a", "b"}  # the older snapshot's memories, whole
+
+    # Saving continues from the snapshot it fell back to.
+    reader.save({"b": loaded.memories["b"]}, "3-0")
+    again = SnapshotStore(tmp_path, engine).load()
+    assert again.position == "3-0" and again.refused == []
+    assert_same_memories(again.memories, loaded.memories)
+
+
+def test_a_flipped_byte_in_a_blob_is_caught_when_it_is_fetched(tmp_path, rng):
+    engine, store, _old, new = saved_twice(tmp_path, rng)
+    key = store.view["a"].key
+    flip(tmp_path / key)  # same size: load's check of sizes cannot see it
+    loaded = SnapshotStore(tmp_path, engine).load()
+    assert loaded.name == new.name
+    with pytest.raises(SnapshotError, match=r"checksum mismatch \(blob corrupted\)") as e:
+        loaded.store.fetch(["a"])
+    assert str(tmp_path / key) in str(e.value)
+    assert set(loaded.store.fetch(["b"])) == {"b"}  # the others are still there
+
+
+def test_a_missing_manifest_in_a_chain_refuses_the_snapshots_that_need_it(tmp_path, rng):
+    engine, store, old, new = saved_twice(tmp_path, rng)
+    newest = store.save({}, "3-0")  # a delta on top of the second
+    assert store.head[1]["parent"] == new.name
+    os.remove(tmp_path / new.key)
+    loaded = SnapshotStore(tmp_path, engine).load()
+    assert loaded.name == old.name
+    assert len(loaded.refused) == 1
+    assert new.key in loaded.refused[0] and "missing" in loaded.refused[0]
+    assert newest.key in {s.key for s in store.snapshots()}
 
 
 def test_snapshot_of_another_model_is_refused(tmp_path, rng):
-    _engine, _store, old, new = saved_twice(tmp_path, rng)
-    other = SnapshotStore(tmp_path, engine_for(seed=1))
+    engine, _store, old, new = saved_twice(tmp_path, rng)
+    other = engine_for(seed=1)
     with pytest.raises(SnapshotError, match="another model") as e:
-        other.load()
-    assert old.name in str(e.value) and new.name in str(e.value)
+        SnapshotStore(tmp_path, other).load()
+    text = str(e.value)
+    assert old.name in text and new.name in text
+    assert engine.model.fingerprint[:12] in text and other.model.fingerprint[:12] in text
 
 
-def test_only_the_newest_are_kept_and_leftovers_do_not_block(tmp_path, rng):
-    engine = engine_for()
+def test_no_snapshot_directory_means_no_snapshot(tmp_path):
+    store = SnapshotStore(tmp_path / "absent", engine_for())
+    assert store.load() is None
+    assert store.snapshots() == [] and store.positions() == [] and store.newest_epoch() == 0
+
+
+# ---- retention -------------------------------------------------------------------------------
+def saved_five_times(tmp_path, rng, engine):
     store = SnapshotStore(tmp_path, engine, keep=3)
-    (tmp_path / ".tmp-crashed").mkdir(parents=True)
-    (tmp_path / ".tmp-crashed" / "state.safetensors").write_bytes(b"half")
-    memories = {"a": engine.new_memory()}
+    memories = {"a": engine.new_memory(), "b": engine.new_memory()}
+    views = []
     for n in range(5):
-        feed(engine, memories, named_events(engine, rng, 5, names=("a",)))
+        feed(engine, memories, named_events(engine, rng, 5, names=("a", "b")))
         store.save(memories, f"{n}-0")
+        views.append({k for entry in store.view.values() for k in entry.blobs()})
+    return store, views
+
+
+def test_only_the_newest_are_kept_and_leftovers_do_not_block(tmp_path, rng, monkeypatch):
+    monkeypatch.setattr(snapshot_module, "MAX_DEPTH", 1)  # full, delta, full, delta, full
+    engine = engine_for()
+    for folder in ("blobs", "manifests", "index"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / ".tmp-crashed").write_bytes(b"half")
+    store, views = saved_five_times(tmp_path, rng, engine)
     assert [s.serial for s in store.snapshots()] == [5, 4, 3]
     assert store.positions() == ["4-0", "3-0", "2-0"]
     assert store.load().position == "4-0"
+    on_disk = files(tmp_path)
+    assert under(on_disk, "blobs") - {"blobs/.tmp-crashed"} == set().union(*views[2:])
+    assert under(on_disk, "index") - {"index/.tmp-crashed"} == {
+        body["index"]["key"] for _, body in store.manifests()
+    }
     store.clean_temporary()
-    assert not (tmp_path / ".tmp-crashed").exists()
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_the_manifests_a_kept_chain_needs_are_kept(tmp_path, rng):
+    engine = engine_for()
+    store, views = saved_five_times(tmp_path, rng, engine)  # one full index, four deltas
+    assert [s.serial for s in store.snapshots()] == [5, 4, 3, 2, 1]
+    assert store.positions() == ["4-0", "3-0", "2-0"]
+    assert under(files(tmp_path), "blobs") == set().union(*views[2:])
+    for info, position in zip(store.snapshots()[:3], ["4-0", "3-0", "2-0"], strict=True):
+        loaded = SnapshotStore(tmp_path, engine).load()  # each kept one loads, whole
+        assert (loaded.name, loaded.position, loaded.refused) == (info.name, position, [])
+        assert set(loaded.memories) == {"a", "b"}
+        os.remove(tmp_path / info.key)
+
+
+# ---- writers ---------------------------------------------------------------------------------
+def once(action):
+    """An abort callback that runs action the first time it is asked, and never aborts."""
+    done = []
+
+    def check():
+        if not done:
+            done.append(action())
+        return False
+
+    return check
 
 
 def test_an_older_epoch_never_replaces_a_newer_one(tmp_path, rng):
     engine = engine_for()
     store = SnapshotStore(tmp_path, engine)
     memories = {"a": engine.new_memory()}
+    feed(engine, memories, named_events(engine, rng, 10, names=("a",)))
     store.save(memories, "5-0", epoch=2)
+    before = files(tmp_path)
     with pytest.raises(StaleSnapshot, match="epoch 1 is stale"):
         store.save(memories, "9-0", epoch=1)
+    assert files(tmp_path) == before
     assert store.load().position == "5-0"
-    assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_no_snapshot_directory_means_no_snapshot(tmp_path):
-    assert SnapshotStore(tmp_path / "absent", engine_for()).load() is None
+def test_a_writer_superseded_while_writing_leaves_nothing_behind(tmp_path, rng):
+    engine = engine_for()
+    old, new = SnapshotStore(tmp_path, engine), SnapshotStore(tmp_path, engine)
+    memories = {"a": engine.new_memory()}
+    old.save(memories, "1-0", epoch=1)
+    feed(engine, memories, named_events(engine, rng, 10, names=("a",)))
+    published = {}
+
+    def take_over():  # the new owner publishes epoch 2 while the old one is encoding
+        published.update(files(tmp_path))
+        new.save(memories, "2-0", epoch=2)
+        published.update(files(tmp_path))
+
+    with pytest.raises(StaleSnapshot, match="epoch 1 is stale"):
+        old.save(memories, "3-0", epoch=1, abort=once(take_over))
+    assert files(tmp_path) == published  # the stale write's blob and index deleted
+    loaded = SnapshotStore(tmp_path, engine).load()
+    assert loaded.position == "2-0" and loaded.epoch == 2
+
+
+def test_two_writers_racing_for_one_name_the_second_is_stale(tmp_path, rng):
+    engine = engine_for()
+    first, second = SnapshotStore(tmp_path, engine), SnapshotStore(tmp_path, engine)
+    ours = {"a": engine.new_memory(), "b": engine.new_memory()}
+    first.save(ours, "1-0", epoch=1)
+    theirs = second.load().memories
+    feed(engine, ours, named_events(engine, rng, 10, names=("a",)))
+    feed(engine, theirs, named_events(engine, rng, 10, names=("b",)))
+    published = {}
+
+    def race():  # the first publishes the name the second has already chosen
+        info = first.save({"a": ours["a"]}, "2-0", epoch=1)
+        published.update(files(tmp_path))
+        return info
+
+    with pytest.raises(StaleSnapshot, match="published by another writer"):
+        second.save({"b": theirs["b"]}, "3-0", epoch=1, abort=once(race))
+    assert files(tmp_path) == published  # the second's blob and index deleted
+    loaded = SnapshotStore(tmp_path, engine).load()
+    assert loaded.position == "2-0" and loaded.name == first.snapshots()[0].name
+    assert_same_memories(loaded.memories, ours)
+
+
+def reindexed(engine, rng, writes=20):
+    """A graph memory with a private base (its overlay folded in)."""
+    memory = engine.new_memory()
+    for _ in range(writes):
+        engine.apply(memory, engine.write(rng.standard_normal(8).astype(np.float32) * 9))
+    memory.search.reindex()
+    assert not memory.search.base.shared
+    return memory
+
+
+@pytest.mark.parametrize("epochs", [(1, 1), (1, 2)], ids=["same epoch", "newer epoch"])
+def test_a_losing_writer_never_deletes_the_winners_blobs(tmp_path, rng, epochs):
+    engine = engine_for(index=GRAPH)
+    loser_epoch, winner_epoch = epochs
+    winner, loser = SnapshotStore(tmp_path, engine), SnapshotStore(tmp_path, engine)
+    memory = reindexed(engine, rng)
+    winner.save({"m": memory}, "1-0", epoch=1)
+    loser.load()
+    memory.search.set(3, np.ones(8, np.float32))
+    memory.search.reindex()  # a new base, which both writers encode
+
+    def race():
+        return winner.save({"m": memory}, "2-0", epoch=winner_epoch)
+
+    with pytest.raises(StaleSnapshot):
+        loser.save({"m": memory}, "3-0", epoch=loser_epoch, abort=once(race))
+    loaded = SnapshotStore(tmp_path, engine).load()
+    assert loaded.position == "2-0" and loaded.refused == []
+    np.testing.assert_array_equal(loaded.memories["m"].matrix(), memory.matrix())
+
+
+def test_a_graph_base_shared_by_content_stays_while_a_memory_uses_it(tmp_path):
+    engine = engine_for(index=GRAPH)
+    store = SnapshotStore(tmp_path, engine, keep=1)
+    twins = {"a": engine.new_memory(), "b": engine.new_memory()}
+    for memory in twins.values():  # the same writes: the same vectors and graph
+        for slot in range(20):
+            memory.search.set(slot, np.full(8, slot, np.float32))
+        memory.search.reindex()
+    store.save(twins, "1-0")
+    a, b = store.view["a"].base, store.view["b"].base
+    assert {a[1], a[3]}.isdisjoint({b[1], b[3]})  # each memory's own blobs, same contents
+    store.save({}, "2-0", deleted=["a"])
+    store.save({}, "3-0")
+    loaded = SnapshotStore(tmp_path, engine).load()
+    assert loaded.position == "3-0" and loaded.refused == []
+    np.testing.assert_array_equal(loaded.memories["b"].matrix(), twins["b"].matrix())
+
+
+@pytest.mark.parametrize("calls", [0, 1], ids=["at once", "before writing"])
+def test_an_aborted_snapshot_writes_nothing(tmp_path, rng, calls):
+    engine = engine_for()
+    store = SnapshotStore(tmp_path, engine)
+    memories = {"a": engine.new_memory(), "b": engine.new_memory()}
+    store.save(memories, "1-0")
+    feed(engine, memories, named_events(engine, rng, 20, names=("a", "b")))
+    before = files(tmp_path)
+    asked = []
+
+    def abort():
+        asked.append(1)
+        return len(asked) > calls
+
+    with pytest.raises(SnapshotAborted):
+        store.save(memories, "2-0", abort=abort)
+    assert files(tmp_path) == before
+    assert SnapshotStore(tmp_path, engine).load().position == "1-0"
+    store.save(memories, "2-0")  # and the next one goes through
+    assert_same_memories(SnapshotStore(tmp_path, engine).load().memories, memories)
+
+
+def test_unreferenced_blobs_are_swept_at_a_full_index_after_a_grace(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot_module, "MAX_DEPTH", 1)
+    engine = engine_for()
+    store = SnapshotStore(tmp_path, engine)
+    memories = many(engine, 3)
+    store.save(memories, "1-0")  # full
+    old = time.time() - snapshot_module.SWEEP_GRACE_S - 60
+    orphans = {"blobs/" + "0" * 64: old, "index/" + "1" * 64: old, "blobs/" + "2" * 64: None}
+    for key, mtime in orphans.items():
+        (tmp_path / key).write_bytes(b"a crashed writer's")
+        if mtime is not None:
+            os.utime(tmp_path / key, (mtime, mtime))
+    store.save(change(memories, ["m00000"]), "2-0")  # a delta: no sweep
+    assert all((tmp_path / key).exists() for key in orphans)
+    store.save(change(memories, ["m00001"]), "3-0")  # a full index: sweep
+    assert store.head[1]["parent"] is None
+    assert [(tmp_path / key).exists() for key in orphans] == [False, False, True]
+    loaded = SnapshotStore(tmp_path, engine).load()  # nothing a snapshot needs was swept
+    for info, _ in store.manifests():
+        assert info.key in files(tmp_path)
+    assert_same_memories(loaded.memories, memories)
