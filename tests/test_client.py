@@ -25,10 +25,11 @@ from worker.client import (
     MemnetError,
     NoDeployment,
     QueryTimeout,
+    delete_event,
     query_event,
 )
 from worker.produce import BadLine, produce_file
-from worker.protocol import Keys
+from worker.protocol import Keys, decode, deleted_message, error_message, partition_of
 from worker.worker import Worker
 
 SERVED = "cl-served"  # the prefix the module's worker serves
@@ -283,6 +284,109 @@ def test_the_async_client_checks_events_and_times_out(redis_server, deployment):
     error = asyncio.run(run())
     assert isinstance(error, TimeoutError) and isinstance(error, ClientError)
     assert sum(lengths(r, "cl-async")) == 1
+
+
+# ---- deletes (a stand-in answers them: the worker's side is tested with the worker) --------
+def sent(r: redis.Redis, prefix: str) -> list[tuple[int, str, bytes]]:
+    """(partition, entry id, msg) of every input entry under prefix."""
+    keys = Keys(prefix)
+    return [
+        (p, entry_id.decode(), fields[b"msg"])
+        for p in range(PARTITIONS)
+        for entry_id, fields in r.xrange(keys.inp(p))
+    ]
+
+
+def answer_one(r: redis.Redis, prefix: str, memory: str, reply=deleted_message) -> None:
+    """Stand in for a worker: answer the first event of memory with an id at its entry id,
+    as a worker answers a delete with an id."""
+    keys, p = Keys(prefix), partition_of(memory, PARTITIONS)
+    after = "0-0"
+    while entries := r.xread({keys.inp(p): after}, count=100, block=10_000):
+        for entry_id, fields in entries[0][1]:
+            after, message = entry_id, msgpack.unpackb(fields[b"msg"], raw=False)
+            if message["memory"] == memory and "id" in message:
+                r.xadd(keys.out(p), {"msg": reply(message["id"], memory)}, id=entry_id)
+                return
+    raise AssertionError(f"no event of {memory} with an id arrived")
+
+
+def test_delete_sends_one_entry_to_the_memory_s_partition(redis_server, deployment):
+    r = deployment("cl-delete")
+    with MemnetClient(redis_server.url, "cl-delete") as client:
+        plain = client.delete("alice")
+        with_id = client.delete("bob", id="d-bob")
+        made = client.send(delete_event("carol", "d-carol"))
+    entries = sent(r, "cl-delete")
+    assert len(entries) == 3
+    messages = {}  # (partition, entry id): the decoded entry (ids repeat across streams)
+    for p, entry_id, raw in entries:
+        message = decode(raw, p, PARTITIONS, 1 << 20)  # it is in its memory's partition
+        assert message.op == "delete"
+        messages[p, entry_id] = (message.memory, message.query_id)
+    assert messages[partition_of("alice", PARTITIONS), plain] == ("alice", None)
+    assert messages[partition_of("bob", PARTITIONS), with_id] == ("bob", "d-bob")
+    assert messages[partition_of("carol", PARTITIONS), made] == ("carol", "d-carol")
+    assert delete_event("m") == {"op": "delete", "memory": "m"}  # no id: no "id" key at all
+
+
+def test_a_bad_delete_raises_before_anything_is_sent(redis_server, deployment):
+    r = deployment("cl-delete-bad")
+    with MemnetClient(redis_server.url, "cl-delete-bad") as client:
+        bad = [
+            (lambda: client.delete(""), "'memory' must be a non-empty"),
+            (lambda: client.delete("m", id=""), "'id', when given, must be a non-empty"),
+            (lambda: client.send({**delete_event("m"), "x": [1.0] * D_IN}), "carries no 'x'"),
+            (lambda: client.send({**delete_event("m"), "text": "mary"}), "carries no 'text'"),
+            (lambda: client.send({**delete_event("m"), "id": 7}), "'id', when given"),
+            (lambda: client.send({"op": "erase", "memory": "m"}), "or 'delete'"),
+        ]
+        for call, message in bad:
+            with pytest.raises(InvalidEvent, match=message):
+                call()
+    assert lengths(r, "cl-delete-bad") == [0, 0]
+
+
+def test_delete_waits_for_the_deleted_response(redis_server, deployment):
+    r = deployment("cl-delete-wait")
+    responder = threading.Thread(target=answer_one, args=(r, "cl-delete-wait", "alice"))
+    responder.start()
+    with MemnetClient(redis_server.url, "cl-delete-wait") as client:
+        entry_id = client.delete("alice", wait=True, timeout_s=20)
+        responder.join(10)
+        response = client.wait(client.partition("alice"), entry_id)
+        with pytest.raises(QueryTimeout, match="no response to"):
+            client.delete("bob", wait=True, timeout_s=0.3)
+    alice = partition_of("alice", PARTITIONS)
+    [raw] = [m for p, e, m in sent(r, "cl-delete-wait") if (p, e) == (alice, entry_id)]
+    made_up = msgpack.unpackb(raw, raw=False)["id"]  # wait without an id makes one up
+    assert response == {"id": made_up, "memory": "alice", "deleted": True}
+    assert sum(lengths(r, "cl-delete-wait")) == 2  # the timed-out delete was sent
+
+
+def test_the_async_client_deletes_and_waits(redis_server, deployment):
+    r = deployment("cl-delete-async")
+
+    def refuse(query_id: str, memory: str) -> bytes:
+        return error_message(query_id, memory, "refused")
+
+    async def run():
+        async with AsyncMemnetClient(redis_server.url, "cl-delete-async") as client:
+            plain = await client.delete("alice")
+            responding = asyncio.to_thread(answer_one, r, "cl-delete-async", "bob")
+            waited, _ = await asyncio.gather(
+                client.delete("bob", id="d-bob", wait=True), responding
+            )
+            refusing = asyncio.to_thread(answer_one, r, "cl-delete-async", "carol", refuse)
+            with pytest.raises(MemnetError, match="refused"):
+                await asyncio.gather(client.delete("carol", wait=True, timeout_s=20), refusing)
+        return plain, waited
+
+    plain, waited = asyncio.run(run())
+    messages = {(p, e): msgpack.unpackb(m, raw=False) for p, e, m in sent(r, "cl-delete-async")}
+    alice, bob = partition_of("alice", PARTITIONS), partition_of("bob", PARTITIONS)
+    assert messages[alice, plain] == {"op": "delete", "memory": "alice"}
+    assert messages[bob, waited] == {"op": "delete", "memory": "bob", "id": "d-bob"}
 
 
 def test_importing_the_client_imports_neither_jax_nor_memnet():

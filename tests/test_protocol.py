@@ -13,6 +13,7 @@ from worker.protocol import (
     Keys,
     answer_message,
     decode,
+    deleted_message,
     pack,
     partition_of,
 )
@@ -48,7 +49,7 @@ def test_valid_messages_decode():
 BAD = [
     (b"\xc1", "not valid msgpack"),
     (pack([1, 2]), "must be a msgpack map"),
-    (pack({"op": "delete", "memory": "m"}), "unknown op 'delete'"),
+    (pack({"op": "erase", "memory": "m"}), "unknown op 'erase'"),
     (pack({"op": "write", "x": [1]}), "'memory' must be a non-empty string"),
     (pack({"op": "write", "memory": "", "x": [1]}), "'memory' must be a non-empty string"),
     (pack({"op": "write", "memory": "m" * 257, "x": [1]}), "longer than 256 bytes"),
@@ -61,6 +62,14 @@ BAD = [
     (pack({"op": "query", "memory": "m", "id": 5, "x": [1]}), "non-empty string 'id'"),
     (pack({"op": "query", "memory": "m", "id": "a"}), "exactly one of 'x', 'q' and 'text'"),
     (pack({"op": "query", "memory": "m", "id": "a", "x": [1], "q": [1]}), "exactly one of"),
+    (pack({"op": "delete"}), "'memory' must be a non-empty string"),
+    (pack({"op": "delete", "memory": ""}), "'memory' must be a non-empty string"),
+    (pack({"op": "delete", "memory": "m", "x": [1]}), "a delete carries no 'x'"),
+    (pack({"op": "delete", "memory": "m", "q": [1]}), "a delete carries no 'q'"),
+    (pack({"op": "delete", "memory": "m", "text": "mary"}), "a delete carries no 'text'"),
+    (pack({"op": "delete", "memory": "m", "id": 5}), "'id', when given, must be a non-empty"),
+    (pack({"op": "delete", "memory": "m", "id": ""}), "'id', when given, must be a non-empty"),
+    (pack({"op": "delete", "memory": "m", "id": None}), "'id', when given, must be a non-empty"),
     (
         msgpack.packb({"op": "write", "memory": "m", "x": msgpack.ExtType(1, b"z")}),
         "not valid msgpack",
@@ -75,6 +84,24 @@ def test_bad_messages_are_refused_with_a_reason(raw, reason):
     with pytest.raises(BadMessage) as e:
         decode(raw, partition_of("m", 8), 8, 1 << 20)
     assert reason in e.value.reason
+
+
+def test_deletes_decode_with_and_without_an_id():
+    d = ok({"op": "delete", "memory": "m"})
+    assert (d.op, d.memory, d.query_id) == ("delete", "m", None)
+    assert d.x is None and d.q is None and d.text is None
+    d = ok({"op": "delete", "memory": "γάμμα", "id": "d1", "extra": 1})
+    assert (d.op, d.memory, d.query_id) == ("delete", "γάμμα", "d1")
+    raw = pack({"op": "delete", "memory": "m"})
+    home = partition_of("m", 8)
+    with pytest.raises(BadMessage, match=f"routes to partition {home}"):
+        decode(raw, (home + 1) % 8, 8, 1 << 20)
+
+
+def test_a_bad_delete_with_an_id_keeps_it_for_the_error_response():
+    with pytest.raises(BadMessage) as e:
+        ok({"op": "delete", "memory": "m", "id": "d2", "x": [1]})
+    assert (e.value.query_id, e.value.memory) == ("d2", "m")
 
 
 def test_wrong_partition_and_size_limit():
@@ -101,3 +128,8 @@ def test_answers_carry_float32_values_exactly():
     y = np.array([1 / 3, -2.5e-7], np.float32)
     back = msgpack.unpackb(answer_message("i", "m", y, np.array([3, 1]), y, {}), raw=False)
     assert np.array_equal(np.array(back["y"], np.float32), y) and back["slots"] == [3, 1]
+
+
+def test_the_deleted_response_round_trips():
+    back = msgpack.unpackb(deleted_message("d1", "γάμμα"), raw=False)
+    assert back == {"id": "d1", "memory": "γάμμα", "deleted": True}

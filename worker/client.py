@@ -3,6 +3,7 @@
     with MemnetClient.from_env() as client:          # REDIS_URL and MEMNET_PREFIX
         client.write("alice", x=vector)
         response = client.query("alice", x=vector)   # {"id", "memory", "y", "slots", ...}
+        client.delete("alice", wait=True)            # forget it; wait until it is applied
 
 ``MemnetClient`` blocks (standalone Redis or Redis Cluster); ``AsyncMemnetClient`` is the
 same on ``redis.asyncio`` (standalone Redis). Every event is checked against the
@@ -15,6 +16,7 @@ commands (docs/protocol.md). Importing this module imports neither JAX nor memne
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
@@ -33,6 +35,7 @@ from worker.events import (
     NoDeployment,
     QueryTimeout,
     Response,
+    delete_event,
     query_event,
     write_event,
 )
@@ -48,6 +51,7 @@ __all__ = [
     "MemnetError",
     "NoDeployment",
     "QueryTimeout",
+    "delete_event",
     "query_event",
     "write_event",
 ]
@@ -91,6 +95,11 @@ def _responses(
         for entry_id, fields in entries:
             positions[key] = text(entry_id)
             yield owner[key], positions[key], _unpack(fields)
+
+
+def _delete_id(id: str | None, wait: bool) -> str | None:
+    """A delete's id: the one given, else a fresh one if its response will be waited for."""
+    return uuid.uuid4().hex if id is None and wait else id
 
 
 def _settings(client: Any, prefix: str | None) -> tuple[Any, str]:
@@ -196,6 +205,19 @@ class MemnetClient(_ClientBase):
         event = query_event(memory, x, q, text_input)
         entry_id = self.send(event)
         return self.wait(self.partition(memory), entry_id, timeout_s)
+
+    def delete(
+        self, memory: str, *, id: str | None = None, wait: bool = False, timeout_s: float = 10.0
+    ) -> str:
+        """Delete a memory: its next event starts from memory_init, as if it never existed.
+        Returns the entry id. With an id (one is made up when ``wait`` is set without one)
+        the worker publishes ``{"id", "memory", "deleted": True}`` at that entry id; with
+        ``wait`` this returns only once that response arrived (raises MemnetError for an
+        error response, QueryTimeout)."""
+        entry_id = self.send(delete_event(memory, _delete_id(id, wait)))
+        if wait:
+            self.wait(self.partition(memory), entry_id, timeout_s)
+        return entry_id
 
     def wait(self, partition: int, entry_id: str, timeout_s: float = 10.0) -> Response:
         """The response published at entry_id (a query sent with ``send``) in a partition's
@@ -319,6 +341,16 @@ class AsyncMemnetClient(_ClientBase):
         for the response; raises MemnetError for an error response, QueryTimeout."""
         entry_id = await self.send(query_event(memory, x, q, text_input))
         return await self.wait(await self.partition(memory), entry_id, timeout_s)
+
+    async def delete(
+        self, memory: str, *, id: str | None = None, wait: bool = False, timeout_s: float = 10.0
+    ) -> str:
+        """Delete a memory, as ``MemnetClient.delete``: returns the entry id; with ``wait``,
+        once the worker's ``{"id", "memory", "deleted": True}`` response arrived."""
+        entry_id = await self.send(delete_event(memory, _delete_id(id, wait)))
+        if wait:
+            await self.wait(await self.partition(memory), entry_id, timeout_s)
+        return entry_id
 
     async def wait(self, partition: int, entry_id: str, timeout_s: float = 10.0) -> Response:
         """The response published at entry_id in a partition's out stream; raises

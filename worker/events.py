@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from worker.connection import text
-from worker.protocol import MAX_NAME_BYTES, partition_of
+from worker.protocol import MAX_NAME_BYTES, OPS, partition_of
 
 Response = dict[str, Any]
 TEXT_ENCODERS = frozenset({"position-bow"})  # memnet's text I components (add new ones here)
@@ -40,7 +40,8 @@ class QueryTimeout(ClientError, TimeoutError):
 
 
 class MemnetError(ClientError):
-    """A query was answered with an error response (docs/protocol.md, "Invalid input").
+    """A query (or a delete sent with an id) was answered with an error response
+    (docs/protocol.md, "Invalid input").
 
     ``response`` is that response (``{"id", "memory", "error"}``); ``error`` the reason.
     """
@@ -92,9 +93,11 @@ class Deployment:
         """The event checked and ready to pack (vectors as float32 little-endian bytes);
         raises InvalidEvent saying what is wrong."""
         op = event.get("op")
-        if op not in ("write", "query"):
-            raise InvalidEvent(f"unknown op {op!r} (expected 'write' or 'query')")
+        if op not in OPS:
+            raise InvalidEvent(f"unknown op {op!r} (expected 'write', 'query' or 'delete')")
         _check_name(event.get("memory"))
+        if op == "delete":
+            return _delete(event)
         if op == "query" and not (isinstance(event.get("id"), str) and event["id"]):
             raise InvalidEvent("a query needs a non-empty string 'id'")
         field = _input_field(op, event)
@@ -139,6 +142,16 @@ def _check_name(memory: Any) -> None:
         raise InvalidEvent("'memory' must be a non-empty string")
     if len(memory.encode("utf-8")) > MAX_NAME_BYTES:
         raise InvalidEvent(f"'memory' is longer than {MAX_NAME_BYTES} bytes")
+
+
+def _delete(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A delete checked: no input, and an id (asking for a response) only if a string."""
+    given = [k for k in ("x", "q", "text") if k in event]
+    if given:
+        raise InvalidEvent(f"a delete carries no {given[0]!r}")
+    if "id" in event and not (isinstance(event["id"], str) and event["id"]):
+        raise InvalidEvent("a delete's 'id', when given, must be a non-empty string")
+    return dict(event)
 
 
 def _input_field(op: str, event: Mapping[str, Any]) -> str:
@@ -197,6 +210,13 @@ def query_event(
     """A query event with a fresh id, unchecked (``Deployment.prepare`` checks it)."""
     event = {"op": "query", "memory": memory, "id": uuid.uuid4().hex}
     return _with_inputs(event, x=x, q=q, text=text_input)
+
+
+def delete_event(memory: str, id: str | None = None) -> dict[str, Any]:
+    """A delete event, unchecked (``Deployment.prepare`` checks it). With an id, the worker
+    publishes ``{"id", "memory", "deleted": True}`` at its entry id once it is applied."""
+    event = {"op": "delete", "memory": memory}
+    return event if id is None else {**event, "id": id}
 
 
 def _with_inputs(event: dict[str, Any], **inputs: Any) -> dict[str, Any]:

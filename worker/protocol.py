@@ -2,8 +2,8 @@
 
 Keys (``{p}`` is the partition number in a Redis Cluster hash tag):
   <prefix>:meta          hash: partitions, protocol, model, dims, components (worker/meta.py)
-  <prefix>:{p}:in        input stream (writes and queries), consumer group "memnet"
-  <prefix>:{p}:out       responses, each at the stream id of its query
+  <prefix>:{p}:in        input stream (writes, queries, deletes), consumer group "memnet"
+  <prefix>:{p}:out       responses, each at the stream id of its query (or delete with an id)
   <prefix>:{p}:dead      dead letters, each at the stream id of its input entry
   <prefix>:{p}:lease|epoch|offset|trimmed    ownership and bookkeeping
 A memory named ``name`` lives in partition ``crc32(utf8(name)) mod partitions``.
@@ -21,6 +21,7 @@ import numpy as np
 PROTOCOL = 1
 GROUP = "memnet"
 MAX_NAME_BYTES = 256
+OPS = ("write", "query", "delete")
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,9 @@ class BadMessage(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    op: str  # "write" or "query"
+    op: str  # "write", "query" or "delete"
     memory: str
-    query_id: str | None
+    query_id: str | None  # a query's id; a delete's when it asks for a response
     x: Any = None  # input-space vector (numbers, or float32 from bin); text is in ``text``
     q: np.ndarray | None = None  # memory-space query vector
     text: str | None = None
@@ -136,8 +137,8 @@ def _check(
     data: dict[str, Any], memory: str | None, query_id: str | None, partition: int, partitions: int
 ) -> Message:
     op = data.get("op")
-    if op not in ("write", "query"):
-        raise BadMessage(f"unknown op {op!r} (expected 'write' or 'query')")
+    if op not in OPS:
+        raise BadMessage(f"unknown op {op!r} (expected 'write', 'query' or 'delete')")
     if memory is None or not memory:
         raise BadMessage("'memory' must be a non-empty string")
     if len(memory.encode("utf-8")) > MAX_NAME_BYTES:
@@ -146,6 +147,8 @@ def _check(
     if home != partition:
         raise BadMessage(f"memory {memory!r} routes to partition {home}, not {partition}")
     inputs = [k for k in ("x", "q", "text") if k in data]
+    if op == "delete":
+        return _delete(data, memory, inputs)
     if op == "write":
         if inputs not in (["x"], ["text"]):
             raise BadMessage("a write needs exactly one of 'x' and 'text'")
@@ -155,6 +158,16 @@ def _check(
     if len(inputs) != 1:
         raise BadMessage("a query needs exactly one of 'x', 'q' and 'text'")
     return _payload(data, "query", memory, query_id, inputs[0])
+
+
+def _delete(data: dict[str, Any], memory: str, inputs: list[str]) -> Message:
+    """A delete: a memory name, no input, and an optional id asking for a response."""
+    if inputs:
+        raise BadMessage(f"a delete carries no {inputs[0]!r}")
+    query_id = data.get("id")
+    if "id" in data and not (isinstance(query_id, str) and query_id):
+        raise BadMessage("a delete's 'id', when given, must be a non-empty string")
+    return Message("delete", memory, query_id)
 
 
 def _payload(
@@ -191,6 +204,11 @@ def answer_message(
             **extra,
         }
     )
+
+
+def deleted_message(query_id: str, memory: str) -> bytes:
+    """The response to a delete that carried an id, published once it is applied."""
+    return pack({"id": query_id, "memory": memory, "deleted": True})
 
 
 def error_message(query_id: str, memory: str | None, error: str) -> bytes:
