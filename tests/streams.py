@@ -103,6 +103,9 @@ def library_answers(engine: Engine, batch: list[dict[str, Any]]) -> dict[str, An
     memories: dict[str, Any] = {}
     answers = {}
     for e in batch:
+        if e["op"] == "delete":  # the next event starts from memory_init
+            memories.pop(e["memory"], None)
+            continue
         memory = memories.setdefault(e["memory"], engine.new_memory())
         value = e.get("x", e.get("q"))
         if isinstance(value, bytes):

@@ -11,11 +11,14 @@ import sys
 import tomllib
 from pathlib import Path
 
+import msgpack
 import pytest
+import redis
 
 from worker import cli as worker_cli
 from worker.cli import build_parser
 from worker.cli import main as cli
+from worker.protocol import Keys, partition_of
 from worker.settings import ENV_NAMES, Settings, SettingsError, redact, set_process_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +75,8 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_help_shows_every_default():
     commands = subcommands()
-    assert {"init", "train", "worker", "write", "produce", "status", "eval-babi"} <= set(commands)
+    expected = {"init", "train", "worker", "write", "delete", "produce", "status", "eval-babi"}
+    assert expected <= set(commands)
     for name, parser in commands.items():
         formatter = parser._get_formatter()
         for action in parser._actions:
@@ -133,7 +137,9 @@ def test_the_command_sets_its_own_process_defaults():
     assert env["JAX_PLATFORMS"] == "cuda"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["write", "--help"], ["produce", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["write", "--help"], ["delete", "--help"], ["produce", "--help"]]
+)
 def test_help_loads_no_jax(argv):
     done = python(
         "import sys\nfrom worker.cli import main\n"
@@ -175,10 +181,30 @@ def test_produce_passes_skip_through(monkeypatch, tmp_path):
     assert exited.value.code == 2
 
 
-def test_unreachable_redis_is_exit_3():
-    done = run("write", "--memory", "m", "--x", "1,2")
+@pytest.mark.parametrize(
+    "argv", [["write", "--memory", "m", "--x", "1,2"], ["delete", "--memory", "m"]]
+)
+def test_unreachable_redis_is_exit_3(argv):
+    done = run(*argv)
     assert done.returncode == 3
     assert "cannot reach Redis" in one_line(done)
+
+
+def test_delete_sends_one_entry_and_waits_only_when_asked(redis_url, monkeypatch, capsys):
+    keys = Keys("cli-delete")
+    r = redis.Redis.from_url(redis_url)
+    r.hset(keys.meta, mapping={"partitions": 4, "protocol": 1})
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("MEMNET_PREFIX", "cli-delete")
+    assert cli(["delete", "--memory", "alice", "--id", "d1"]) == 0
+    entry_id = capsys.readouterr().out.strip()
+    [(got_id, fields)] = r.xrange(keys.inp(partition_of("alice", 4)))
+    assert got_id.decode() == entry_id
+    assert msgpack.unpackb(fields[b"msg"]) == {"op": "delete", "memory": "alice", "id": "d1"}
+    assert cli(["delete", "--memory", "alice", "--wait", "--timeout", "0.2"]) == 1  # no worker
+    assert "no response to" in capsys.readouterr().err
+    assert r.xlen(keys.inp(partition_of("alice", 4))) == 2
+    r.close()
 
 
 @pytest.mark.parametrize("url", ["redis://localhost:notaport/0", "redis://u:pw@h:99999/0"])

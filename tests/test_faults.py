@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -132,15 +133,18 @@ def test_a_corrupt_newest_snapshot_falls_back_to_an_older_one(
 ):
     r = redis_server.client()
     batch = three_runs(r, redis_url, tmp_path, model_file)
-    for p in range(PARTITIONS):
-        newest = sorted((tmp_path / "snap" / f"p{p}").glob("snap-*"))[-1]
-        data = bytearray((newest / "state.safetensors").read_bytes())
-        data[-3] ^= 0xFF
-        (newest / "state.safetensors").write_bytes(bytes(data))
+    for p in range(PARTITIONS):  # every memory blob the newest snapshot wrote
+        part = tmp_path / "snap" / f"p{p}"
+        newest = sorted((part / "manifests").glob("snap-*.json"))[-1]
+        index = json.loads(newest.read_text())["manifest"]["index"]["key"]
+        for key, *_ in json.loads((part.parent / index).read_text())["memories"].values():
+            data = bytearray((part.parent / key).read_bytes())
+            data[-3] ^= 0xFF
+            (part.parent / key).write_bytes(bytes(data))
     send(r, PREFIX, PARTITIONS, batch[300:])
     with caplog.at_level(logging.WARNING):
         run_burst(redis_url, tmp_path, model_file)
-    assert caplog.text.count("checksum mismatch (file corrupted)") >= PARTITIONS
+    assert caplog.text.count("checksum mismatch (blob corrupted)") >= PARTITIONS
     assert_all_answered_once(r, batch, model_file)  # longer replay, nothing twice
 
 

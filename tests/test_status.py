@@ -117,7 +117,7 @@ def test_dead_letters_and_status_show_bad_input_live_workers_and_snapshots(
     assert {row["partition"]: row["dead"] for row in got["rows"]} == per_partition
     assert got["model"] == load_model(model_file).fingerprint
     assert got["dims"] == {"input_dim": 8, "memory_dim": 8, "output_dim": 3}
-    assert got["snapshot_dir"] == str(tmp_path / "snap") and got["snapshot_dir_exists"]
+    assert got["snapshot_store"] == str(tmp_path / "snap") and got["snapshot_store_found"]
     assert got["rows"][p0]["snapshot"]["position"] == ids[3]  # the last entry of p0
 
     out = io.StringIO()

@@ -1,11 +1,11 @@
 """The ``memnet`` command line: library commands plus the worker and its clients.
 
 Building the parser imports only light modules and each command imports what it runs on when
-it runs, so ``memnet --help`` and the client commands (write, query, tail, produce) load no
-JAX (provided importing a light memnet module does not: memnet/__init__.py). A new command
-is one ``sub.add_parser`` in ``build_parser`` (or a module's ``add_commands``, as memnet.cli
-does) with ``set_defaults(run=...)``; its options' defaults appear in its --help by
-themselves (``HelpFormatter``).
+it runs, so ``memnet --help`` and the client commands (write, query, delete, tail, produce)
+load no JAX (provided importing a light memnet module does not: memnet/__init__.py). A new
+command is one ``sub.add_parser`` in ``build_parser`` (or a module's ``add_commands``, as
+memnet.cli does) with ``set_defaults(run=...)``; its options' defaults appear in its --help
+by themselves (``HelpFormatter``).
 """
 
 from __future__ import annotations
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     from worker.status import add_commands as operator_commands  # light: no redis, no JAX
 
     operator_commands(sub)  # memnet status (--check, --max-lag) and memnet dead
+    from worker.inventory import add_command as memories_command  # light: no JAX
+
+    memories_command(sub)  # memnet memories
 
     p = sub.add_parser(
         "worker",
@@ -160,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--text", help="query text (text models)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
     p.set_defaults(run=cmd_query)
+
+    p = sub.add_parser(
+        "delete",
+        help="delete a memory (its next event starts afresh)",
+        description="Send one delete: the memory's next event starts from memory_init, as if\n"
+        "it never existed. Prints the entry id.",
+    )
+    p.add_argument("--memory", required=True, help="the memory's name")
+    p.add_argument("--id", help="ask for a response {id, memory, deleted: true} with this id")
+    p.add_argument(
+        "--wait", action="store_true", help="wait until a worker has applied it (exit 1 if not)"
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait, with --wait")
+    p.set_defaults(run=cmd_delete)
 
     p = sub.add_parser("tail", help="print responses as JSON lines as they arrive")
     p.add_argument(
@@ -324,6 +341,18 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(json.dumps(e.response))
         return 1
     print(json.dumps(response))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from worker.client import QueryTimeout
+
+    try:
+        entry_id = _client().delete(args.memory, id=args.id, wait=args.wait, timeout_s=args.timeout)
+    except QueryTimeout as e:
+        print(f"memnet delete: {e} (is a worker running?)", file=sys.stderr)
+        return 1
+    print(entry_id)
     return 0
 
 

@@ -9,6 +9,10 @@ ENTRIES = Counter("memnet_entries_total", "Input entries processed, by op", ["op
 ERRORS = Counter("memnet_errors_total", "Unexpected errors, by where they happened", ["where"])
 DEAD_LETTERS = Counter("memnet_dead_letters_total", "Input entries dead-lettered")
 LAG = Gauge("memnet_partition_lag", "Entries in a partition's input not yet read", ["partition"])
+RESIDENT_MEMORIES = Gauge("memnet_resident_memories", "Memories held in RAM")
+RESIDENT_BYTES = Gauge("memnet_resident_bytes", "Estimated RAM held by resident memories")
+LOADS = Counter("memnet_memory_loads_total", "Memories fetched from the snapshot store")
+EVICTIONS = Counter("memnet_memory_evictions_total", "Memories dropped from RAM (in a snapshot)")
 OWNED = Gauge("memnet_partitions_owned", "Partitions this worker owns")
 BATCH_SECONDS = Histogram(
     "memnet_batch_seconds",

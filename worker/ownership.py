@@ -4,22 +4,27 @@ commits, trims -- and what a fault of one partition does to it (``contain``).
 
 A fault is contained to its partition: fenced (another worker owns it now): drop it; Redis
 lost data: drop it and take it again at once, which rebuilds it from its newest snapshot;
-the consumer group is gone: recreate it at the applied position; anything else (a missing
-ACL right, an unexpected error): release it and back off before taking it again. Only a
+the consumer group is gone: recreate it at the applied position; a stored memory failed its
+checksum (moved aside): take it again at once, from a snapshot that does not need it;
+anything else (a missing ACL right, an unreachable snapshot store, an unexpected error):
+release it and back off before taking it again. Only a
 connection fault escapes (``UNAVAILABLE``): the worker loop backs off as a whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
+import memnet.store
 from memnet import Engine, SnapshotError
-from memnet.snapshot import Snapshots, SnapshotStore
+from memnet.errors import CorruptBlob
+from memnet.snapshot import SnapshotStore
+from memnet.store import Store
 from worker import metrics
 from worker.connection import Client, text
 from worker.faults import Backoff, Kind, Throttled, classify
@@ -117,7 +122,9 @@ class Ownership:
             raise error
         if self.parts.get(part.number) is not part:
             return  # already dropped or replaced
-        if kind is Kind.FENCED:
+        if isinstance(error, CorruptBlob):  # moved aside: the next load falls back
+            self.rebuild(part, str(error))
+        elif kind is Kind.FENCED:
             self.drop(part.number, str(error))
         elif kind is Kind.LOST:
             self._redis_lost(part, str(error))
@@ -194,6 +201,12 @@ class Ownership:
                 self.take(p)
         metrics.OWNED.set(len(self.parts))
 
+    def share_budget(self) -> None:
+        """Split MEMNET_RESIDENT_MB evenly over the partitions owned."""
+        share = (self.s.resident_mb << 20) // max(1, len(self.parts))
+        for part in self.parts.values():
+            part.budget_bytes = share
+
     def free_partitions(self) -> list[int]:
         pipe = self.client.pipeline(transaction=False)
         for p in range(self.s.partitions):
@@ -231,6 +244,7 @@ class Ownership:
         )
         with self._lock:
             self.parts[p] = part
+            self.share_budget()
         try:
             if not self._start(part):
                 return
@@ -294,7 +308,7 @@ class Ownership:
                 part.number,
                 refused or "none found",
                 trimmed.decode(),
-                Path(self.s.snapshot_dir) / f"p{part.number}",
+                f"{self.s.store_url}/p{part.number}",
             )
             return False
         if refused:
@@ -403,6 +417,13 @@ class Ownership:
             )
 
 
-def open_store(settings: Settings, p: int, engine: Engine) -> Snapshots:
-    """The snapshot store of partition p: a directory every worker can reach."""
-    return SnapshotStore(Path(settings.snapshot_dir) / f"p{p}", engine, settings.snapshots_kept)
+def open_store(settings: Settings, p: int, engine: Engine | None) -> SnapshotStore:
+    """The snapshots of partition p (under pP/ of MEMNET_SNAPSHOT_URL or _DIR); engine None
+    for listing only."""
+    return SnapshotStore(store_at(settings.store_url), engine, settings.snapshots_kept, f"p{p}")
+
+
+@functools.cache
+def store_at(url: str) -> Store:
+    """One store client per URL and process (an S3 client keeps its connections)."""
+    return memnet.store.open_store(url)

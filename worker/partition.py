@@ -7,20 +7,26 @@ acknowledged. The worker commits that in one fenced script.
 ``position`` is the id of the last entry applied; ``committed`` the last one Redis recorded
 as committed (the partition's offset key). Snapshots carry the position of committed state,
 and a new owner resumes strictly *after* it, so an entry is applied exactly once.
+
+Memories are resident (in RAM, least recently used first) or only in the snapshot store:
+``prepare`` fetches the ones a batch needs, and ``evict`` drops least recently used ones
+beyond ``budget_bytes`` once their state is in a published snapshot (never one written or
+deleted since), so answers are the same as if nothing were ever evicted. A delete drops
+the memory: its next event starts from memory_init, and the next snapshot leaves it out.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from memnet import Answer, Engine, InvalidInput, Memory, Rejected
-from memnet.snapshot import Snapshots
-from worker import protocol
+from memnet.snapshot import SnapshotStore
+from worker import metrics, protocol
 from worker.faults import Backoff
 from worker.protocol import BadMessage, parse_id
 
@@ -44,6 +50,7 @@ class Pending:
     entries: int
     items: list[tuple[Memory, Any]] = field(default_factory=list)
     applied: list[tuple[str, protocol.Message, bytes | None]] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)  # memories written
 
 
 class Partition:
@@ -52,9 +59,10 @@ class Partition:
         number: int,
         epoch: int,
         engine: Engine,
-        store: Snapshots,
+        store: SnapshotStore,
         partitions: int,
         max_message_bytes: int,
+        budget_bytes: int | None = None,
     ) -> None:
         self.number = number
         self.epoch = epoch
@@ -62,7 +70,12 @@ class Partition:
         self.store = store
         self.partitions = partitions
         self.max_message_bytes = max_message_bytes
-        self.memories: dict[str, Memory] = {}
+        self.memories: OrderedDict[str, Memory] = OrderedDict()  # resident, LRU first
+        self.sizes: dict[str, int] = {}  # estimated bytes of each resident memory
+        self.resident_bytes = 0
+        self.budget_bytes = budget_bytes  # None: keep every memory resident
+        self.dirty: set[str] = set()  # written since the last snapshot
+        self.deleted: set[str] = set()  # deleted since the last snapshot
         self.position: str | None = None  # last applied entry id
         self.committed: str | None = None  # what the offset key holds (last commit)
         self.seen: str | None = None  # last entry id delivered to us (XREAD waits after it)
@@ -75,12 +88,12 @@ class Partition:
 
     # ---- state ---------------------------------------------------------------------------
     def restore(self) -> list[str]:
-        """Load the newest good snapshot (SnapshotError if snapshots exist, none usable)."""
+        """Load the newest good snapshot's view (SnapshotError if snapshots exist, none
+        usable); memories are fetched from the store as events need them."""
         self.store.clean_temporary()
         loaded = self.store.load()
         if loaded is None:
             return []
-        self.memories = loaded.memories
         self.position = self.seen = loaded.position
         return loaded.refused
 
@@ -88,16 +101,25 @@ class Partition:
         if self.uncommitted or not self.since_snapshot or not self.snapshot_retry.ready:
             return False
         return (
-            self.since_snapshot >= every_entries or time.monotonic() - self.snapshot_at >= every_s
+            self.since_snapshot >= every_entries
+            or time.monotonic() - self.snapshot_at >= every_s
+            or self.over_budget()
         )
 
+    def over_budget(self) -> bool:
+        return self.budget_bytes is not None and self.resident_bytes > self.budget_bytes
+
     def snapshot(self, abort: Callable[[], bool] | None = None) -> None:
-        """Save the memories at the position (SnapshotError if it cannot be written)."""
-        written = {name: m for name, m in self.memories.items() if m.writes}
-        self.store.save(written, self.position, self.epoch, abort=abort)
+        """Save what changed since the last snapshot at the position (SnapshotError if it
+        cannot be written), then evict what the budget does not hold."""
+        changed = {name: self.memories[name] for name in self.dirty}
+        self.store.save(changed, self.position, self.epoch, abort=abort, deleted=self.deleted)
+        self.dirty.clear()
+        self.deleted.clear()
         self.since_snapshot = 0
         self.snapshot_at = time.monotonic()
         self.snapshot_retry.reset()
+        self.evict()
 
     def trim_point(self) -> str | None:
         """The oldest kept snapshot's position: entries below it are no longer needed."""
@@ -108,15 +130,76 @@ class Partition:
 
     def memory(self, name: str) -> Memory:
         memory = self.memories.get(name)
-        if memory is None:
-            memory = self.memories[name] = self.engine.new_memory()
+        if memory is not None:
+            self.memories.move_to_end(name)
+            return memory
+        if name in self.store.view and name not in self.deleted:
+            memory = self.store.fetch([name])[name]
+            metrics.LOADS.inc()
+        else:
+            memory = self.engine.new_memory()
+        self._admit(name, memory)
         return memory
+
+    def fetch(self, names: set[str]) -> None:
+        """Make these memories resident, fetching those in the store in one go."""
+        todo = [
+            n
+            for n in names
+            if n not in self.memories and n in self.store.view and n not in self.deleted
+        ]
+        if todo:
+            for name, memory in self.store.fetch(todo).items():
+                self._admit(name, memory)
+            metrics.LOADS.inc(len(todo))
+
+    def _admit(self, name: str, memory: Memory) -> None:
+        self.memories[name] = memory
+        size = self.engine.memory_bytes(memory)
+        self.resident_bytes += size - self.sizes.get(name, 0)
+        self.sizes[name] = size
+
+    def _drop(self, name: str) -> None:
+        if self.memories.pop(name, None) is not None:
+            self.resident_bytes -= self.sizes.pop(name)
+
+    def delete(self, name: str) -> None:
+        self._drop(name)
+        self.dirty.discard(name)
+        self.deleted.add(name)
+
+    def evict(self) -> int:
+        """Drop least recently used memories whose state is in the newest snapshot until
+        the resident ones fit the budget; how many were dropped."""
+        if not self.over_budget():
+            return 0
+        excess = self.resident_bytes - self.budget_bytes  # type: ignore[operator]
+        victims = []
+        for name in self.memories:  # least recently used first
+            if excess <= 0:
+                break
+            if name not in self.dirty:
+                victims.append(name)
+                excess -= self.sizes[name]
+        for name in victims:
+            self._drop(name)
+        metrics.EVICTIONS.inc(len(victims))
+        return len(victims)
+
+    def resize(self, touched: set[str]) -> None:
+        """Update the size estimates of memories a batch changed."""
+        for name in touched:
+            memory = self.memories.get(name)
+            if memory is not None:
+                self._admit(name, memory)
 
     # ---- processing ----------------------------------------------------------------------
     def prepare(self, entries: list[tuple[str, dict[bytes, Any]]]) -> Pending:
-        """Decode and check entries; the valid ones become engine items (nothing applied)."""
+        """Decode and check entries, fetch the memories they need from the store, apply
+        deletes; the valid writes and queries become engine items (nothing applied)."""
         pending = Pending(Batch(last_id=entries[-1][0]), len(entries))
-        batch, items, applied = pending.batch, pending.items, pending.applied
+        batch = pending.batch
+        decoded = []
         after = parse_id(self.position) if self.position else None
         for entry_id, fields in entries:
             batch.acks.append(entry_id)
@@ -126,13 +209,32 @@ class Partition:
             raw = fields.get(b"msg")
             try:
                 message = protocol.decode(raw, self.number, self.partitions, self.max_message_bytes)
-                event = self._event(message)
+                event = None if message.op == "delete" else self._event(message)
             except BadMessage as e:
                 self._reject(batch, entry_id, e.reason, raw, e.query_id, e.memory)
                 continue
-            items.append((self.memory(message.memory), event))
-            applied.append((entry_id, message, raw))
+            decoded.append((entry_id, message, raw, event))
+        first: dict[str, bool] = {}  # memory -> its first event here is not a delete
+        for _, message, _, event in decoded:
+            first.setdefault(message.memory, event is not None)
+        self.fetch({name for name, needed in first.items() if needed})
+        for entry_id, message, raw, event in decoded:
+            if event is None:
+                self._forget(batch, entry_id, message)
+                continue
+            if message.op == "write":
+                self.dirty.add(message.memory)
+                pending.touched.add(message.memory)
+            pending.items.append((self.memory(message.memory), event))
+            pending.applied.append((entry_id, message, raw))
         return pending
+
+    def _forget(self, batch: Batch, entry_id: str, message: protocol.Message) -> None:
+        self.delete(message.memory)
+        batch.counts["delete"] += 1
+        if message.query_id is not None:
+            reply = protocol.deleted_message(message.query_id, message.memory)
+            batch.responses.append((entry_id, reply))
 
     def finish(self, pending: Pending, results: list[Answer | Rejected | None]) -> Batch:
         """Turn the engine's results for pending.items into the batch's outputs."""
@@ -145,6 +247,8 @@ class Partition:
         self.seen = max(self.seen or batch.last_id, batch.last_id, key=parse_id)
         self.since_snapshot += pending.entries
         self.uncommitted = True
+        self.resize(pending.touched)
+        self.evict()
         return batch
 
     def _event(self, message: protocol.Message) -> Any:

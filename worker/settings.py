@@ -27,6 +27,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     model: Path | None = None
     snapshot_dir: Path = Path("var/snapshots")
+    snapshot_url: str = ""
+    resident_mb: int = 1024
+    cache_dir: Path = Path("var/cache")
     partitions: int = 8
     prefix: str = "memnet"
     batch_size: int = 1000
@@ -42,6 +45,11 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     worker_id: str = field(default_factory=lambda: default_worker_id())
+
+    @property
+    def store_url(self) -> str:
+        """Where snapshots live: MEMNET_SNAPSHOT_URL, else MEMNET_SNAPSHOT_DIR."""
+        return self.snapshot_url or str(self.snapshot_dir)
 
     @property
     def renew_every_s(self) -> float:
@@ -84,6 +92,14 @@ class Settings:
             raise SettingsError(
                 f"MEMNET_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
             )
+        store = urlsplit(self.snapshot_url)
+        if self.snapshot_url and (
+            store.scheme not in ("", "file", "s3") or (store.scheme == "s3" and not store.netloc)
+        ):
+            raise SettingsError(
+                "MEMNET_SNAPSHOT_URL must be a path, file:///PATH or s3://BUCKET[/PREFIX], "
+                f"got {self.snapshot_url!r}"
+            )
         if self.lease_ms < 300:
             raise SettingsError(f"MEMNET_LEASE_MS must be at least 300, got {self.lease_ms}")
 
@@ -92,6 +108,9 @@ ENV_NAMES = {
     "redis_url": "REDIS_URL",
     "model": "MEMNET_MODEL",
     "snapshot_dir": "MEMNET_SNAPSHOT_DIR",
+    "snapshot_url": "MEMNET_SNAPSHOT_URL",
+    "resident_mb": "MEMNET_RESIDENT_MB",
+    "cache_dir": "MEMNET_CACHE_DIR",
     "partitions": "MEMNET_PARTITIONS",
     "prefix": "MEMNET_PREFIX",
     "batch_size": "MEMNET_BATCH_SIZE",
@@ -113,7 +132,14 @@ HELP = {
     "redis_url": "the Redis to use; rediss:// and user:password@ work (percent-encode "
     "special characters in the password)",
     "model": "the model file every worker serves",
-    "snapshot_dir": "snapshots, shared by all workers; one subdirectory per partition",
+    "snapshot_dir": "snapshots in a directory every worker reaches, one subdirectory per "
+    "partition (used when MEMNET_SNAPSHOT_URL is empty)",
+    "snapshot_url": "where snapshots live: a path, file:///PATH or s3://BUCKET/PREFIX (with "
+    "the AWS_* variables: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+    "AWS_REGION; AWS_ALLOW_HTTP=true for plain http)",
+    "resident_mb": "RAM for memories per worker; least recently used ones beyond it leave "
+    "RAM once in a snapshot and are fetched from it on their next event",
+    "cache_dir": "this machine's cache (the shared graph of large memories)",
     "partitions": "partition count, fixed once the first worker records it in PREFIX:meta",
     "prefix": "key prefix",
     "batch_size": "entries read per partition per step",
@@ -175,13 +201,14 @@ _POSITIVE = {
     "snapshot_every_entries",
     "snapshots_kept",
     "max_message_bytes",
+    "resident_mb",
 }
 
 
 def _parse(name: str, key: str, raw: str) -> object:
-    if key in ("model", "snapshot_dir"):
+    if key in ("model", "snapshot_dir", "cache_dir"):
         return Path(raw)
-    if key in ("redis_url", "prefix", "log_level", "worker_id", "metrics_host"):
+    if key in ("redis_url", "prefix", "log_level", "worker_id", "metrics_host", "snapshot_url"):
         return raw
     try:
         value: float = float(raw) if key in ("snapshot_every_s", "stop_snapshot_s") else int(raw)

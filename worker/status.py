@@ -14,11 +14,12 @@ a lag of 0; otherwise the lag is unknown but at most the stream's length, which 
 if that bound is within ``--max-lag`` ("unknown" never passes for "caught up"). Redis counts
 again once the group has read to the end of the stream.
 
-The snapshot column reads MEMNET_SNAPSHOT_DIR from *this* machine and directory (relative
-paths are relative to the current directory); the directory read is printed, and a missing
-one said so. Importing this module (the CLI does, to register the commands) loads neither
-redis nor numpy nor JAX; JAX (memnet) loads only to read snapshot manifests, never for
-``--check``.
+The snapshot column reads the snapshot store (MEMNET_SNAPSHOT_URL, else MEMNET_SNAPSHOT_DIR)
+the way a worker does: an S3 bucket from anywhere, a directory from *this* machine (relative
+paths are relative to the current directory); the store read is printed, and a missing
+directory or an unreachable store said so. Importing this module (the CLI does, to register
+the commands) loads neither redis nor numpy nor JAX; JAX (memnet) loads only to read
+snapshot manifests, never for ``--check``.
 """
 
 from __future__ import annotations
@@ -61,12 +62,8 @@ def gather(settings: Settings, *, snapshots: bool = True, client: Client | None 
     members = [(text(w), score) for w, score in client.zrange(keys.workers, 0, -1, withscores=True)]
     live = sorted(w for w, score in members if score > now)
     partitions = int(meta.get("partitions", settings.partitions))
-    directory = Path(settings.snapshot_dir).absolute()
     rows = _rows(client, keys, partitions, set(live))
-    read_snapshots = snapshots and directory.is_dir()
-    for row in rows:
-        p = row["partition"]
-        row["snapshot"] = _snapshot(directory / f"p{p}") if read_snapshots else None
+    store, found, error = _snapshots(settings, rows, snapshots)
     return {
         "deployment": bool(meta),
         "prefix": settings.prefix,
@@ -79,8 +76,9 @@ def gather(settings: Settings, *, snapshots: bool = True, client: Client | None 
         "components": meta.get("components"),
         "workers": live,
         "expired_workers": sorted(w for w, score in members if score <= now),
-        "snapshot_dir": str(directory),
-        "snapshot_dir_exists": directory.is_dir(),
+        "snapshot_store": store,
+        "snapshot_store_found": found,
+        "snapshot_store_error": error,
         "rows": rows,
     }
 
@@ -155,10 +153,31 @@ def _count_unknown_lags(client: Client, keys: Keys, rows: list[dict[str, Any]]) 
             )
 
 
-def _snapshot(directory: Path) -> dict[str, Any] | None:
-    from memnet.snapshot import SnapshotStore  # JAX: only when snapshots are shown
+def _snapshots(
+    settings: Settings, rows: list[dict[str, Any]], wanted: bool
+) -> tuple[str, bool, str | None]:
+    """Fill each row's "snapshot" from the store; (store read, found, error if any)."""
+    url = settings.store_url
+    local = "://" not in url or url.startswith("file://")
+    if local:
+        url = str(Path(url.removeprefix("file://")).absolute())
+    for row in rows:
+        row["snapshot"] = None
+    if not wanted or (local and not Path(url).is_dir()):
+        return url, False, None
+    from memnet.store import StoreError  # (no JAX: the snapshot modules load it)
+    from worker.ownership import open_store
 
-    found = SnapshotStore(directory, None).manifests()
+    try:
+        for row in rows:
+            row["snapshot"] = _newest(open_store(settings, row["partition"], None))
+    except StoreError as e:
+        return url, False, str(e)
+    return url, True, None
+
+
+def _newest(store: Any) -> dict[str, Any] | None:
+    found = store.manifests()
     if not found:
         return None
     info, body = found[0]
@@ -166,6 +185,7 @@ def _snapshot(directory: Path) -> dict[str, Any] | None:
         "name": info.name,
         "position": body["position"],
         "epoch": body["epoch"],
+        "memories": body["count"],
         "age_s": round(time.time() - body["created"], 1),
     }
 
@@ -260,7 +280,11 @@ def render(status: dict[str, Any]) -> list[str]:
         if r["owner"] is not None and not r["owner_alive"]:
             owner += " (not live)"
         snap = r["snapshot"]
-        last = f"{snap['position']} ({snap['age_s']} s ago)" if snap else "-"
+        last = (
+            f"{snap['position']}, {snap['memories']} memories ({snap['age_s']} s ago)"
+            if snap
+            else "-"
+        )
         lines.append(
             f"{r['partition']:>4}  {owner:<28} {r['epoch'] or '-':>5} "
             f"{'?' if r['lag'] is None else r['lag']:>7} {r['pending'] or 0:>5} "
@@ -296,10 +320,15 @@ def _workers_line(status: dict[str, Any]) -> str:
 
 
 def _snapshots_line(status: dict[str, Any]) -> str:
-    if status["snapshot_dir_exists"]:
-        return f"snapshots read from {status['snapshot_dir']}"
+    where = status["snapshot_store"]
+    if status["snapshot_store_found"]:
+        return f"snapshots read from {where}"
+    if status["snapshot_store_error"]:
+        return (
+            f"snapshots: cannot read {where} ({status['snapshot_store_error']}); the column shows -"
+        )
     return (
-        f"snapshots: {status['snapshot_dir']} does not exist here (MEMNET_SNAPSHOT_DIR, "
+        f"snapshots: {where} does not exist here (MEMNET_SNAPSHOT_URL or MEMNET_SNAPSHOT_DIR, "
         "relative to the current directory): run this where the workers' snapshot "
         "directory is, or set it; the column shows -"
     )

@@ -25,7 +25,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -63,9 +62,7 @@ class Worker:
         if engine is None:
             if settings.model is None:
                 raise SettingsError("MEMNET_MODEL is not set: give the model file to serve")
-            engine = Engine(
-                load_model(settings.model), cache_dir=Path(settings.snapshot_dir) / "index-cache"
-            )
+            engine = Engine(load_model(settings.model), cache_dir=settings.cache_dir)
         self.engine = engine
         self.client = connect(settings.redis_url, timeout_s=settings.block_ms / 1000 + 5)
         self.scripts = Scripts(self.client)
@@ -225,8 +222,14 @@ class Worker:
 
     def process(self, work: dict[Partition, Entries]) -> None:
         started = time.perf_counter()
+        pending = {}
+        for part, entries in work.items():
+            try:  # (fetching memories from the store can fail: that partition only)
+                pending[part] = part.prepare(entries)
+            except Exception as e:
+                metrics.ERRORS.labels("prepare").inc()
+                self.owner.contain(part, e)
         try:
-            pending = {part: part.prepare(entries) for part, entries in work.items()}
             results = self.engine.process([it for p in pending.values() for it in p.items])
             batches, at = {}, 0
             for part, p in pending.items():
@@ -234,7 +237,7 @@ class Worker:
                 at += len(p.items)
         except Exception as e:  # a bug, not bad input (that is dead-lettered): reload them
             metrics.ERRORS.labels("process").inc()
-            for part in work:
+            for part in pending:
                 self.owner.contain(part, e)
             return
         committed = self.commit_all(batches)
@@ -246,6 +249,9 @@ class Worker:
             if batch.dead:
                 log_dead_letters(self.throttled, part.number, batch.dead)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        parts = list(self.parts.values())
+        metrics.RESIDENT_MEMORIES.set(sum(len(p.memories) for p in parts))
+        metrics.RESIDENT_BYTES.set(sum(p.resident_bytes for p in parts))
 
     def commit_all(self, batches: dict[Partition, Batch]) -> dict[Partition, bool]:
         """Commit in one round trip; sent again until it lands, the partition is lost, or we
