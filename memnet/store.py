@@ -34,6 +34,7 @@ from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 from memnet.errors import SnapshotError
+from memnet.graph import fsync_path
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -140,7 +141,7 @@ class DirectoryStore:
         try:
             tmp = self._write_temporary(final, data)
             os.replace(tmp, final)
-            _fsync(final.parent)
+            fsync_path(final.parent)
         except OSError as e:
             raise StoreError(f"{final}: cannot write ({e})") from e
 
@@ -154,7 +155,7 @@ class DirectoryStore:
                 raise AlreadyExists(f"{final}: already exists") from None
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync(final.parent)
+            fsync_path(final.parent)
         except AlreadyExists:
             raise
         except OSError as e:
@@ -202,7 +203,7 @@ class DirectoryStore:
                 parents.add(path.parent)
             for parent in parents:
                 if parent.is_dir():
-                    _fsync(parent)
+                    fsync_path(parent)
         except OSError as e:
             raise StoreError(f"{self.root}: cannot delete ({e})") from e
 
@@ -302,11 +303,3 @@ class ObjectStore:
 def _short(e: Exception) -> str:
     """obstore's messages carry the whole request debug dump: keep its first line."""
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
