@@ -98,6 +98,7 @@ class Ownership:
         """Forget a partition at once (its memories may be ahead of Redis)."""
         with self._lock:
             part = self.parts.pop(p, None)
+            self.share_budget()
         self.idle.discard(p)
         if part is not None:
             self._floor[p] = max(self._floor.get(p, 0), part.epoch)
@@ -354,6 +355,7 @@ class Ownership:
             return  # the snapshot found it superseded
         with self._lock:
             self.parts.pop(p, None)
+            self.share_budget()
         self.idle.discard(p)
         self.release(part)
         metrics.OWNED.set(len(self.parts))
