@@ -71,6 +71,7 @@ from memnet.store import (
     get_many,
     open_store,
 )
+from memnet.view import View
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ SWEEP_GRACE_S = 3600.0  # an unreferenced blob younger than this may be a writer
 
 @dataclass
 class Loaded:
-    entries: dict[str, Entry]
+    entries: View  # name -> Entry (the store's current view: valid until its next load)
     position: str | None
     epoch: int
     name: str
@@ -115,7 +116,7 @@ class SnapshotStore:
         self.prefix = prefix.rstrip("/") + "/" if prefix else ""
         self._engine = engine
         self.keep = keep
-        self.view: dict[str, Entry] = {}
+        self.view = View()  # on disk: see memnet/view.py
         self.head: tuple[SnapshotInfo, dict[str, Any]] | None = None
         self._resolved = False  # view and head reflect the store's newest snapshot
         self._bodies: dict[str, dict[str, Any]] = {}  # manifest key -> verified body
@@ -182,7 +183,11 @@ class SnapshotStore:
         for info in found:
             try:
                 view, body = self._resolve(info)
-                self._check_present(info, view, present)
+                try:
+                    self._check_present(info, view, present)
+                except SnapshotError:
+                    view.close()
+                    raise
             except StoreError as e:
                 if isinstance(e, NotFound):
                     log.warning("refusing snapshot: %s", e)
@@ -193,14 +198,21 @@ class SnapshotStore:
                 log.warning("refusing snapshot: %s", e)
                 refused.append(str(e))
                 continue
-            self.view, self.head, self._resolved = view, (info, body), True
-            return Loaded(dict(view), body["position"], body["epoch"], info.name, refused, self)
-        self.view, self.head, self._resolved = {}, None, True
+            self._replace_view(view)
+            self.head, self._resolved = (info, body), True
+            return Loaded(view, body["position"], body["epoch"], info.name, refused, self)
+        self._replace_view(View())
+        self.head, self._resolved = None, True
         if not found:
             refused += self._format_1()
         if refused:
             raise SnapshotError(f"no usable snapshot in {self.where}: " + " | ".join(refused))
         return None
+
+    def _replace_view(self, view: View) -> None:
+        if view is not self.view:
+            self.view.close()
+            self.view = view
 
     def _format_1(self) -> list[str]:
         """Why snapshots of the first format (snap-*/MANIFEST.json) here are not used."""
@@ -225,13 +237,15 @@ class SnapshotStore:
             chain.append(self._body(self.prefix + "manifests/" + chain[-1]["parent"] + ".json"))
         if chain[-1]["parent"] is not None:
             raise SnapshotError(f"{self.store.url}/{info.key}: a chain of indexes too long")
-        view: dict[str, Entry] = {}
-        for link in reversed(chain):
-            index = self._index(link)
-            for name in index.get("removed", []):
-                view.pop(name, None)
-            for name, raw in index["memories"].items():
-                view[name] = Entry.from_json(raw)
+        view = View()
+        try:
+            for link in reversed(chain):
+                index = self._index(link)
+                view.remove(index.get("removed", []))
+                view.update((n, Entry.from_json(raw)) for n, raw in index["memories"].items())
+        except BaseException:
+            view.close()
+            raise
         return view, body
 
     def _index(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -247,9 +261,7 @@ class SnapshotStore:
         except ValueError as e:
             raise SnapshotError(f"{where}: unreadable ({e})") from None
 
-    def _check_present(
-        self, info: SnapshotInfo, view: dict[str, Entry], present: dict[str, int]
-    ) -> None:
+    def _check_present(self, info: SnapshotInfo, view: View, present: dict[str, int]) -> None:
         for name, entry in view.items():
             sizes = [(entry.key, entry.size)]
             if entry.base is not None:
@@ -364,8 +376,7 @@ class SnapshotStore:
                     "%s: could not remove the unpublished snapshot's blobs: %s", self.where, e
                 )
             raise
-        for name in removed:
-            del self.view[name]
+        self.view.remove(removed)
         self.view.update(changes)
         self.head = (info, body)
         self._bodies[info.key] = body
@@ -434,7 +445,8 @@ class SnapshotStore:
             or since > max(MIN_FULL_CHANGES, count // 4)
         )
         if full:
-            merged = {n: e for n, e in self.view.items() if n not in removed}
+            gone = set(removed)
+            merged = {n: e for n, e in self.view.items() if n not in gone}
             merged.update(changes)
             index = {"memories": {n: e.to_json() for n, e in merged.items()}}
         else:

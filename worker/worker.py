@@ -249,6 +249,9 @@ class Worker:
             if batch.dead:
                 log_dead_letters(self.throttled, part.number, batch.dead)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        self.resident_gauges()
+
+    def resident_gauges(self) -> None:
         parts = list(self.parts.values())
         metrics.RESIDENT_MEMORIES.set(sum(len(p.memories) for p in parts))
         metrics.RESIDENT_BYTES.set(sum(p.resident_bytes for p in parts))
@@ -304,6 +307,7 @@ class Worker:
             )
             return
         self.throttled.clear("snapshot", "snapshots succeed again (partition %d)", p)
+        self.resident_gauges()  # (the snapshot let memories be evicted)
         metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - started)
         if point is not None:
             self.owner.trim(part, point)
