@@ -134,13 +134,14 @@ def test_a_corrupt_newest_snapshot_falls_back_to_an_older_one(
     r = redis_server.client()
     batch = three_runs(r, redis_url, tmp_path, model_file)
     for p in range(PARTITIONS):  # every memory blob the newest snapshot wrote
-        part = tmp_path / "snap" / f"p{p}"
+        part = tmp_path / "snap" / f"p{p}" / load_model(model_file).fingerprint[:16]
         newest = sorted((part / "manifests").glob("snap-*.json"))[-1]
         index = json.loads(newest.read_text())["manifest"]["index"]["key"]
-        for key, *_ in json.loads((part.parent / index).read_text())["memories"].values():
-            data = bytearray((part.parent / key).read_bytes())
+        root = tmp_path / "snap"
+        for key, *_ in json.loads((root / index).read_text())["memories"].values():
+            data = bytearray((root / key).read_bytes())
             data[-3] ^= 0xFF
-            (part.parent / key).write_bytes(bytes(data))
+            (root / key).write_bytes(bytes(data))
     send(r, PREFIX, PARTITIONS, batch[300:])
     with caplog.at_level(logging.WARNING):
         run_burst(redis_url, tmp_path, model_file)
@@ -182,18 +183,24 @@ def test_no_snapshot_but_full_history_replays_everything_once(
     assert_all_answered_once(r, batch, model_file)
 
 
-def test_snapshots_of_another_model_are_refused(
+def test_snapshots_of_another_model_are_never_used(
     redis_url, redis_server, tmp_path, model_file, caplog
 ):
+    """Each model has its own snapshots (pP/MODEL/): a worker of another model forced in
+    without memnet rebuild finds none of its own, and with the input trimmed refuses every
+    partition rather than answer from a wrong memory; the first model's stay as they were."""
     r = redis_server.client()
     three_runs(r, redis_url, tmp_path, model_file)
+    before = sorted(p.name for p in (tmp_path / "snap").glob("p*/*/manifests/*"))
     other = tmp_path / "other.safetensors"
     save_model(random_model(WORKER_MODEL, seed=99), other)
     r.delete(Keys(PREFIX).meta)  # the operator forces the switch (meta would refuse the model)
+    answered = len(outputs(r, PREFIX, PARTITIONS))
     with caplog.at_level(logging.WARNING):
         run_burst(redis_url, tmp_path, model_file, model=other)
-    assert caplog.text.count("(another model)") >= PARTITIONS
-    assert caplog.text.count("cannot be rebuilt exactly") == PARTITIONS
+    assert caplog.text.count("cannot be rebuilt exactly: no usable snapshot") == PARTITIONS
+    assert len(outputs(r, PREFIX, PARTITIONS)) == answered
+    assert sorted(p.name for p in (tmp_path / "snap").glob("p*/*/manifests/*")) == before
 
 
 @pytest.mark.slow

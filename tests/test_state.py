@@ -21,6 +21,7 @@ from tests.streams import (
     send,
     worker_settings,
 )
+from worker.ownership import model_prefix
 from worker.protocol import partition_of
 from worker.worker import Worker
 
@@ -47,8 +48,12 @@ def with_deletes(batch, rng, every=9):
     return out
 
 
-def views(tmp_path):
-    return {p: SnapshotStore(tmp_path / "snap", None, prefix=f"p{p}") for p in range(PARTITIONS)}
+def views(tmp_path, model_file):
+    model = load_model(model_file).fingerprint
+    return {
+        p: SnapshotStore(tmp_path / "snap", None, prefix=model_prefix(p, model))
+        for p in range(PARTITIONS)
+    }
 
 
 def test_a_deleted_memory_starts_again_from_memory_init_and_leaves_the_snapshots(
@@ -77,7 +82,7 @@ def test_a_deleted_memory_starts_again_from_memory_init_and_leaves_the_snapshots
         if e["op"] != "query":
             kept[e["memory"]] = e["op"] == "write"
     assert not all(kept.values())
-    for p, store in views(tmp_path).items():
+    for p, store in views(tmp_path, model_file).items():
         body = store.manifests()[0][1]
         assert body["count"] == sum(v for n, v in kept.items() if partition_of(n, PARTITIONS) == p)
 
@@ -127,7 +132,8 @@ def test_a_snapshot_and_a_stop_write_what_changed_whatever_the_number_of_memorie
         run(redis_url, prefix_dir, model_file, s["prefix"])
         written[n] = 0
         for p in range(PARTITIONS):
-            store = SnapshotStore(prefix_dir / "snap", None, prefix=f"p{p}")
+            prefix = model_prefix(p, load_model(model_file).fingerprint)
+            store = SnapshotStore(prefix_dir / "snap", None, prefix=prefix)
             newest = store.manifests()[0][1]
             index = json.loads((prefix_dir / "snap" / newest["index"]["key"]).read_text())
             assert newest["parent"] is not None, "an incremental snapshot"
@@ -149,6 +155,8 @@ def test_memnet_memories_lists_every_memory_resident_or_not(
     writes: dict[str, int] = {}
     for e in batch:
         writes[e["memory"]] = writes.get(e["memory"], 0) + 1 if e["op"] == "write" else 0
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("MEMNET_PREFIX", PREFIX)
     monkeypatch.setenv("MEMNET_SNAPSHOT_DIR", str(tmp_path / "snap"))
     monkeypatch.setenv("MEMNET_PARTITIONS", str(PARTITIONS))
     assert cli(["memories", "--json"]) == 0

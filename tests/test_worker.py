@@ -18,6 +18,7 @@ from tests.streams import (
     worker_settings,
 )
 from worker.cli import main as cli
+from worker.ownership import model_prefix
 from worker.protocol import Keys, pack, partition_of
 from worker.worker import Worker
 
@@ -151,7 +152,8 @@ def test_memory_survives_a_restart_and_the_input_is_trimmed(
         assert_same_answer(response, expected[response["id"]])
     # two snapshots per partition are kept; the input below the older one is gone
     trimmed = sum(r.xlen(Keys(PREFIX).inp(p)) < 200 // PARTITIONS for p in range(PARTITIONS))
-    kept = SnapshotStore(tmp_path / "snap", None, keep=2, prefix="p0").positions()
+    prefix = model_prefix(0, load_model(model_file).fingerprint)
+    kept = SnapshotStore(tmp_path / "snap", None, keep=2, prefix=prefix).positions()
     assert trimmed >= 1 and len(kept) == 2
 
 

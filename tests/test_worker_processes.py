@@ -142,7 +142,9 @@ def test_sigterm_drains_snapshots_and_releases_within_4_seconds(
     print(f"SIGTERM to exit: {took:.2f} s")
     assert code == 0 and took <= 4.0, f"exit {code} after {took:.2f} s"
     assert owners(r, PREFIX, PARTITIONS) == [None] * PARTITIONS  # leases released
-    assert list((tmp_path / "snap").glob("p*/manifests/snap-*")), "no snapshot written on shutdown"
+    assert list((tmp_path / "snap").glob("p*/*/manifests/snap-*")), (
+        "no snapshot written on shutdown"
+    )
     # a new worker picks up exactly where it stopped
     start("next")
     wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries(batch), 60, "responses")

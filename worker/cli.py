@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     from worker.inventory import add_command as memories_command  # light: no JAX
 
     memories_command(sub)  # memnet memories
+    from worker.upgrade import add_commands as upgrade_commands  # light: no JAX
+
+    upgrade_commands(sub)  # memnet rebuild, memnet deploy
 
     p = sub.add_parser(
         "worker",

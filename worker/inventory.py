@@ -12,13 +12,14 @@ from typing import Any
 from worker.settings import Settings
 
 
-def listing(settings: Settings, partitions: list[int]) -> list[dict[str, Any]]:
-    """Per partition: its newest snapshot's name and position, and every memory in it."""
+def listing(settings: Settings, partitions: list[int], model: str) -> list[dict[str, Any]]:
+    """Per partition: its newest snapshot's name and position (of ``model``, a
+    fingerprint), and every memory in it."""
     from worker.ownership import open_store  # (JAX: the snapshot modules load it)
 
     out = []
     for p in partitions:
-        store = open_store(settings, p, None)
+        store = open_store(settings, p, None, model)
         loaded = store.load()
         memories = {} if loaded is None else loaded.entries
         out.append(
@@ -36,9 +37,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p = sub.add_parser(
         "memories",
         help="the memories of each partition with their write counts (newest snapshots)",
-        description="Every memory of each partition as of its newest snapshot, resident in a\n"
-        "worker or not, with its write count; read from MEMNET_SNAPSHOT_URL (or\n"
-        "MEMNET_SNAPSHOT_DIR) like the workers do.",
+        description="Every memory of each partition as of its newest snapshot (of the model\n"
+        "the deployment serves), resident in a worker or not, with its write count;\n"
+        "read from MEMNET_SNAPSHOT_URL (or MEMNET_SNAPSHOT_DIR) like the workers do.",
     )
     p.add_argument("--partition", type=int, metavar="P", help="only this partition")
     p.add_argument("--json", action="store_true", help="as one JSON document")
@@ -53,8 +54,15 @@ def cmd_memories(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from worker.connection import connect, text
+    from worker.events import NoDeployment
+    from worker.protocol import Keys
+
+    model = connect(settings.redis_url).hget(Keys(settings.prefix).meta, "model")
+    if model is None:
+        raise NoDeployment(f"{Keys(settings.prefix).meta} does not exist: start a worker first")
     chosen = [args.partition] if args.partition is not None else range(settings.partitions)
-    found = listing(settings, list(chosen))
+    found = listing(settings, list(chosen), text(model))
     if args.json:
         print(json.dumps(found, indent=1))
         return 0

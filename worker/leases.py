@@ -91,7 +91,12 @@ class LeaseKeeper(threading.Thread):
             return
         s = self.settings
         now = self.redis_ms()
-        live = self.scripts.heartbeat(keys=[self.keys.workers], args=[s.worker_id, s.lease_ms, now])
+        if self.meta.active:
+            args = [s.worker_id, s.lease_ms, now]
+            live = self.scripts.heartbeat(keys=[self.keys.workers], args=args)
+        else:  # (its model is not served: not a member, so shares go to those that are)
+            self.leave()
+            live = self.client.zrangebyscore(self.keys.workers, now, "+inf")
         self.members = sorted(text(live))
         for p, epoch in self.owned().items():
             keys = [self.keys.part(p, "epoch"), self.keys.part(p, "lease")]
@@ -103,7 +108,11 @@ class LeaseKeeper(threading.Thread):
                 self.on_lost(p, renewed == -1)
             self.report_lag(p)
         mismatch = self.meta.reassert()
-        if mismatch:
+        if mismatch and "MEMNET_MODEL" in mismatch:
+            self.throttled.log(
+                "meta", logging.WARNING, "%s; this worker takes no partitions (stop it)", mismatch
+            )
+        elif mismatch:
             self.throttled.log(
                 "meta", logging.ERROR, "%s: a worker of another configuration joined", mismatch
             )

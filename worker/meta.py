@@ -1,13 +1,20 @@
 """The deployment's record in Redis, ``PREFIX:meta``: what workers and clients agree on.
 
-Fields: ``partitions`` and ``protocol`` (clients route by them), ``model`` (the model file's
-fingerprint), and, for clients and operators, the model's dimensions and component names.
+Fields: ``partitions`` and ``protocol`` (clients route by them), ``model`` (the fingerprint of
+the model the deployment serves), ``deploying`` (the model ``memnet deploy`` switches to, or
+switched to last), and, for clients and operators, the served model's dimensions and
+component names.
 The first worker writes it; every live worker re-asserts it each lease renewal
 (``HSETNX``: it only fills in what is missing), so a deleted record -- ``DEL``, FLUSHALL, a
 Redis restart without persistence -- is back within seconds. What is stored wins: a worker
 whose partition count, protocol or model differs is refused at start-up, never the other way
 round; and a newcomer that finds the record missing while other workers are alive waits for
 them to re-assert it rather than write its own.
+
+A worker is *active* while its model is the served one. Otherwise it takes no partitions
+and is not a member of the live set; a worker whose model is neither the served nor the
+deploying one is refused at start-up, and one that was once inactive never writes the
+record again (after a deploy, the old model's workers must not bring their model back).
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ class Meta:
         self.key = keys.meta
         self.values = values
         self.model = model  # how to name this worker's model file in messages
+        self.active = True  # this worker's model is the one the deployment serves
+        self._was_inactive = False
 
     def check_at_start(self, others_alive: Callable[[], bool], wait_s: float) -> None:
         """Join the deployment's record, or raise SettingsError naming what differs."""
@@ -60,8 +69,9 @@ class Meta:
     def reassert(self) -> str | None:
         """Fill in missing fields; what differs from this worker's values, or None."""
         pipe = self.client.pipeline(transaction=False)
-        for field, value in self.values.items():
-            pipe.hsetnx(self.key, field, value)
+        if not self._was_inactive:
+            for field, value in self.values.items():
+                pipe.hsetnx(self.key, field, value)
         pipe.hgetall(self.key)
         stored = {text(k): text(v) for k, v in pipe.execute()[-1].items()}
         return self.mismatch(stored)
@@ -75,11 +85,14 @@ class Meta:
             )
         if stored.get("protocol") != mine["protocol"]:
             return f"{self.key} speaks protocol {stored.get('protocol')}, this worker {PROTOCOL}"
-        if stored.get("model") != mine["model"]:
+        serving, deploying = stored.get("model"), stored.get("deploying")
+        self.active = serving == mine["model"]
+        self._was_inactive |= not self.active
+        if mine["model"] not in (serving, deploying):
+            also = f" and deploying {deploying[:12]}" if deploying not in (None, serving) else ""
             return (
                 f"MEMNET_MODEL {self.model} is model {mine['model'][:12]}, but this deployment "
-                f"({self.key}) serves model {str(stored.get('model'))[:12]}: every worker of a "
-                "deployment serves the same model file (a new model starts under another "
-                "MEMNET_PREFIX)"
+                f"({self.key}) serves model {str(serving)[:12]}{also}: start workers with "
+                "that model file, or switch models with memnet deploy --model FILE"
             )
         return None

@@ -26,6 +26,7 @@ from memnet.errors import CorruptBlob
 from memnet.snapshot import SnapshotStore
 from memnet.store import Store
 from worker import metrics
+from worker.archive import Archive
 from worker.connection import Client, text
 from worker.faults import Backoff, Kind, Throttled, classify
 from worker.leases import fair_share
@@ -52,6 +53,8 @@ class Ownership:
         self.client = client
         self.scripts = scripts
         self.engine = engine
+        self.model = engine.model.fingerprint
+        self.active = True  # this worker's model is the one the deployment serves
         self.snapshot = snapshot  # the worker's: snapshot(part, abort)
         self.io = StreamIO(
             client, scripts, self.keys, settings.worker_id, settings.batch_size,
@@ -191,7 +194,9 @@ class Ownership:
 
     # ---- taking and handing over ---------------------------------------------------------
     def rebalance(self, members: list[str], grace: bool) -> None:
-        target = fair_share(self.s.partitions, members, self.s.worker_id)
+        """Hand over what is over this worker's fair share, take free partitions up to it
+        (none while its model is not the one the deployment serves)."""
+        target = fair_share(self.s.partitions, members, self.s.worker_id) if self.active else 0
         for p in sorted(self.parts, reverse=True)[: max(0, len(self.parts) - target)]:
             self.hand_over(p)
         self.rebuild_due = False
@@ -275,6 +280,7 @@ class Ownership:
             return False
         committed = self.client.get(self.keys.part(p, "offset"))
         part.committed = text(committed) if committed is not None else None
+        self.record_switch(part)
         if part.position and (
             part.committed is None or parse_id(part.committed) < parse_id(part.position)
         ):
@@ -290,6 +296,23 @@ class Ownership:
         self.ensure_group(part, part.position or "0")
         self.plan_replay(part)
         return True
+
+    def record_switch(self, part: Partition) -> None:
+        """The first owner of a newly deployed model records where the switch happened:
+        entries up to the committed offset were applied (and answered) by the previous
+        model, every later one is this model's (PREFIX:{p}:switch, shown by memnet status)."""
+        p = part.number
+        served = self.client.get(self.keys.part(p, "model"))
+        if served is not None and text(served) == self.model:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        if served is not None:
+            switch = {"from": text(served), "to": self.model, "after": part.committed or "0-0"}
+            pipe.hset(self.keys.part(p, "switch"), mapping={**switch, "epoch": part.epoch})
+            log.info("partition %d: switched to model %s after entry %s (model %s before)",
+                     p, self.model[:12], switch["after"], switch["from"][:12])  # fmt: skip
+        pipe.set(self.keys.part(p, "model"), self.model)
+        pipe.execute()
 
     def restore(self, part: Partition) -> bool:
         """Load the newest good snapshot; False if the partition cannot be rebuilt exactly."""
@@ -309,7 +332,7 @@ class Ownership:
                 part.number,
                 refused or "none found",
                 trimmed.decode(),
-                f"{self.s.store_url}/p{part.number}",
+                f"{self.s.store_url}/{model_prefix(part.number, self.engine.model.fingerprint)}",
             )
             return False
         if refused:
@@ -400,13 +423,30 @@ class Ownership:
         return done
 
     def trim(self, part: Partition, point: str) -> None:
+        """Archive the input below point (MEMNET_ARCHIVE), then trim it there; nothing is
+        trimmed that could not be archived, or while a deploy to another model runs."""
         p = part.number
         with self.contained(part):
-            fenced(
-                self.scripts.trim,
-                keys=[self.keys.part(p, "epoch"), self.keys.inp(p), self.keys.part(p, "trimmed")],
-                args=[part.epoch, point],
-            )
+            if self.s.archive:
+                self.archive(part, point)
+            keys = [self.keys.part(p, k) for k in ("epoch", "in", "trimmed", "deploying")]
+            fenced(self.scripts.trim, keys=keys, args=[part.epoch, point, self.model])
+
+    def archive(self, part: Partition, point: str) -> None:
+        """Append the entries before point not yet archived to the partition's archive."""
+        archive = Archive(store_at(self.s.store_url), part.number)
+        if part.archived is None:
+            part.archived = archive.last()
+        start = "-" if part.archived is None else "(" + part.archived
+        while True:
+            got = self.client.xrange(self.keys.inp(part.number), start, "(" + point, count=10_000)
+            if not got:
+                break
+            archive.append([(text(i), fields.get(b"msg", b"")) for i, fields in got])
+            part.archived = text(got[-1][0])
+            start = "(" + part.archived
+        if self.s.archive_days:
+            archive.prune(self.s.archive_days)
 
     def tidy(self, part: Partition) -> None:
         """Once replay is over, drop the group's other consumers (nothing pending there)."""
@@ -419,10 +459,23 @@ class Ownership:
             )
 
 
-def open_store(settings: Settings, p: int, engine: Engine | None) -> SnapshotStore:
-    """The snapshots of partition p (under pP/ of MEMNET_SNAPSHOT_URL or _DIR); engine None
-    for listing only."""
-    return SnapshotStore(store_at(settings.store_url), engine, settings.snapshots_kept, f"p{p}")
+def open_store(
+    settings: Settings, p: int, engine: Engine | None, model: str | None = None
+) -> SnapshotStore:
+    """The snapshots of partition p for a model: under pP/MODEL/ of MEMNET_SNAPSHOT_URL (or
+    _DIR), MODEL the first 16 hex digits of its fingerprint (each model keeps its own, so a
+    rebuild for a new one runs beside the serving one). ``model`` (a fingerprint) with
+    engine None opens it for listing only."""
+    fingerprint = engine.model.fingerprint if engine is not None else model
+    if fingerprint is None:
+        raise ValueError("open_store needs an engine or a model fingerprint")
+    return SnapshotStore(
+        store_at(settings.store_url), engine, settings.snapshots_kept, model_prefix(p, fingerprint)
+    )
+
+
+def model_prefix(p: int, fingerprint: str) -> str:
+    return f"p{p}/{fingerprint[:16]}"
 
 
 @functools.cache

@@ -76,6 +76,7 @@ class Partition:
         self.budget_bytes = budget_bytes  # None: keep every memory resident
         self.dirty: set[str] = set()  # written since the last snapshot
         self.deleted: set[str] = set()  # deleted since the last snapshot
+        self.archived: str | None = None  # the newest input entry in the archive, once known
         self.position: str | None = None  # last applied entry id
         self.committed: str | None = None  # what the offset key holds (last commit)
         self.seen: str | None = None  # last entry id delivered to us (XREAD waits after it)

@@ -1,11 +1,14 @@
 """The wire protocol, version 1 (docs/protocol.md is the contract for producers).
 
 Keys (``{p}`` is the partition number in a Redis Cluster hash tag):
-  <prefix>:meta          hash: partitions, protocol, model, dims, components (worker/meta.py)
+  <prefix>:meta          hash: partitions, protocol, model, deploying, previous, dims,
+                         components (worker/meta.py)
   <prefix>:{p}:in        input stream (writes, queries, deletes), consumer group "memnet"
   <prefix>:{p}:out       responses, each at the stream id of its query (or delete with an id)
   <prefix>:{p}:dead      dead letters, each at the stream id of its input entry
   <prefix>:{p}:lease|epoch|offset|trimmed    ownership and bookkeeping
+  <prefix>:{p}:model|switch|deploying         the model serving it, where it switched last,
+                         and the model being deployed (worker/upgrade.py)
 A memory named ``name`` lives in partition ``crc32(utf8(name)) mod partitions``.
 """
 

@@ -136,10 +136,13 @@ return {published, duplicates}
 """
 )
 
-# KEYS: epoch, in, trimmed  ARGV: epoch, min id  ->  entries removed
+# KEYS: epoch, in, trimmed, deploying  ARGV: epoch, min id, model  ->  entries removed, or -1:
+# a deploy to another model is under way (memnet deploy), which needs the input kept
 TRIM = (
     _CHECK
     + """
+local deploying = redis.call('GET', KEYS[4])
+if deploying and deploying ~= ARGV[3] then return -1 end
 local removed = redis.call('XTRIM', KEYS[2], 'MINID', ARGV[2])
 redis.call('SET', KEYS[3], ARGV[2])
 return removed

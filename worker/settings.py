@@ -29,6 +29,8 @@ class Settings:
     snapshot_dir: Path = Path("var/snapshots")
     snapshot_url: str = ""
     resident_mb: int = 1024
+    archive: int = 1
+    archive_days: float = 0.0
     cache_dir: Path = Path("var/cache")
     partitions: int = 8
     prefix: str = "memnet"
@@ -110,6 +112,8 @@ ENV_NAMES = {
     "snapshot_dir": "MEMNET_SNAPSHOT_DIR",
     "snapshot_url": "MEMNET_SNAPSHOT_URL",
     "resident_mb": "MEMNET_RESIDENT_MB",
+    "archive": "MEMNET_ARCHIVE",
+    "archive_days": "MEMNET_ARCHIVE_DAYS",
     "cache_dir": "MEMNET_CACHE_DIR",
     "partitions": "MEMNET_PARTITIONS",
     "prefix": "MEMNET_PREFIX",
@@ -140,6 +144,10 @@ HELP = {
     "resident_mb": "RAM for memories per worker; least recently used ones beyond it leave "
     "RAM once in a snapshot and are fetched from it on their next event",
     "cache_dir": "this machine's cache (the shared graph of large memories)",
+    "archive": "1: input entries are archived in the snapshot store before Redis trims them "
+    "(what memnet rebuild runs a new model over); 0: not",
+    "archive_days": "archived input older than this many days is deleted (0: kept forever; a "
+    "rebuild needs the whole history)",
     "partitions": "partition count, fixed once the first worker records it in PREFIX:meta",
     "prefix": "key prefix",
     "batch_size": "entries read per partition per step",
@@ -211,7 +219,8 @@ def _parse(name: str, key: str, raw: str) -> object:
     if key in ("redis_url", "prefix", "log_level", "worker_id", "metrics_host", "snapshot_url"):
         return raw
     try:
-        value: float = float(raw) if key in ("snapshot_every_s", "stop_snapshot_s") else int(raw)
+        floats = ("snapshot_every_s", "stop_snapshot_s", "archive_days")
+        value: float = float(raw) if key in floats else int(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
     if (key in _POSITIVE and value < 1) or value < 0 or (key == "metrics_port" and value > 65535):

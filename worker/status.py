@@ -63,7 +63,7 @@ def gather(settings: Settings, *, snapshots: bool = True, client: Client | None 
     live = sorted(w for w, score in members if score > now)
     partitions = int(meta.get("partitions", settings.partitions))
     rows = _rows(client, keys, partitions, set(live))
-    store, found, error = _snapshots(settings, rows, snapshots)
+    store, found, error = _snapshots(settings, rows, snapshots, meta.get("model"))
     return {
         "deployment": bool(meta),
         "prefix": settings.prefix,
@@ -72,6 +72,8 @@ def gather(settings: Settings, *, snapshots: bool = True, client: Client | None 
         "partitions": partitions,
         "protocol": meta.get("protocol"),
         "model": meta.get("model"),
+        "deploying": meta.get("deploying"),
+        "previous_model": meta.get("previous") or None,
         "dims": {k: int(meta[k]) for k in ("input_dim", "memory_dim", "output_dim") if k in meta},
         "components": meta.get("components"),
         "workers": live,
@@ -92,11 +94,12 @@ def _rows(client: Client, keys: Keys, partitions: int, live: set[str]) -> list[d
         pipe.xlen(keys.inp(p))
         pipe.xinfo_groups(keys.inp(p))
         pipe.xlen(keys.dead(p))
+        pipe.hgetall(keys.part(p, "switch"))
     replies = pipe.execute(raise_on_error=False)
-    width = len(_PER_PARTITION) + 3
+    width = len(_PER_PARTITION) + 4
     rows = []
     for p in range(partitions):
-        *values, length, groups, dead = replies[p * width : (p + 1) * width]
+        *values, length, groups, dead, switch = replies[p * width : (p + 1) * width]
         row: dict[str, Any] = {"partition": p}
         row.update({n: _value(v) for n, v in zip(_PER_PARTITION, values, strict=True)})
         row["owner"] = row.pop("lease")
@@ -106,6 +109,7 @@ def _rows(client: Client, keys: Keys, partitions: int, live: set[str]) -> list[d
         row["lag"] = group.get("lag") if group else None
         row["pending"] = group.get("pending") if group else None
         row["dead"] = _number(dead)
+        row["switch"] = {text(k): text(v) for k, v in switch.items()} if switch else None
         row["last_delivered"] = text(group.get("last-delivered-id")) if group else None
         if group is None:
             row["lag_note"] = "no consumer group yet (no worker has read this partition)"
@@ -154,23 +158,24 @@ def _count_unknown_lags(client: Client, keys: Keys, rows: list[dict[str, Any]]) 
 
 
 def _snapshots(
-    settings: Settings, rows: list[dict[str, Any]], wanted: bool
+    settings: Settings, rows: list[dict[str, Any]], wanted: bool, model: str | None
 ) -> tuple[str, bool, str | None]:
-    """Fill each row's "snapshot" from the store; (store read, found, error if any)."""
+    """Fill each row's "snapshot" (the serving model's) from the store; (store read,
+    found, error if any)."""
     url = settings.store_url
     local = "://" not in url or url.startswith("file://")
     if local:
         url = str(Path(url.removeprefix("file://")).absolute())
     for row in rows:
         row["snapshot"] = None
-    if not wanted or (local and not Path(url).is_dir()):
+    if not wanted or model is None or (local and not Path(url).is_dir()):
         return url, False, None
     from memnet.store import StoreError  # (no JAX: the snapshot modules load it)
     from worker.ownership import open_store
 
     try:
         for row in rows:
-            row["snapshot"] = _newest(open_store(settings, row["partition"], None))
+            row["snapshot"] = _newest(open_store(settings, row["partition"], None, model))
     except StoreError as e:
         return url, False, str(e)
     return url, True, None
@@ -290,7 +295,7 @@ def render(status: dict[str, Any]) -> list[str]:
             f"{'?' if r['lag'] is None else r['lag']:>7} {r['pending'] or 0:>5} "
             f"{r['length']:>8} {r['dead']:>6}  {last}"
         )
-    return lines
+    return lines + _switch_lines(status)
 
 
 def _headline(status: dict[str, Any]) -> str:
@@ -305,7 +310,22 @@ def _headline(status: dict[str, Any]) -> str:
         line += " (" + ", ".join(f"{k} {v}" for k, v in dims.items()) + ")"
     if status["components"]:
         line += f", components {status['components']}"
+    if status["deploying"] and status["deploying"] != status["model"]:
+        line += f"; deploying model {status['deploying'][:12]} (memnet deploy is catching up)"
     return line
+
+
+def _switch_lines(status: dict[str, Any]) -> list[str]:
+    """Where each partition switched models (memnet deploy), if any did."""
+    lines = []
+    for r in status["rows"]:
+        switch = r.get("switch")
+        if switch:
+            lines.append(
+                f"partition {r['partition']}: model {switch['from'][:12]} answered up to entry "
+                f"{switch['after']}, model {switch['to'][:12]} after it"
+            )
+    return lines
 
 
 def _workers_line(status: dict[str, Any]) -> str:

@@ -124,11 +124,30 @@ class Worker:
         finally:
             self.shutdown()
 
+    def follow_model(self) -> None:
+        """Serve only while this worker's model is the deployment's (memnet deploy)."""
+        active = self.keeper.meta.active
+        if active == self.owner.active:
+            return
+        self.owner.active = active
+        model = self.engine.model.fingerprint[:12]
+        if active:
+            log.info("model %s is the deployment's now: taking partitions", model)
+        else:
+            log.warning(
+                "model %s is not the one the deployment serves: handing partitions over, "
+                "taking none (memnet deploy switched models; stop this worker)",
+                model,
+            )
+
     def _start_up(self) -> None:
         self.scripts.load()
         self.keeper.scripts.load()
         probe_rights(self.client, self.keys)
         self.meta.check_at_start(self.keeper.others_alive, wait_s=2 * self.s.lease_ms / 1000)
+        self.keeper.meta.active = self.meta.active
+        self.keeper.meta._was_inactive = not self.meta.active
+        self.follow_model()
         log.info(
             "worker %s serving %s (model %s, %d partitions, redis %s)",
             self.s.worker_id,
@@ -159,6 +178,9 @@ class Worker:
         self.owner.drop_lost()
         if self._resync:
             self._resynchronise()
+        self.follow_model()
+        if self.burst and not self.owner.active and not self.parts:
+            return True
         if time.monotonic() >= self._next_cycle or self.owner.rebuild_due:
             grace = self.burst or time.monotonic() - self._started >= self.s.renew_every_s
             self._next_cycle = time.monotonic() + self.s.renew_every_s  # even if it fails

@@ -1,0 +1,118 @@
+"""Model upgrades against a real redis-server: the input archive, memnet rebuild, memnet
+deploy with the old model's workers handing over to the new one's, exactly once."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from memnet import Engine, load_model, random_model, save_model
+from tests.conftest import WORKER_MODEL
+from tests.streams import (
+    assert_same_answer,
+    events,
+    library_answers,
+    outputs,
+    send,
+    wait_for,
+    worker_settings,
+)
+from worker.archive import Archive
+from worker.connection import text
+from worker.ownership import store_at
+from worker.protocol import Keys, parse_id, partition_of
+from worker.upgrade import deploy, rebuild
+from worker.worker import Worker
+
+PREFIX = "up"
+PARTITIONS = 4
+DIMS = (WORKER_MODEL.input_dim, WORKER_MODEL.memory_dim)
+NAMES = [f"user-{i}" for i in range(40)]
+
+
+class Running:
+    def __init__(self, s) -> None:
+        self.worker = Worker(s, Engine(load_model(s.model)))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as e:
+            self.error = e
+
+    def stop(self) -> None:
+        self.worker.request_stop()
+        self.thread.join(20)
+        assert not self.thread.is_alive() and self.error is None, repr(self.error)
+
+
+def answered(r, n):
+    return lambda: len(outputs(r, PREFIX, PARTITIONS)) >= n
+
+
+def test_deploy_switches_models_exactly_once_and_the_new_one_knows_the_whole_history(
+    redis_url, redis_server, tmp_path, model_file
+):
+    r = redis_server.client()
+    model_b = tmp_path / "b.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=77), model_b)
+    settings = {"snapshot_every_entries": 60, "snapshots_kept": 2, "batch_size": 50}
+    a_settings = [
+        worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS, worker_id=f"a{i}",
+                        **settings)
+        for i in (1, 2)
+    ]  # fmt: skip
+    rng = np.random.default_rng(41)
+    before = events(3000, NAMES, DIMS, rng)
+    after = [{**e, "id": "after-" + e["id"]} if "id" in e else e
+             for e in events(1000, NAMES, DIMS, rng)]  # fmt: skip
+    queries_before = sum(e["op"] == "query" for e in before)
+    a = [Running(s) for s in a_settings]
+    for start in range(0, len(before), 500):
+        send(r, PREFIX, PARTITIONS, before[start : start + 500])
+    wait_for(answered(r, queries_before), 120, "model A's answers")
+    wait_for(lambda: all(r.exists(Keys(PREFIX).part(p, "trimmed")) for p in range(PARTITIONS)),
+             30, "the inputs to be trimmed")  # fmt: skip
+    assert sum(r.xlen(Keys(PREFIX).inp(p)) for p in range(PARTITIONS)) < len(before) / 2
+    archived = sum(len(list(Archive(store_at(str(tmp_path / "snap")), p).read(None)))
+                   for p in range(PARTITIONS))  # fmt: skip
+    assert archived > len(before) / 2  # what Redis trimmed is in the archive
+
+    rebuilt = rebuild(a_settings[0], model_b, jobs=1)  # while A serves
+    assert sum(d["entries"] for d in rebuilt) >= len(before) - 100
+    result = deploy(a_settings[0], model_b, jobs=1)
+    assert result["switched"] and text(r.hget(Keys(PREFIX).meta, "model")) == result["model"]
+    for worker in a:
+        worker.stop()
+    b = [
+        Running(worker_settings(redis_url, tmp_path, model_b, PREFIX, PARTITIONS,
+                                worker_id=f"b{i}", **settings))
+        for i in (1, 2)
+    ]  # fmt: skip
+    send(r, PREFIX, PARTITIONS, after)
+    everything = before + after
+    wait_for(answered(r, sum(e["op"] == "query" for e in everything)), 120, "B's answers")
+    for worker in b:
+        worker.stop()
+
+    switch = {}
+    for p in range(PARTITIONS):
+        record = {text(k): text(v) for k, v in r.hgetall(Keys(PREFIX).part(p, "switch")).items()}
+        assert record["to"] == result["model"] and record["from"] == result["previous"]
+        switch[p] = parse_id(record["after"])
+    by_a = library_answers(Engine(load_model(model_file)), everything)
+    by_b = library_answers(Engine(load_model(model_b)), everything)
+    out = outputs(r, PREFIX, PARTITIONS)
+    ids = [m["id"] for _, m in out]
+    assert len(ids) == len(set(ids)) == len(by_a), "every query answered exactly once"
+    counts = {"A": 0, "B": 0}
+    for entry_id, response in out:
+        p = partition_of(response["memory"], PARTITIONS)
+        model = "A" if parse_id(entry_id) <= switch[p] else "B"
+        counts[model] += 1
+        assert_same_answer(response, (by_a if model == "A" else by_b)[response["id"]])
+    assert counts["A"] >= queries_before and counts["B"] > 0

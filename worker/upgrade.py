@@ -1,0 +1,243 @@
+"""Model upgrades: ``memnet rebuild --model NEW`` and ``memnet deploy --model NEW``.
+
+rebuild: for each partition, NEW's snapshots are computed by running the partition's whole
+input history -- the archive (worker/archive.py), then what Redis still holds -- through
+NEW's engine in this process: batched, no round trip per event, resumable (it continues
+from NEW's newest snapshot), one process per partition up to ``--jobs``. The serving model
+is not disturbed. It ends with NEW's snapshots at the live end of each input.
+
+deploy: switches the deployment to NEW. It marks each partition ``deploying`` (from then
+on only NEW's workers may trim its input), records NEW as ``deploying`` in PREFIX:meta,
+catches NEW's snapshots up with the input once more, then makes NEW the served model
+(PREFIX:meta ``model``, dimensions, components). The old model's workers then hand their
+partitions over and take none; NEW's workers take them, load NEW's snapshot and replay the
+tail. Exactly once across the switch: entries the old model had committed were answered by
+it (a replay's responses for them are refused by Redis as duplicates); every later entry is
+answered by NEW. The first NEW owner of a partition records the switch point
+(PREFIX:{p}:switch; memnet status shows it). Deploying the previous model rolls back the
+same way, from its own snapshots (kept under their own prefix) and the archive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from worker.events import ClientError
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1000  # entries per engine call
+SNAPSHOT_EVERY = 50_000  # entries between a rebuild's snapshots (what a resume repeats)
+
+
+class UpgradeError(ClientError):
+    """A rebuild or deploy cannot go on; the message says why and what to do."""
+
+
+def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = False) -> dict:
+    """Bring model's snapshots of partition p to the end of its input; what was done."""
+    from memnet import Engine, load_model
+    from worker.archive import Archive
+    from worker.connection import connect
+    from worker.ownership import open_store, store_at
+    from worker.partition import Partition
+
+    engine = Engine(load_model(model))
+    client = connect(settings.redis_url)
+    store = open_store(settings, p, engine)
+    part = Partition(
+        p, 0, engine, store, settings.partitions, settings.max_message_bytes,
+        (settings.resident_mb << 20),
+    )  # fmt: skip
+    part.restore()
+    part.epoch = store.newest_epoch()  # continue its snapshots, never behind them
+    archive = Archive(store_at(settings.store_url), p)
+    _check_history(client, settings, p, part.position, archive)
+    started, done = time.perf_counter(), 0
+    for chunk in _chunks(_history(client, settings, p, part.position, archive)):
+        pending = part.prepare(chunk)
+        part.finish(pending, engine.process(pending.items))
+        part.uncommitted = False
+        done += len(chunk)
+        if part.since_snapshot >= SNAPSHOT_EVERY:
+            part.snapshot()
+        if not quiet and done % (20 * CHUNK) < CHUNK:
+            print(f"partition {p}: {done:,} entries", file=sys.stderr, flush=True)
+    if part.since_snapshot:
+        part.snapshot()
+    took = time.perf_counter() - started
+    return {"partition": p, "entries": done, "seconds": took, "position": part.position}
+
+
+def _check_history(client: Any, settings: Settings, p: int, position: Any, archive: Any) -> None:
+    from worker.connection import text
+    from worker.protocol import Keys
+
+    if position is not None:
+        return
+    pruned = archive.pruned()
+    if pruned is not None:
+        raise UpgradeError(
+            f"partition {p}: the archive was pruned up to {pruned} (MEMNET_ARCHIVE_DAYS); a "
+            "rebuild needs the whole input history"
+        )
+    trimmed = client.get(Keys(settings.prefix).part(p, "trimmed"))
+    if trimmed is not None and archive.last() is None:
+        raise UpgradeError(
+            f"partition {p}: its input was trimmed up to {text(trimmed)} without an archive "
+            "(MEMNET_ARCHIVE=0, or a memnet before 0.2); a rebuild needs the whole history"
+        )
+
+
+def _history(
+    client: Any, settings: Settings, p: int, after: str | None, archive: Any
+) -> Iterator[tuple[str, dict[bytes, Any]]]:
+    """The partition's entries after ``after``: the archive's, then Redis's, each once."""
+    from worker.connection import text
+    from worker.protocol import Keys, parse_id
+
+    last = after
+    for entry_id, raw in archive.read(after):
+        last = entry_id
+        yield entry_id, {b"msg": raw}
+    key = Keys(settings.prefix).inp(p)
+    while True:
+        got = client.xrange(key, "-" if last is None else "(" + last, "+", count=10_000)
+        if not got:
+            return
+        for entry_id, fields in got:
+            entry_id = text(entry_id)
+            if last is None or parse_id(entry_id) > parse_id(last):
+                last = entry_id
+                yield entry_id, fields
+
+
+def _chunks(entries: Iterator[Any]) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def rebuild(settings: Settings, model: Path, jobs: int) -> list[dict]:
+    """Every partition, ``jobs`` at a time (one process each: they share nothing)."""
+    partitions = list(range(settings.partitions))
+    if jobs <= 1:
+        return [rebuild_partition(settings, model, p) for p in partitions]
+    context = multiprocessing.get_context("spawn")  # (JAX and threads: no fork)
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        runs = [pool.submit(rebuild_partition, settings, model, p) for p in partitions]
+        return [run.result() for run in runs]
+
+
+def deploy(settings: Settings, model: Path, jobs: int) -> dict:
+    from memnet import load_model
+    from worker.connection import connect, text
+    from worker.events import NoDeployment
+    from worker.meta import record
+    from worker.protocol import Keys
+
+    new = load_model(model)
+    keys = Keys(settings.prefix)
+    client = connect(settings.redis_url)
+    meta = {text(k): text(v) for k, v in client.hgetall(keys.meta).items()}
+    if not meta:
+        raise NoDeployment(f"{keys.meta} does not exist: start a worker first")
+    settings = replace(settings, partitions=int(meta["partitions"]))
+    old = meta.get("model")
+    if old == new.fingerprint:
+        return {"model": new.fingerprint, "previous": old, "switched": False, "rebuilt": []}
+    pipe = client.pipeline(transaction=False)
+    for p in range(settings.partitions):
+        pipe.set(keys.part(p, "deploying"), new.fingerprint)
+    pipe.hset(keys.meta, "deploying", new.fingerprint)
+    pipe.execute()
+    rebuilt = rebuild(settings, model, jobs)  # caught up: nothing can be trimmed meanwhile
+    fields = {k: v for k, v in record(settings, new).items() if k not in ("partitions", "protocol")}
+    client.hset(keys.meta, mapping={**fields, "previous": old or ""})
+    return {"model": new.fingerprint, "previous": old, "switched": True, "rebuilt": rebuilt}
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    for name, what in (
+        ("rebuild", "compute a model's snapshots from the whole input history (the served "
+                    "model keeps serving); resumable"),
+        ("deploy", "switch the deployment to a model: catch its snapshots up, then the old "
+                   "model's workers hand over and the new model's take over"),
+    ):  # fmt: skip
+        p = sub.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        p.add_argument("--model", type=Path, required=True, help="the model file")
+        p.add_argument(
+            "--jobs",
+            type=int,
+            default=1,
+            metavar="N",
+            help="partitions rebuilt at once, one process each (default %(default)s)",
+        )
+        p.set_defaults(run=cmd_rebuild if name == "rebuild" else cmd_deploy)
+
+
+def _model_file(path: Path) -> Path:
+    if not path.is_file():
+        raise UpgradeError(f"--model {path}: no such file")
+    return path
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from memnet import load_model
+    from worker.connection import connect, text
+    from worker.protocol import Keys
+
+    settings = Settings.from_env()
+    fingerprint = load_model(_model_file(args.model)).fingerprint
+    meta = connect(settings.redis_url).hgetall(Keys(settings.prefix).meta)
+    if text(meta.get(b"model")) == fingerprint:
+        raise UpgradeError(
+            f"--model {args.model} is the model the deployment serves: its workers keep its "
+            "snapshots; rebuild is for another model"
+        )
+    if meta.get(b"partitions"):
+        settings = replace(settings, partitions=int(meta[b"partitions"]))
+    started = time.perf_counter()
+    done = rebuild(settings, _model_file(args.model), args.jobs)
+    _report(done, time.perf_counter() - started)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    started = time.perf_counter()
+    result = deploy(settings, _model_file(args.model), args.jobs)
+    if not result["switched"]:
+        print(f"model {result['model'][:12]} is already the deployment's")
+        return 0
+    _report(result["rebuilt"], time.perf_counter() - started)
+    print(
+        f"deployed model {result['model'][:12]} (was {str(result['previous'])[:12]}): workers "
+        f"of the old model hand their partitions over; start workers with "
+        f"MEMNET_MODEL={args.model}, then stop the old ones (memnet status shows the switch "
+        "points)"
+    )
+    return 0
+
+
+def _report(done: list[dict], seconds: float) -> None:
+    entries = sum(d["entries"] for d in done)
+    print(
+        f"{entries:,} entries over {len(done)} partitions in {seconds:.1f} s "
+        f"({entries / max(seconds, 1e-9):,.0f} entries/s)"
+    )
