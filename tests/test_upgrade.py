@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from memnet import Engine, load_model, random_model, save_model
 from tests.conftest import WORKER_MODEL
@@ -116,3 +117,34 @@ def test_deploy_switches_models_exactly_once_and_the_new_one_knows_the_whole_his
         counts[model] += 1
         assert_same_answer(response, (by_a if model == "A" else by_b)[response["id"]])
     assert counts["A"] >= queries_before and counts["B"] > 0
+
+
+def test_only_the_served_or_deploying_model_may_start_and_a_rollback_is_a_deploy(
+    redis_url, redis_server, tmp_path, model_file
+):
+    from worker.settings import SettingsError
+
+    r = redis_server.client()
+    models = {}
+    for name, seed in (("b", 78), ("c", 79)):
+        models[name] = tmp_path / f"{name}.safetensors"
+        save_model(random_model(WORKER_MODEL, seed=seed), models[name])
+
+    def settings(model):
+        return worker_settings(redis_url, tmp_path, model, PREFIX, PARTITIONS)
+
+    send(r, PREFIX, PARTITIONS, events(200, NAMES, DIMS, np.random.default_rng(42)))
+    Worker(settings(model_file), Engine(load_model(model_file))).run(burst=True)
+    fingerprints = {k: load_model(v).fingerprint for k, v in models.items()}
+    assert deploy(settings(model_file), models["b"], jobs=1)["switched"]
+    for refused in (models["c"], model_file):  # neither served nor deploying: the old one too
+        with pytest.raises(SettingsError, match=f"serves model {fingerprints['b'][:12]}"):
+            Worker(settings(refused), Engine(load_model(refused)))._start_up()
+    back = deploy(settings(models["b"]), model_file, jobs=1)  # roll back: A again
+    assert back["switched"] and back["previous"] == fingerprints["b"]
+    assert text(r.hget(Keys(PREFIX).meta, "model")) == load_model(model_file).fingerprint
+    Worker(settings(model_file), Engine(load_model(model_file))).run(burst=True)  # accepted
+    deploy(settings(model_file), model_file, jobs=1)  # the served one: nothing to switch
+    assert {text(r.get(Keys(PREFIX).part(p, "deploying"))) for p in range(PARTITIONS)} == {
+        load_model(model_file).fingerprint
+    }

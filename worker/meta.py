@@ -13,8 +13,8 @@ them to re-assert it rather than write its own.
 
 A worker is *active* while its model is the served one. Otherwise it takes no partitions
 and is not a member of the live set; a worker whose model is neither the served nor the
-deploying one is refused at start-up, and one that was once inactive never writes the
-record again (after a deploy, the old model's workers must not bring their model back).
+deploying one is refused at start-up; and only active workers write the record (after a
+deploy, the old model's workers must not bring their model back if it is deleted).
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ class Meta:
         self.key = keys.meta
         self.values = values
         self.model = model  # how to name this worker's model file in messages
-        self.active = True  # this worker's model is the one the deployment serves
-        self._was_inactive = False
+        self.active = True  # this worker's model is the one the deployment serves (last seen)
 
     def check_at_start(self, others_alive: Callable[[], bool], wait_s: float) -> None:
         """Join the deployment's record, or raise SettingsError naming what differs."""
@@ -69,7 +68,7 @@ class Meta:
     def reassert(self) -> str | None:
         """Fill in missing fields; what differs from this worker's values, or None."""
         pipe = self.client.pipeline(transaction=False)
-        if not self._was_inactive:
+        if self.active:  # (an inactive worker must not bring its model back)
             for field, value in self.values.items():
                 pipe.hsetnx(self.key, field, value)
         pipe.hgetall(self.key)
@@ -87,7 +86,6 @@ class Meta:
             return f"{self.key} speaks protocol {stored.get('protocol')}, this worker {PROTOCOL}"
         serving, deploying = stored.get("model"), stored.get("deploying")
         self.active = serving == mine["model"]
-        self._was_inactive |= not self.active
         if mine["model"] not in (serving, deploying):
             also = f" and deploying {deploying[:12]}" if deploying not in (None, serving) else ""
             return (

@@ -69,8 +69,8 @@ def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = Fal
         part.finish(pending, engine.process(pending.items))
         part.uncommitted = False
         done += len(chunk)
-        if part.since_snapshot >= SNAPSHOT_EVERY:
-            part.snapshot()
+        if part.since_snapshot >= SNAPSHOT_EVERY or part.over_budget():
+            part.snapshot()  # (which also lets memories beyond the budget go)
         if not quiet and done % (20 * CHUNK) < CHUNK:
             print(f"partition {p}: {done:,} entries", file=sys.stderr, flush=True)
     if part.since_snapshot:
@@ -159,13 +159,13 @@ def deploy(settings: Settings, model: Path, jobs: int) -> dict:
         raise NoDeployment(f"{keys.meta} does not exist: start a worker first")
     settings = replace(settings, partitions=int(meta["partitions"]))
     old = meta.get("model")
-    if old == new.fingerprint:
-        return {"model": new.fingerprint, "previous": old, "switched": False, "rebuilt": []}
     pipe = client.pipeline(transaction=False)
-    for p in range(settings.partitions):
+    for p in range(settings.partitions):  # from now on only NEW's workers trim
         pipe.set(keys.part(p, "deploying"), new.fingerprint)
     pipe.hset(keys.meta, "deploying", new.fingerprint)
     pipe.execute()
+    if old == new.fingerprint:  # (also how an interrupted deploy is called off)
+        return {"model": new.fingerprint, "previous": old, "switched": False, "rebuilt": []}
     rebuilt = rebuild(settings, model, jobs)  # caught up: nothing can be trimmed meanwhile
     fields = {k: v for k, v in record(settings, new).items() if k not in ("partitions", "protocol")}
     client.hset(keys.meta, mapping={**fields, "previous": old or ""})

@@ -146,7 +146,6 @@ class Worker:
         probe_rights(self.client, self.keys)
         self.meta.check_at_start(self.keeper.others_alive, wait_s=2 * self.s.lease_ms / 1000)
         self.keeper.meta.active = self.meta.active
-        self.keeper.meta._was_inactive = not self.meta.active
         self.follow_model()
         log.info(
             "worker %s serving %s (model %s, %d partitions, redis %s)",
