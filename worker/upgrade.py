@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -46,6 +45,8 @@ class UpgradeError(ClientError):
 
 def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = False) -> dict:
     """Bring model's snapshots of partition p to the end of its input; what was done."""
+    from tqdm import tqdm
+
     from memnet import Engine, load_model
     from worker.archive import Archive
     from worker.connection import connect
@@ -64,17 +65,18 @@ def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = Fal
     archive = Archive(store_at(settings.store_url), p)
     _check_history(client, settings, p, part.position, archive)
     started, done = time.perf_counter(), 0
+    bar = tqdm(desc=f"partition {p}", unit=" entries", position=p, disable=quiet, leave=True)
     for chunk in _chunks(_history(client, settings, p, part.position, archive)):
         pending = part.prepare(chunk)
         part.finish(pending, engine.process(pending.items))
         part.uncommitted = False
         done += len(chunk)
+        bar.update(len(chunk))
         if part.since_snapshot >= SNAPSHOT_EVERY or part.over_budget():
             part.snapshot()  # (which also lets memories beyond the budget go)
-        if not quiet and done % (20 * CHUNK) < CHUNK:
-            print(f"partition {p}: {done:,} entries", file=sys.stderr, flush=True)
     if part.since_snapshot:
         part.snapshot()
+    bar.close()
     took = time.perf_counter() - started
     return {"partition": p, "entries": done, "seconds": took, "position": part.position}
 
