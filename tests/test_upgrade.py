@@ -23,6 +23,7 @@ from worker.archive import Archive
 from worker.connection import text
 from worker.ownership import store_at
 from worker.protocol import Keys, parse_id, partition_of
+from worker.status import gather, render
 from worker.upgrade import deploy, rebuild
 from worker.worker import Worker
 
@@ -117,6 +118,11 @@ def test_deploy_switches_models_exactly_once_and_the_new_one_knows_the_whole_his
         counts[model] += 1
         assert_same_answer(response, (by_a if model == "A" else by_b)[response["id"]])
     assert counts["A"] >= queries_before and counts["B"] > 0
+    shown = "\n".join(render(gather(a_settings[0])))  # memnet status shows the switch points
+    for p in range(PARTITIONS):
+        record = {text(k): text(v) for k, v in r.hgetall(Keys(PREFIX).part(p, "switch")).items()}
+        assert (f"partition {p}: model {result['previous'][:12]} answered up to entry "
+                f"{record['after']}, model {result['model'][:12]} after it") in shown  # fmt: skip
 
 
 def test_only_the_served_or_deploying_model_may_start_and_a_rollback_is_a_deploy(
