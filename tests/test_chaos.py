@@ -1,6 +1,8 @@
 """The chaos suite's CI version: kills, a pause past the lease, a Redis kill, a full and a
-read-only snapshot store, a destroyed consumer group, a deleted meta record and a FLUSHALL,
-with the workers on a minimal ACL user; all counts 0, every worker still alive."""
+read-only snapshot store, a destroyed consumer group, a deleted meta record, a FLUSHALL and a
+model deploy mid-stream, with the workers on a minimal ACL user; all counts 0, every answer
+from the model its partition's switch point says, every worker still alive; and, fast, how
+the comparison picks that model."""
 
 from __future__ import annotations
 
@@ -9,9 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fakeredis
 import pytest
 
-from scripts.chaos_compare import COUNTS
+from memnet import random_model, save_model
+from scripts.chaos_compare import COUNTS, Reference, compare_responses, expected, switches
+from tests.conftest import WORKER_MODEL
+from worker.protocol import Keys, pack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,14 +41,57 @@ def test_chaos_quick_loses_repeats_and_changes_nothing(tmp_path):
     assert result["kills"] >= 2 and "killed and restarted Redis" in done.stdout
     assert "paused" in done.stdout
     # Every operational fault was applied (the snapshot-store ones need root and a tmpfs).
-    expected = {"kill", "pause", "redis", "group", "meta", "flushall"}
+    applied = {"kill", "pause", "redis", "group", "meta", "flushall", "deploy"}
     if result["store_faults_skipped"] is None:
-        expected |= {"full", "readonly"}
+        applied |= {"full", "readonly"}
         assert "filled the snapshot store" in done.stdout
         assert "snapshot store read-only" in done.stdout
-    assert expected <= set(result["faults"]), (result["faults"], done.stdout)
+    assert applied <= set(result["faults"]), (result["faults"], done.stdout)
     assert "destroyed consumer group" in done.stdout and "FLUSHALL" in done.stdout
     assert result["group_back_s"] is not None and result["meta_back_s"] is not None
     assert result["redis_loss_reported"] is True, done.stdout
-    assert result["workers_alive"] == result["workers_started"] - result["workers_killed"]
+    # The deploy: every partition switched from A to B, both answered, kills went on after.
+    assert result["partitions_switched"] == 8, done.stdout
+    assert result["answered_by_A"] > 0 and result["answered_by_B"] > 0, done.stdout
+    assert result["answered_by_A"] + result["answered_by_B"] == result["queries"]
+    faults = result["faults"]
+    assert "kill" in faults[faults.index("deploy") :], faults  # and the kills went on
+    assert result["workers_retired"] == 3 and result["retired_exit_codes"] == ["0"]
+    alive = result["workers_started"] - result["workers_killed"] - result["workers_retired"]
+    assert result["workers_alive"] == alive
     assert done.returncode == 0, done.stdout
+
+
+def test_each_answer_is_compared_with_the_model_its_switch_point_names(tmp_path):
+    prefix, keys = "t", Keys("t")
+    models = {}
+    for seed, name in enumerate("AB"):
+        models[name] = tmp_path / f"{name}.safetensors"
+        save_model(random_model(WORKER_MODEL, seed=seed), models[name])
+    refs = [Reference(n, fakeredis.FakeRedis(), tmp_path, m) for n, m in models.items()]
+    # Partition 0 switched after entry 5-2; partition 1 has no switch record.
+    entries = [(0, "5-1", b"", "q1"), (0, "5-2", b"", "q2"), (0, "5-3", b"", None),
+               (0, "6-0", b"", "q3"), (1, "5-4", b"", "q4")]  # fmt: skip
+    for ref in refs:
+        for p, entry_id, _, qid in entries:
+            if qid:
+                answer = {"id": qid, "y": [float(ref.name == "B")], "weights": [], "slots": 1}
+                ref.client.xadd(keys.out(p), {"msg": pack(answer)}, id=entry_id)
+    run = fakeredis.FakeRedis()
+    a, b = (r.fingerprint for r in refs)
+    run.hset(keys.part(0, "switch"), mapping={"from": a, "to": b, "after": "5-2", "epoch": 3})
+
+    switched = switches(run, prefix, 2)
+    assert list(switched) == [0]
+    want, count = expected(entries, refs, switched, prefix, 2)
+    assert {q: m["y"] for q, m in want.items()} == {"q1": [0], "q2": [0], "q3": [1], "q4": [0]}
+    assert count == {"A": 3, "B": 1}
+    served = [(i, want[q]) for _, i, _, q in entries if q]
+    assert compare_responses(served, want)["responses_differ"] == 0
+    wrong = [(i, {**m, "y": [0.0]}) if m["id"] == "q3" else (i, m) for i, m in served]
+    assert compare_responses(wrong, want)["responses_differ"] == 1  # q3 was A's: wrong model
+
+    # A record naming a model without a reference counts as no switch at all.
+    run.hset(keys.part(0, "switch"), "to", "f" * 64)
+    want, count = expected(entries, refs, switches(run, prefix, 2), prefix, 2)
+    assert count == {"A": 4, "B": 0} and want["q3"]["y"] == [0]
