@@ -23,6 +23,7 @@ AlreadyExists for a create that lost), so callers handle one kind of error for b
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -103,8 +104,14 @@ def get_many(store: Store, keys: Sequence[str]) -> list[bytes]:
 def _each(call: Callable[[T], R], todo: Sequence[T]) -> list[R]:
     if len(todo) <= 1:
         return [call(t) for t in todo]
-    with ThreadPoolExecutor(min(THREADS, len(todo))) as pool:
-        return list(pool.map(call, todo))
+    return list(_pool().map(call, todo))
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """One pool for the process: threads made once (each new thread can give glibc's malloc
+    another arena that keeps freed memory: RSS that grows with churn)."""
+    return ThreadPoolExecutor(THREADS, thread_name_prefix="memnet-store")
 
 
 def open_store(url: str | os.PathLike[str]) -> Store:

@@ -4,8 +4,8 @@ A partition may hold millions of memories, most of them only in the snapshot sto
 entries (blob key, size, write count) would cost about 300 bytes each as Python objects, and
 grow RAM with the number of memories, which MEMNET_RESIDENT_MB is meant to bound. So the
 view lives in SQLite's private temporary database (an empty file name: on disk, deleted when
-closed, a page cache of about 2 MB): a lookup costs microseconds, and only on an event for
-a memory that is not resident.
+closed, a page cache of 256 KB; the operating system caches the file): a lookup costs
+microseconds, and only on an event for a memory that is not resident.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class View:
         self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("PRAGMA cache_size=-256")  # KiB: one view per partition adds up
         self._db.execute("CREATE TABLE view (name TEXT PRIMARY KEY, entry TEXT) WITHOUT ROWID")
         self._count = 0
 
