@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,39 @@ def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.05)
+
+
+def with_deletes(batch: list[dict[str, Any]], rng: np.random.Generator, every: int) -> list:
+    """batch with a delete of an earlier event's memory after every ``every``-th event,
+    every other one with an id (then answered {"id", "memory", "deleted": true})."""
+    out = []
+    for j, e in enumerate(batch):
+        out.append(e)
+        if j % every == every - 1:
+            delete = {"op": "delete", "memory": batch[int(rng.integers(0, j + 1))]["memory"]}
+            if j % (2 * every) == every - 1:
+                delete["id"] = f"d{j}"
+            out.append(delete)
+    return out
+
+
+class Running:
+    """A worker's loop in a thread, as ``memnet worker`` runs it, until ``stop`` (what its
+    SIGTERM handler calls); an error that ends the loop fails the stop."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as e:
+            self.error = e
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        self.worker.request_stop()
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive() and self.error is None, repr(self.error)

@@ -15,7 +15,13 @@ import redis
 
 from memnet import Engine, load_model
 from tests.conftest import WORKER_MODEL
-from tests.streams import assert_same_answer, library_answers, wait_for, worker_settings
+from tests.streams import (
+    Running,
+    assert_same_answer,
+    library_answers,
+    wait_for,
+    worker_settings,
+)
 from tests.test_worker import overflowing_x
 from worker.client import (
     AsyncMemnetClient,
@@ -48,26 +54,11 @@ TEXT_META = {**VECTOR_META, "components": "position-bow,append-only,multi-hop,an
 
 
 # ---- fixtures -----------------------------------------------------------------------------
-class Serving:
+def serving(worker: Worker) -> Running:
     """A worker's loop in a thread, serving SERVED until stopped."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: len(worker.parts) == PARTITIONS, 60, "the worker to take over")
-
-    def _run(self) -> None:
-        try:
-            self.worker.run()
-        except BaseException as e:
-            self.error = e
-
-    def stop(self) -> None:
-        self.worker.request_stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive() and self.error is None, repr(self.error)
+    running = Running(worker)
+    wait_for(lambda: len(worker.parts) == PARTITIONS, 60, "the worker to take over")
+    return running
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +67,9 @@ def served(redis_server, tmp_path_factory, model_file):
     url = redis_server.url
     tmp = tmp_path_factory.mktemp("client")
     s = worker_settings(url, tmp, model_file, SERVED, PARTITIONS)
-    serving = Serving(Worker(s, Engine(load_model(model_file))))
+    running = serving(Worker(s, Engine(load_model(model_file))))
     yield url
-    serving.stop()
+    running.stop()
 
 
 @pytest.fixture

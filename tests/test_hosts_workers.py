@@ -26,7 +26,15 @@ import pytest
 from memnet import Engine, load_model, random_model, save_model
 from memnet.snapshot import SnapshotStore
 from tests.conftest import WORKER_MODEL
-from tests.streams import assert_same_answer, events, library_answers, outputs, send, wait_for
+from tests.streams import (
+    assert_same_answer,
+    events,
+    library_answers,
+    outputs,
+    send,
+    wait_for,
+    with_deletes,
+)
 from worker.local import owners
 from worker.ownership import model_prefix
 from worker.protocol import Keys, partition_of
@@ -36,20 +44,6 @@ PARTITIONS = 8
 DIMS = (WORKER_MODEL.input_dim, WORKER_MODEL.memory_dim)
 METRICS_PORT = 9464  # each host has its own network namespace: the same port on both
 TOOK = re.compile(r"took partition (\d+) \(epoch (\d+)\) at (\S+),")
-
-
-def with_deletes(batch, rng, every=40):
-    """batch with a delete of an earlier event's memory after every ``every``-th event,
-    every other one with an id (then answered {"id", "memory", "deleted": true})."""
-    out = []
-    for j, e in enumerate(batch):
-        out.append(e)
-        if j % every == every - 1:
-            delete = {"op": "delete", "memory": batch[int(rng.integers(0, j + 1))]["memory"]}
-            if j % (2 * every) == every - 1:
-                delete["id"] = f"d{j}"
-            out.append(delete)
-    return out
 
 
 def worker_command() -> list[str]:
@@ -127,7 +121,7 @@ def test_a_host_killed_mid_stream_is_taken_over_from_s3_exactly(
     try:
         rng = np.random.default_rng(41)
         names = [f"user-{i}" for i in range(3000)]
-        batch = with_deletes(events(10_000, names, DIMS, rng), rng)
+        batch = with_deletes(events(10_000, names, DIMS, rng), rng, every=40)
         # the reference while the workers start up (they compile first)
         expected = library_answers(Engine(load_model(model)), batch)
         deletes = {e["id"] for e in batch if e["op"] == "delete" and "id" in e}

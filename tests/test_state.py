@@ -19,6 +19,7 @@ from tests.streams import (
     library_answers,
     outputs,
     send,
+    with_deletes,
     worker_settings,
 )
 from worker.ownership import model_prefix
@@ -35,19 +36,6 @@ def run(redis_url, tmp_path, model_file, prefix=PREFIX, **overrides):
     Worker(s, Engine(load_model(model_file))).run(burst=True)
 
 
-def with_deletes(batch, rng, every=9):
-    """batch with a delete (every other one with an id) after every ``every``-th event."""
-    out = []
-    for j, e in enumerate(batch):
-        out.append(e)
-        if j % every == every - 1:
-            delete = {"op": "delete", "memory": batch[int(rng.integers(0, j + 1))]["memory"]}
-            if j % (2 * every) == every - 1:
-                delete["id"] = f"d{j}"
-            out.append(delete)
-    return out
-
-
 def views(tmp_path, model_file):
     model = load_model(model_file).fingerprint
     return {
@@ -62,7 +50,7 @@ def test_a_deleted_memory_starts_again_from_memory_init_and_leaves_the_snapshots
     r = redis_server.client()
     rng = np.random.default_rng(31)
     names = [f"user-{i}" for i in range(12)]
-    batch = with_deletes(events(600, names, DIMS, rng), rng)
+    batch = with_deletes(events(600, names, DIMS, rng), rng, every=9)
     ids = send(r, PREFIX, PARTITIONS, batch)
     run(redis_url, tmp_path, model_file)
     expected = library_answers(Engine(load_model(model_file)), batch)

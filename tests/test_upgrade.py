@@ -3,14 +3,13 @@ deploy with the old model's workers handing over to the new one's, exactly once.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from memnet import Engine, load_model, random_model, save_model
 from tests.conftest import WORKER_MODEL
 from tests.streams import (
+    Running,
     assert_same_answer,
     events,
     library_answers,
@@ -31,25 +30,6 @@ PREFIX = "up"
 PARTITIONS = 4
 DIMS = (WORKER_MODEL.input_dim, WORKER_MODEL.memory_dim)
 NAMES = [f"user-{i}" for i in range(40)]
-
-
-class Running:
-    def __init__(self, s) -> None:
-        self.worker = Worker(s, Engine(load_model(s.model)))
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.worker.run()
-        except BaseException as e:
-            self.error = e
-
-    def stop(self) -> None:
-        self.worker.request_stop()
-        self.thread.join(20)
-        assert not self.thread.is_alive() and self.error is None, repr(self.error)
 
 
 def answered(r, n):
@@ -73,7 +53,7 @@ def test_deploy_switches_models_exactly_once_and_the_new_one_knows_the_whole_his
     after = [{**e, "id": "after-" + e["id"]} if "id" in e else e
              for e in events(1000, NAMES, DIMS, rng)]  # fmt: skip
     queries_before = sum(e["op"] == "query" for e in before)
-    a = [Running(s) for s in a_settings]
+    a = [Running(Worker(s, Engine(load_model(s.model)))) for s in a_settings]
     for start in range(0, len(before), 500):
         send(r, PREFIX, PARTITIONS, before[start : start + 500])
     wait_for(answered(r, queries_before), 120, "model A's answers")
@@ -90,11 +70,12 @@ def test_deploy_switches_models_exactly_once_and_the_new_one_knows_the_whole_his
     assert result["switched"] and text(r.hget(Keys(PREFIX).meta, "model")) == result["model"]
     for worker in a:
         worker.stop()
-    b = [
-        Running(worker_settings(redis_url, tmp_path, model_b, PREFIX, PARTITIONS,
-                                worker_id=f"b{i}", **settings))
+    b_settings = [
+        worker_settings(redis_url, tmp_path, model_b, PREFIX, PARTITIONS, worker_id=f"b{i}",
+                        **settings)
         for i in (1, 2)
     ]  # fmt: skip
+    b = [Running(Worker(s, Engine(load_model(s.model)))) for s in b_settings]
     send(r, PREFIX, PARTITIONS, after)
     everything = before + after
     wait_for(answered(r, sum(e["op"] == "query" for e in everything)), 120, "B's answers")
