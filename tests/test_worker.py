@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -202,3 +204,17 @@ def test_out_stream_ids_reject_a_replayed_publish(redis_server):
     with pytest.raises(Exception, match="equal or smaller"):
         r.xadd("probe", {"msg": b"1"}, id="5-1")
     assert len(stream(r, "probe")) == 1
+
+
+def test_a_stop_requested_during_start_up_is_not_lost(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """SIGTERM during start-up raises SystemExit, which Python can swallow (inside a JAX
+    garbage-collector callback, seen in the chaos suite): serve() then stops the worker as
+    soon as it exists, before it takes any partition."""
+    from worker.worker import serve
+
+    stopped = threading.Event()
+    stopped.set()
+    serve(worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS), stopped=stopped)
+    assert not any(r for r in redis_server.client().keys(f"{PREFIX}:*lease*"))

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -297,8 +298,15 @@ def _client() -> Any:
     return MemnetClient.from_env()
 
 
+_STOPPED_EARLY = threading.Event()
+
+
 def _stop_during_start_up(signum: int, frame: Any) -> None:
-    raise SystemExit(0)  # nothing is owned yet: stopping now loses nothing
+    """Nothing is owned yet: stopping now loses nothing. The SystemExit can land where
+    Python ignores it (a garbage-collector callback of JAX's, seen in the chaos suite), so
+    the event also tells serve() to stop as soon as the worker exists."""
+    _STOPPED_EARLY.set()
+    raise SystemExit(0)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -320,7 +328,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise SettingsError(str(e)) from None
     from worker.worker import serve
 
-    serve(settings, burst=args.burst, on_worker=running.append)
+    serve(settings, burst=args.burst, on_worker=running.append, stopped=_STOPPED_EARLY)
     return 0
 
 

@@ -429,6 +429,7 @@ def serve(
     settings: Settings,
     burst: bool = False,
     on_worker: Callable[[Worker], None] | None = None,
+    stopped: threading.Event | None = None,
 ) -> None:
     """Run a worker with signal handling (the ``memnet worker`` command); ``on_worker`` is
     given the worker once it exists (the health server reads its progress)."""
@@ -446,4 +447,6 @@ def serve(
         on_worker(worker)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
+    if stopped is not None and stopped.is_set():  # a SIGTERM during start-up was not lost
+        worker.request_stop()
     worker.run(burst=burst)
