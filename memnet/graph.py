@@ -123,7 +123,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_path(path: Path) -> None:
+def fsync_path(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -23,6 +23,7 @@ AlreadyExists for a create that lost), so callers handle one kind of error for b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import uuid
@@ -128,27 +129,33 @@ def open_store(url: str | os.PathLike[str]) -> Store:
 
 
 class DirectoryStore:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).absolute()
-        self.url = str(self.root)
+    """Keys are paths under root. Paths are plain strings throughout (os.path), never
+    pathlib: pathlib interns every name it parses and the interned table keeps its size, so
+    a blob name per memory would hold RAM that grows with the number of memories."""
 
-    def _path(self, key: str) -> Path:
-        return self.root / key
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.url = os.path.abspath(os.fspath(root))
+        self.root = Path(self.url)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.url, key)
 
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
+            with open(path, "rb") as f:
+                return f.read()
         except FileNotFoundError:
-            raise NotFound(f"{self._path(key)}: missing") from None
+            raise NotFound(f"{path}: missing") from None
         except OSError as e:
-            raise StoreError(f"{self._path(key)}: cannot read ({e})") from e
+            raise StoreError(f"{path}: cannot read ({e})") from e
 
     def put(self, key: str, data: bytes) -> None:
         final = self._path(key)
         try:
             tmp = self._write_temporary(final, data)
             os.replace(tmp, final)
-            fsync_path(final.parent)
+            fsync_path(os.path.dirname(final))
         except OSError as e:
             raise StoreError(f"{final}: cannot write ({e})") from e
 
@@ -161,41 +168,45 @@ class DirectoryStore:
             except FileExistsError:
                 raise AlreadyExists(f"{final}: already exists") from None
             finally:
-                tmp.unlink(missing_ok=True)
-            fsync_path(final.parent)
+                _unlink(tmp)
+            fsync_path(os.path.dirname(final))
         except AlreadyExists:
             raise
         except OSError as e:
             raise StoreError(f"{final}: cannot write ({e})") from e
 
     @staticmethod
-    def _write_temporary(final: Path, data: bytes) -> Path:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
+    def _write_temporary(final: str, data: bytes) -> str:
+        parent = os.path.dirname(final)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
         return tmp
 
     def list(self, prefix: str) -> list[Listed]:
-        """Keys under prefix, a directory path ending in '/' (temporary files excluded)."""
-        top = self._path(prefix)
+        """Keys under prefix, a directory path ending in '/' (temporary files excluded).
+        Plain strings, not pathlib: pathlib interns every name it parses, and the interned
+        table keeps its size, so listing a million blobs would hold ~100 MB for good."""
+        top = os.path.join(self.url, prefix)
+        skip = len(self.url) + 1
         out: list[Listed] = []
         try:
-            stack = [top] if top.is_dir() else []
+            stack = [top] if os.path.isdir(top) else []
             while stack:
                 with os.scandir(stack.pop()) as entries:
                     for entry in entries:
                         if entry.is_dir(follow_symlinks=False):
-                            stack.append(Path(entry.path))
+                            stack.append(entry.path)
                         elif not entry.name.startswith(".tmp-"):
                             st = entry.stat()
-                            key = Path(entry.path).relative_to(self.root).as_posix()
+                            key = entry.path[skip:].replace(os.sep, "/")
                             out.append(Listed(key, st.st_size, st.st_mtime))
         except OSError as e:
             raise StoreError(f"{top}: cannot list ({e})") from e
@@ -206,20 +217,26 @@ class DirectoryStore:
         try:
             for key in keys:
                 path = self._path(key)
-                path.unlink(missing_ok=True)
-                parents.add(path.parent)
+                _unlink(path)
+                parents.add(os.path.dirname(path))
             for parent in parents:
-                if parent.is_dir():
+                if os.path.isdir(parent):
                     fsync_path(parent)
         except OSError as e:
-            raise StoreError(f"{self.root}: cannot delete ({e})") from e
+            raise StoreError(f"{self.url}: cannot delete ({e})") from e
 
     def remove_temporary(self, prefix: str) -> None:
         """Leftovers of writes a crash interrupted (call when taking a partition over)."""
         top = self._path(prefix)
-        if top.is_dir():
-            for tmp in top.rglob(".tmp-*"):
-                tmp.unlink(missing_ok=True)
+        for parent, _, names in os.walk(top):
+            for name in names:
+                if name.startswith(".tmp-"):
+                    _unlink(os.path.join(parent, name))
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 class ObjectStore:
