@@ -143,12 +143,16 @@ class Partition:
         return memory
 
     def fetch(self, names: set[str]) -> None:
-        """Make these memories resident, fetching those in the store in one go."""
-        todo = [
-            n
-            for n in names
-            if n not in self.memories and n in self.store.view and n not in self.deleted
-        ]
+        """Make these memories resident: those in the store fetched in one go, the others
+        new (one look at the view each, so ``memory`` finds every one resident)."""
+        todo = []
+        for n in names:
+            if n in self.memories:
+                continue
+            if n not in self.deleted and n in self.store.view:
+                todo.append(n)
+            else:
+                self._admit(n, self.engine.new_memory())
         if todo:
             for name, memory in self.store.fetch(todo).items():
                 self._admit(name, memory)

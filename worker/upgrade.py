@@ -21,7 +21,6 @@ same way, from its own snapshots (kept under their own prefix) and the archive.
 from __future__ import annotations
 
 import argparse
-import logging
 import multiprocessing
 import time
 from collections.abc import Iterator
@@ -32,8 +31,6 @@ from typing import Any
 
 from worker.events import ClientError
 from worker.settings import Settings
-
-log = logging.getLogger(__name__)
 
 CHUNK = 1000  # entries per engine call
 SNAPSHOT_EVERY = 50_000  # entries between a rebuild's snapshots (what a resume repeats)
