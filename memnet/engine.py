@@ -64,13 +64,23 @@ Result = Answer | Rejected | None
 MAX_BATCH = 1024  # events per jitted call at most
 MEMORY_OVERHEAD_BYTES = 1200  # Python objects of one memory (measured: ~2.3 KB in all, 64 x 8)
 SCAN_MARGIN = 8  # a batched scan keeps k + this many nearest base rows per vector
+DENSE_MAX_FLOATS = 4096  # small memories: slots x memory_dim at most this (16 KiB)
 
 
 class Engine:
-    def __init__(self, model: Model, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        cache_dir: str | os.PathLike[str] | None = None,
+        dense_max_floats: int | None = None,
+    ) -> None:
         """cache_dir: where the initial graph of a large memory is published and shared
-        (workers pass one directory); without it the graph is built on one thread."""
+        (workers pass one directory); without it the graph is built on one thread.
+        dense_max_floats: memories of at most this many floats (slots x memory_dim) are
+        small: kept as rows of one arena and processed across memories at once
+        (DENSE_MAX_FLOATS by default; 0 keeps every memory on the per-memory path)."""
         self.model = model
+        self.dense_max_floats = DENSE_MAX_FLOATS if dense_max_floats is None else dense_max_floats
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         one_blas_thread()
         self.config = model.config
