@@ -1,8 +1,9 @@
 """The memory codec: one memory to bytes and back, exactly (nothing pickled).
 
 A memory blob is a safetensors file in memory: ``slots`` [n] int64 and ``rows`` [n, M]
-float32 are the slots changed since ``memory_init`` (exact memories) or since the memory's
-graph base was built (graph memories), with their current vectors; the header's metadata
+float32 are the slots changed since ``memory_init`` (exact memories, small ones as arena
+rows or not) or since the memory's graph base was built (graph memories), with their
+current vectors; the header's metadata
 holds the memory's name, kind, write count and the snapshot that made it (so two versions
 of a memory never share a blob, and dropping one never drops another). A graph memory that
 re-indexed also needs its base: two more blobs, its vectors and filled flags
@@ -26,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from memnet.dense import DenseSlots
 from memnet.engine import Engine
 from memnet.errors import SnapshotError
 from memnet.graph import GraphBase
@@ -45,7 +47,7 @@ class Decoded:
 def encode_memory(name: str, memory: Memory, made: str) -> bytes:
     """The memory's blob; ``made`` names the snapshot writing it ("epoch-serial")."""
     search = memory.search
-    if isinstance(search, ExactSlots):
+    if isinstance(search, ExactSlots | DenseSlots):  # the same blob for both
         kind, slots = "exact", np.flatnonzero(search.changed)
         rows = search.vectors(slots)
     else:
@@ -84,7 +86,7 @@ def decode_memory(data: bytes, engine: Engine, base: GraphBase | None, where: st
         raise SnapshotError(f"{where}: arrays of memory {d.name!r} do not fit this model")
     if d.kind == "exact":
         memory = engine.new_memory()
-        if not isinstance(memory.search, ExactSlots):
+        if not isinstance(memory.search, ExactSlots | DenseSlots):
             raise SnapshotError(f"{where}: an exact memory, but this model's are not")
         memory.search.set_many(d.slots, d.rows)
         memory.writes = d.writes

@@ -1,12 +1,21 @@
 """The engine: applies writes and answers queries on memories, in order, in batches.
 
 ``process`` takes a sequence of (memory, event) pairs and returns exactly what applying them
-one at a time in that order returns: I runs once for the whole batch (one jitted call), the
-shared base matrix of exactly searched memories is scanned once for every vector of the
-batch that needs it (memnet/exact.py), writes go through G one by one in order (numpy plus
-the search structure), each run of consecutive queries on a memory is answered with one
-batched search, and all queries of the batch share one jitted O+R call. hnswlib and Python
-control flow stay outside jit.
+one at a time in that order returns. I runs once for the whole batch (one jitted call), and
+all queries of the batch share one jitted O+R call. In between, two paths:
+
+- Small memories (at most ``dense_max_floats`` floats, slots x memory_dim; 4,096 by
+  default) are rows of one arena (memnet/dense.py) and go many memories at once: the n-th
+  event of each memory in wave n, each wave one gather, one batched G (nearest slot, gate,
+  update) for its writes and one batched top-k for its queries, one scatter. Per-event
+  Python is what costs at these sizes, not arithmetic.
+- Larger memories go one memory at a time: the shared base matrix of exactly searched
+  memories is scanned once for every vector of the batch that needs it (memnet/exact.py),
+  writes go through G one by one in order (numpy plus the search structure), and each run
+  of consecutive queries on a memory is answered with one batched search.
+
+A model whose index asks for a graph (slots above ``exact_max_slots``) always gets one.
+hnswlib and Python control flow stay outside jit.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from memnet.batching import CHUNK, rowwise
+from memnet.dense import Arena, DenseMemory, DenseSlots
+from memnet.dense import topk as dense_topk
 from memnet.errors import InvalidInput
 from memnet.exact import Hint, ScanBase, scan
 from memnet.graph import GraphBase, InitGraphCache
@@ -64,6 +75,7 @@ Result = Answer | Rejected | None
 MAX_BATCH = 1024  # events per jitted call at most
 MEMORY_OVERHEAD_BYTES = 1200  # Python objects of one memory (measured: ~2.3 KB in all, 64 x 8)
 SCAN_MARGIN = 8  # a batched scan keeps k + this many nearest base rows per vector
+DENSE_OVERHEAD_BYTES = 400  # Python objects of one small memory (measured: tests/test_dense.py)
 DENSE_MAX_FLOATS = 4096  # small memories: slots x memory_dim at most this (16 KiB)
 
 
@@ -97,6 +109,7 @@ class Engine:
         self._answer = rowwise(self._o_then_r)
         self._init_base: GraphBase | None = None
         self._scan_base: ScanBase | None = None
+        self._arena: Arena | None = None
 
     # ---- events --------------------------------------------------------------------------
     def write(self, x: Any) -> Write:
@@ -116,6 +129,8 @@ class Engine:
         """A memory holding a copy of memory_init (slots start empty for appending G)."""
         cfg = self.config
         if cfg.slots <= cfg.index.exact_max_slots:
+            if cfg.slots * cfg.memory_dim <= self.dense_max_floats:
+                return DenseMemory(DenseSlots(self.arena()))
             return Memory(ExactSlots(self.scan_base(), cfg.index.overlay_max))
         return Memory(GraphSlots(self.init_base(), cfg.index))
 
@@ -123,6 +138,8 @@ class Engine:
         """About how much RAM a memory holds of its own (shared bases not counted): its
         arrays plus MEMORY_OVERHEAD_BYTES of Python objects."""
         search = memory.search
+        if isinstance(search, DenseSlots):
+            return DENSE_OVERHEAD_BYTES + search.overlay_bytes()
         n = MEMORY_OVERHEAD_BYTES + search.overlay_bytes()
         if isinstance(search, ExactSlots):
             n += search.changed.nbytes
@@ -131,6 +148,13 @@ class Engine:
         elif not search.base.shared:  # its own graph: vectors, and about as much of links
             n += 3 * search.base.vectors.nbytes
         return n
+
+    def arena(self) -> Arena:
+        """The rows of this engine's small memories (memnet/dense.py)."""
+        if self._arena is None:
+            init = self.model.params["memory_init"].astype(np.float32)
+            self._arena = Arena(init, self.generalizer.starts_filled)
+        return self._arena
 
     def scan_base(self) -> ScanBase:
         """memory_init with its norms, computed once and shared read-only by every exactly
@@ -196,46 +220,89 @@ class Engine:
 
     def _process(self, items: Sequence[tuple[Memory, Event]]) -> list[Result]:
         results: list[Result] = [None] * len(items)
-        encoded = self._encode_all([event for _, event in items])
-        for j, v in encoded.items():
-            if not _finite_in_memory_space(v):
-                results[j] = Rejected("the input maps to non-finite values in memory space")
-        live = [j for j in range(len(items)) if results[j] is None]
-        hints = self._scan_ahead(items, encoded, live)
-        pending: list[tuple[int, np.ndarray, np.ndarray]] = []  # (item, v [M], slots [K])
-        cand: list[np.ndarray] = []
-        ages: list[np.ndarray] = []
-        for memory, order in _by_memory(items, live).values():
-            for run in _runs(items, order):
-                first = items[run[0]][1]
-                if isinstance(first, Write):
-                    for j in run:
-                        memory.use_hints([hints.get(j)])
-                        self.generalizer.write(self._np, memory, encoded[j])
-                    memory.use_hints(None)  # a G that does not search leaves them unused
-                    continue
-                V = np.stack([encoded[j] for j in run])  # [R, M]
-                memory.use_hints([hints.get(j) for j in run])
-                slots = memory.topk(V, self.config.k)  # [R, K]
-                cand.append(
-                    memory.vectors(np.maximum(slots, 0).ravel()).reshape(*slots.shape, -1)
-                )  # [R, K, M]
-                ages.append(self.generalizer.ages(memory, slots))
-                pending.extend(zip(run, V, slots, strict=True))
-        if pending:
-            V = np.stack([v for _, v, _ in pending])
-            S = np.stack([s for _, _, s in pending])
-            y, w = self._answer(self._jax, V, np.concatenate(cand), S >= 0, np.concatenate(ages))
-            for r, (j, _, slots) in enumerate(pending):
-                keep = slots >= 0
-                if not np.isfinite(y[r]).all():
-                    results[j] = Rejected("the response is not finite")
-                    continue
-                results[j] = Answer(y[r], slots[keep], w[r][keep], self.response.describe(y[r]))
+        E = self._encode_all([event for _, event in items])  # [B, M]
+        ok = _finite_in_memory_space(E)
+        for j in np.flatnonzero(~ok):
+            results[j] = Rejected("the input maps to non-finite values in memory space")
+        dense, live = [], []
+        for j in np.flatnonzero(ok).tolist():
+            (dense if isinstance(items[j][0], DenseMemory) else live).append(j)
+        if dense and not self.generalizer.batched:
+            live, dense = sorted(live + dense), []
+        answers = _Pending()
+        if dense:
+            self._dense(items, np.array(dense), E, answers)
+        if live:
+            self._per_memory(items, live, E, answers)
+        if answers.at:
+            self._answer_all(answers, results)
         return results
 
+    def _per_memory(
+        self, items: Sequence[tuple[Memory, Event]], live: list[int], E: np.ndarray, out: _Pending
+    ) -> None:
+        """Memories one at a time: writes through G in order, each run of queries on a
+        memory searched at once."""
+        hints = self._scan_ahead(items, E, live)
+        for memory, order in _by_memory(items, live).values():
+            for run in _runs(items, order):
+                if isinstance(items[run[0]][1], Write):
+                    for j in run:
+                        memory.use_hints([hints.get(j)])
+                        self.generalizer.write(self._np, memory, E[j])
+                    memory.use_hints(None)  # a G that does not search leaves them unused
+                    continue
+                V = E[run]  # [R, M]
+                memory.use_hints([hints.get(j) for j in run])
+                slots = memory.topk(V, self.config.k)  # [R, K]
+                cand = memory.vectors(np.maximum(slots, 0).ravel()).reshape(*slots.shape, -1)
+                out.add(np.array(run), V, slots, cand, self.generalizer.ages(memory, slots))
+
+    def _dense(
+        self, items: Sequence[tuple[Memory, Event]], js: np.ndarray, E: np.ndarray, out: _Pending
+    ) -> None:
+        """Small memories many at a time (memnet/dense.py): the events go in waves, the
+        n-th event of each memory in wave n, so a wave touches each memory once and the
+        waves keep every memory's order; each wave gathers its memories' rows, applies its
+        writes with one write_many and searches for its queries with one topk."""
+        arena, k, g = self.arena(), self.config.k, self.generalizer
+        rows = np.fromiter((items[j][0].search.row for j in js), np.int64, len(js))
+        writes = np.fromiter((isinstance(items[j][1], Write) for j in js), bool, len(js))
+        for wave in _waves(rows):
+            r, w = rows[wave], writes[wave]
+            A, F = arena.vectors[r], arena.filled[r]  # [n, S, M], [n, S]
+            if w.any():
+                rw = r[w]
+                slot, new = g.write_many(self._np, A[w], F[w], arena.writes[rw], E[js[wave[w]]])
+                arena.vectors[rw, slot] = new
+                arena.filled[rw, slot] = True
+                arena.changed[rw, slot] = True
+                arena.writes[rw] += 1
+            if not w.all():
+                q = ~w
+                Aq, at = A[q], js[wave[q]]
+                slots = dense_topk(Aq, F[q], E[at], k)  # [n, K]
+                cand = Aq[np.arange(len(Aq))[:, None], np.maximum(slots, 0)]  # [n, K, M]
+                out.add(at, E[at], slots, cand, g.ages_many(arena.writes[r[q]], slots, arena.slots))
+
+    def _answer_all(self, p: _Pending, results: list[Result]) -> None:
+        """O then R for every query of the batch in one jitted call, and their results."""
+        at, V, S = np.concatenate(p.at), np.concatenate(p.V), np.concatenate(p.slots)
+        y, w = self._answer(self._jax, V, np.concatenate(p.cand), S >= 0, np.concatenate(p.ages))
+        finite = np.isfinite(y).all(axis=1)
+        full = (S >= 0).all(axis=1)
+        describe = self.response.describe
+        for r, j in enumerate(at.tolist()):
+            if not finite[r]:
+                results[j] = Rejected("the response is not finite")
+            elif full[r]:
+                results[j] = Answer(y[r], S[r], w[r], describe(y[r]))
+            else:
+                keep = S[r] >= 0
+                results[j] = Answer(y[r], S[r][keep], w[r][keep], describe(y[r]))
+
     def _scan_ahead(
-        self, items: Sequence[tuple[Memory, Event]], encoded: dict[int, np.ndarray], live: list[int]
+        self, items: Sequence[tuple[Memory, Event]], E: np.ndarray, live: list[int]
     ) -> dict[int, Hint]:
         """Scan each shared base once for every vector of the batch that will search it:
         every query, and the writes of a searching G whose memory's overlay does not
@@ -246,25 +313,28 @@ class Engine:
             search = memory.search
             if not isinstance(search, ExactSlots) or search.base.count == 0:
                 continue
-            if isinstance(event, Write) and not self._write_scans(search, encoded[j]):
+            if isinstance(event, Write) and not self._write_scans(search, E[j]):
                 continue
             groups.setdefault(id(search.base), (search.base, []))[1].append(j)
         hints: dict[int, Hint] = {}
         for base, todo in groups.values():
-            found = scan(base, np.stack([encoded[j] for j in todo]), self.config.k + SCAN_MARGIN)
+            found = scan(base, E[todo], self.config.k + SCAN_MARGIN)
             hints.update(zip(todo, found, strict=True))
         return hints
 
     def _write_scans(self, search: ExactSlots, i: np.ndarray) -> bool:
         return self.generalizer.searches and bool(search.wants_base(i[None], 1)[0])
 
-    def _encode_all(self, events: list[Event]) -> dict[int, np.ndarray]:
-        """I over every event that carries encoder input, in one jitted call."""
+    def _encode_all(self, events: list[Event]) -> np.ndarray:
+        """[B, M] every event in memory space: I over those that carry encoder input, in
+        one jitted call, and the memory-space queries as given."""
+        out = np.zeros((len(events), self.config.memory_dim), np.float32)
         todo = [j for j, e in enumerate(events) if e.row is not None]
-        out = {j: e.q for j, e in enumerate(events) if isinstance(e, Query) and e.q is not None}
+        given = [j for j, e in enumerate(events) if e.row is None]
         if todo:
-            encoded = self._encode(self._jax, np.stack([events[j].row for j in todo]))
-            out.update(zip(todo, encoded, strict=True))
+            out[todo] = self._encode(self._jax, np.stack([events[j].row for j in todo]))
+        if given:
+            out[given] = np.stack([events[j].q for j in given])  # type: ignore[union-attr]
         return out
 
     def _o_then_r(self, p: dict[str, Any], v: Any, cand: Any, mask: Any, age: Any) -> Any:
@@ -280,13 +350,47 @@ def one_blas_thread() -> None:
     threadpool_limits(int(os.environ.get("MEMNET_BLAS_THREADS", "1")), user_api="blas")
 
 
-def _finite_in_memory_space(v: np.ndarray) -> bool:
-    """All values finite, and the squared norm too (so every distance stays finite)."""
-    wide = v.astype(np.float64)  # float64 cannot overflow here, so no warning to silence
-    return bool(np.dot(wide, wide) <= _FLOAT32_MAX)  # False for inf and NaN too
+def _finite_in_memory_space(E: np.ndarray) -> np.ndarray:
+    """[B] bool: all values finite, and the squared norm too (so every distance stays
+    finite). np.vecdot is np.dot row by row: the same sums as one vector at a time."""
+    wide = E.astype(np.float64)  # float64 cannot overflow here, so no warning to silence
+    return np.vecdot(wide, wide) <= _FLOAT32_MAX  # False for inf and NaN too
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class _Pending:
+    """The queries of a batch waiting for O and R, in chunks: item positions [n], vectors
+    [n, M], retrieved slots [n, K] (-1 pads), their vectors [n, K, M] and ages [n, K]."""
+
+    at: list[np.ndarray] = field(default_factory=list)
+    V: list[np.ndarray] = field(default_factory=list)
+    slots: list[np.ndarray] = field(default_factory=list)
+    cand: list[np.ndarray] = field(default_factory=list)
+    ages: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, *chunk: np.ndarray) -> None:
+        lists = (self.at, self.V, self.slots, self.cand, self.ages)
+        for parts, a in zip(lists, chunk, strict=True):
+            parts.append(a)
+
+
+def _waves(rows: np.ndarray) -> list[np.ndarray]:
+    """Positions of rows [n] in waves: wave w holds each row's (w+1)-th occurrence, in
+    position order."""
+    n = len(rows)
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    first = np.ones(n, bool)
+    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    index = np.arange(n)
+    rank = np.empty(n, np.int64)
+    rank[order] = index - np.maximum.accumulate(np.where(first, index, 0))
+    by_wave = np.argsort(rank, kind="stable")
+    bounds = np.cumsum(np.bincount(rank))
+    return np.split(by_wave, bounds[:-1])
 
 
 def _by_memory(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from memnet.exact import Hint
 from memnet.search import ExactSlots, GraphSlots
+
+if TYPE_CHECKING:
+    from memnet.dense import DenseSlots
 
 
 class Memory:
@@ -14,7 +19,7 @@ class Memory:
     ``writes`` numbers the writes, so a generalizer that appends can tell slot ages from it.
     """
 
-    def __init__(self, slots: ExactSlots | GraphSlots, writes: int = 0) -> None:
+    def __init__(self, slots: ExactSlots | GraphSlots | DenseSlots, writes: int = 0) -> None:
         self.search = slots
         self.writes = writes
         self._hints: list[Hint | None] | None = None

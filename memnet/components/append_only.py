@@ -22,10 +22,20 @@ if TYPE_CHECKING:
 class AppendOnly(Generalizer):
     name = "append-only"
     starts_filled = False
+    batched = True
 
     def write(self, p: Params, memory: Memory, i: np.ndarray) -> None:
         memory.set(memory.writes % memory.slots, i)
 
+    def write_many(
+        self, p: Params, A: np.ndarray, filled: np.ndarray, writes: np.ndarray, i: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return writes % A.shape[1], i
+
     def ages(self, memory: Memory, slots: np.ndarray) -> np.ndarray:
         ages = (memory.writes - 1 - slots) % memory.slots
+        return np.where(slots >= 0, ages, 0).astype(np.int32)
+
+    def ages_many(self, writes: np.ndarray, slots: np.ndarray, size: int) -> np.ndarray:
+        ages = (writes[:, None] - 1 - slots) % size  # [N, K]
         return np.where(slots >= 0, ages, 0).astype(np.int32)

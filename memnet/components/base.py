@@ -76,13 +76,27 @@ class Generalizer(Component):
     starts_filled: ClassVar[bool] = True
     # Whether write() looks up the nearest slot (the engine then scans for it ahead).
     searches: ClassVar[bool] = False
+    # Whether write_many() exists: writes to many small memories at once (memnet/dense.py).
+    batched: ClassVar[bool] = False
 
     def write(self, p: Params, memory: Memory, i: np.ndarray) -> None:
         """Apply one write of the encoded input i [M] to memory (numpy, host side)."""
         raise NotImplementedError
 
+    def write_many(
+        self, p: Params, A: np.ndarray, filled: np.ndarray, writes: np.ndarray, i: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One write to each of N distinct memories at once: their slots A [N, S, M], filled
+        flags [N, S] and write counts [N], inputs i [N, M] -> (slot written [N], its new
+        vector [N, M]); bit for bit what write() does to each memory alone."""
+        raise NotImplementedError
+
     def ages(self, memory: Memory, slots: np.ndarray) -> np.ndarray:
         """How many writes ago each slot was written (0 = the latest); 0 where unknown."""
+        return np.zeros(slots.shape, np.int32)
+
+    def ages_many(self, writes: np.ndarray, slots: np.ndarray, size: int) -> np.ndarray:
+        """ages() of slots [N, K] in N memories of ``size`` slots with write counts [N]."""
         return np.zeros(slots.shape, np.int32)
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from memnet.components.base import Generalizer, Params, ParamSpec, register
+from memnet.dense import nearest
 
 if TYPE_CHECKING:
     from memnet.memory import Memory
@@ -23,11 +24,21 @@ def sigmoid(z: np.float32) -> np.float32:
     return e / (np.float32(1) + e)
 
 
+def sigmoid_many(z: np.ndarray) -> np.ndarray:
+    """sigmoid() of each float32 of z [N], the same values (the same float32 operations)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # in the branch not taken
+        up = np.float32(1) / (np.float32(1) + np.exp(-z))
+        e = np.exp(z)
+        down = e / (np.float32(1) + e)
+    return np.where(z >= 0, up, down)
+
+
 @register
 class GatedNearest(Generalizer):
     name = "gated-nearest"
     starts_filled = True
     searches = True
+    batched = True
 
     def params(self) -> dict[str, ParamSpec]:
         m = self.config.memory_dim
@@ -39,3 +50,14 @@ class GatedNearest(Generalizer):
         z = np.dot(np.concatenate((i, m_s)), p["gate_w"][:, 0]) + p["gate_b"][0]
         g = sigmoid(z)
         memory.set(s, (np.float32(1) - g) * m_s + g * i)
+
+    def write_many(
+        self, p: Params, A: np.ndarray, filled: np.ndarray, writes: np.ndarray, i: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        s = nearest(A, filled, i)  # [N]
+        m_s = A[np.arange(len(A)), s]  # [N, M]
+        # np.vecdot takes each row's dot product with the same BLAS call as np.dot above,
+        # so z is bit for bit write()'s (a matrix product would sum in another order).
+        z = np.vecdot(np.concatenate((i, m_s), axis=1), p["gate_w"][:, 0]) + p["gate_b"][0]
+        g = sigmoid_many(z)[:, None]  # [N, 1]
+        return s, (np.float32(1) - g) * m_s + g * i

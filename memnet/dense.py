@@ -1,0 +1,177 @@
+"""Small memories as rows of one arena, searched and updated many memories at a time.
+
+A memory of at most ``dense_max_floats`` floats (slots x memory_dim; the engine's
+threshold) costs more in per-event Python than in arithmetic: a 64 x 8 memory is 2 KiB, and
+a nearest-slot search over it ~512 multiply-adds. Such memories live as rows of one
+``Arena`` per engine: slot vectors [rows, S, M], filled and changed flags [rows, S] and
+write counts [rows]. The engine gathers the rows a batch touches into arrays, runs G's
+nearest-slot search, gate and update and O's top-k for all of them at once (``nearest`` and
+``topk`` here), and scatters the written slots back.
+
+Results are the same, bit for bit, as searching each memory alone: distances are the
+float32 ``(d * d).sum()`` over the last axis that ``memnet.distance.sqdist`` computes (numpy
+reduces each row the same way whatever the leading shape; tests/test_dense.py checks it),
+and slots are ranked by (distance, slot number) through integer keys: a non-negative
+float32's bit pattern orders like its value, so ``bits << SHIFT | slot`` is unique per slot
+and orders exactly as ``memnet.distance.rank`` does (+inf after every finite distance, the
+lower slot first on ties; empty slots after every filled one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memnet.exact import Hint
+from memnet.memory import Memory
+
+_LAST = np.iinfo(np.int64).max  # the key of an empty slot: after every filled one
+
+
+class Arena:
+    """Rows of small memories; a row is taken for a new memory and given back when the
+    memory is gone. Grows by doubling (the rows move: read through the arena, not views)."""
+
+    def __init__(self, init: np.ndarray, starts_filled: bool, rows: int = 1024) -> None:
+        self.init = init  # [S, M] memory_init
+        self.starts_filled = starts_filled
+        self.vectors = np.empty((rows, *init.shape), np.float32)  # [R, S, M]
+        self.filled = np.empty((rows, len(init)), bool)
+        self.changed = np.empty((rows, len(init)), bool)  # changed since memory_init (snapshots)
+        self.writes = np.empty(rows, np.int64)
+        self._reset(slice(0, rows))
+        self._free = list(range(rows - 1, -1, -1))
+
+    @property
+    def slots(self) -> int:
+        return len(self.init)
+
+    def take(self) -> int:
+        """A row holding memory_init, no writes (free rows are kept that way)."""
+        if not self._free:
+            self._grow()
+        return self._free.pop()
+
+    def give(self, row: int) -> None:
+        self._reset(slice(row, row + 1))
+        self._free.append(row)
+
+    def in_use(self) -> int:
+        return len(self.writes) - len(self._free)
+
+    def _grow(self) -> None:
+        n = len(self.writes)
+        self.vectors = np.concatenate((self.vectors, np.empty_like(self.vectors)))
+        self.filled = np.concatenate((self.filled, np.empty_like(self.filled)))
+        self.changed = np.concatenate((self.changed, np.empty_like(self.changed)))
+        self.writes = np.concatenate((self.writes, np.empty_like(self.writes)))
+        self._reset(slice(n, 2 * n))
+        self._free.extend(range(2 * n - 1, n - 1, -1))
+
+    def _reset(self, rows: slice) -> None:
+        self.vectors[rows] = self.init
+        self.filled[rows] = self.starts_filled
+        self.changed[rows] = False
+        self.writes[rows] = 0
+
+
+def keys(A: np.ndarray, filled: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """[N, S] int64 ranking keys of each slot of A [N, S, M] for V [N, M]."""
+    slots = A.shape[1]
+    with np.errstate(over="ignore"):
+        d = A - V[:, None, :]
+        dist = (d * d).sum(axis=-1)  # [N, S]
+    out = dist.view(np.int32).astype(np.int64) << _shift(slots)
+    out |= np.arange(slots)
+    out[~filled] = _LAST
+    return out
+
+
+def nearest(A: np.ndarray, filled: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """[N] each V row's nearest filled slot of its A row; -1 where none is filled."""
+    k = keys(A, filled, V)
+    best = np.argmin(k, axis=1)
+    return np.where(k[np.arange(len(k)), best] == _LAST, -1, best)
+
+
+def topk(A: np.ndarray, filled: np.ndarray, V: np.ndarray, k: int) -> np.ndarray:
+    """[N, k] each V row's k nearest filled slots, nearest first; -1 pads."""
+    found = keys(A, filled, V)
+    slots = found.shape[1]
+    kept = min(k, slots)
+    if kept < slots:
+        found = np.partition(found, kept - 1, axis=1)[:, :kept]
+    found.sort(axis=1)
+    out = np.full((len(found), k), -1, np.int64)
+    out[:, :kept] = np.where(found == _LAST, -1, found & ((1 << _shift(slots)) - 1))
+    return out
+
+
+def _shift(slots: int) -> int:
+    return max(1, (slots - 1).bit_length())
+
+
+class DenseSlots:
+    """One memory's row of an arena, with the search structures' interface."""
+
+    def __init__(self, arena: Arena) -> None:
+        self.arena = arena
+        self.row = arena.take()
+
+    def __del__(self) -> None:
+        self.arena.give(self.row)
+
+    @property
+    def slots(self) -> int:
+        return self.arena.slots
+
+    @property
+    def changed(self) -> np.ndarray:
+        return self.arena.changed[self.row]
+
+    def filled_count(self) -> int:
+        return int(np.count_nonzero(self.arena.filled[self.row]))
+
+    def overlay_bytes(self) -> int:
+        a = self.arena
+        return a.vectors[0].nbytes + a.filled[0].nbytes + a.changed[0].nbytes + 8
+
+    def vector(self, slot: int) -> np.ndarray:
+        return self.arena.vectors[self.row, slot]
+
+    def vectors(self, slots: np.ndarray) -> np.ndarray:
+        return self.arena.vectors[self.row][slots]
+
+    def nearest(self, v: np.ndarray, hints: list[Hint | None] | None = None) -> int:
+        a = self.arena
+        return int(nearest(a.vectors[self.row][None], a.filled[self.row][None], v[None])[0])
+
+    def topk(self, V: np.ndarray, k: int, hints: list[Hint | None] | None = None) -> np.ndarray:
+        a, n = self.arena, len(V)
+        A = np.broadcast_to(a.vectors[self.row], (n, *a.vectors.shape[1:]))
+        return topk(A, np.broadcast_to(a.filled[self.row], (n, a.slots)), V, k)
+
+    def set(self, slot: int, vector: np.ndarray) -> None:
+        a = self.arena
+        a.vectors[self.row, slot] = vector
+        a.filled[self.row, slot] = True
+        a.changed[self.row, slot] = True
+
+    def set_many(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        a = self.arena
+        a.vectors[self.row, slots] = rows
+        a.filled[self.row, slots] = True
+        a.changed[self.row, slots] = True
+
+
+class DenseMemory(Memory):
+    """A memory whose slots are an arena row; its write count lives in the arena too."""
+
+    search: DenseSlots
+
+    @property  # type: ignore[override]
+    def writes(self) -> int:
+        return int(self.search.arena.writes[self.search.row])
+
+    @writes.setter
+    def writes(self, value: int) -> None:
+        self.search.arena.writes[self.search.row] = value

@@ -1,0 +1,169 @@
+"""Small memories as arena rows, processed many at a time (memnet/dense.py): bit for bit the
+per-memory path (``dense_max_floats=0``, the engine before them), one event at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memnet import Engine
+from memnet.codec import decode_memory, encode_memory
+from memnet.dense import DenseMemory, nearest, topk
+from memnet.distance import rank, sqdist
+from tests.conftest import make_model
+from tests.test_engine import as_event, random_events, same
+
+MODELS = {
+    "reference 5/10/5, 10 slots": {},
+    "64 slots x 8": {"input_dim": 8, "memory_dim": 8, "output_dim": 8, "slots": 64},
+    "append-only, multi-hop": {
+        "memory_dim": 8,
+        "slots": 12,
+        "top_k": 12,
+        "generalizer": "append-only",
+        "output": "multi-hop",
+    },
+}
+
+
+def with_init(model, memory_init):
+    return type(model).create(model.config, {**model.params, "memory_init": memory_init})
+
+
+def adversarial(model, rng):
+    """memory_init with duplicate rows (exact ties), near ties, and rows so large that
+    their distances overflow to +inf (ranked by slot number among themselves)."""
+    init = model.params["memory_init"].copy()
+    s = len(init)
+    init[1] = init[0]
+    init[3] = np.nextafter(init[2], np.float32(np.inf))
+    init[s - 1] = init[s - 2] = np.float32(5.5e18)  # its norm fits float32; distances not
+    init[s // 2] = -init[s // 2 - 1]
+    return with_init(model, init)
+
+
+def stream(engine, rng, n, memories):
+    events = random_events(engine, rng, n, p_write=0.6)
+    huge = engine.config.memory_dim
+    events += [("q", np.full(huge, -1.2e18, np.float32)), ("q", np.zeros(huge, np.float32))]
+    return [(int(rng.integers(0, memories)), as_event(engine, k, v)) for k, v in events]
+
+
+def batches(engine, memories, events, rng):
+    out, start = [], 0
+    while start < len(events):
+        size = int(rng.integers(1, 300))
+        out += engine.process([(memories[k], e) for k, e in events[start : start + size]])
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("sizes", MODELS.values(), ids=MODELS.keys())
+@pytest.mark.parametrize("init", ["random", "adversarial"])
+def test_small_memories_equal_the_per_memory_path_bitwise(sizes, init, rng):
+    model = make_model(7, **sizes)
+    if init == "adversarial":
+        model = adversarial(model, rng)
+    dense, before = Engine(model), Engine(model, dense_max_floats=0)
+    events = stream(dense, rng, 1500, memories=40)  # ~40 events per memory: many waves
+    ours = [dense.new_memory() for _ in range(40)]
+    theirs = [before.new_memory() for _ in range(40)]
+    assert isinstance(ours[0], DenseMemory) and not isinstance(theirs[0], DenseMemory)
+    got = batches(dense, ours, events, np.random.default_rng(1))
+    want = [before.apply(theirs[k], e) for k, e in events]
+    assert all(same(a, b) for a, b in zip(got, want, strict=True))
+    assert sum(a is not None for a in got) > 500
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(a.matrix(), b.matrix())
+        assert a.writes == b.writes
+        assert a.filled_count() == b.filled_count()
+        np.testing.assert_array_equal(a.search.changed, b.search.changed)
+
+
+def test_many_memories_in_one_batch_equal_one_at_a_time(rng):
+    model = make_model(2, input_dim=8, memory_dim=8, output_dim=8, slots=64)
+    engine = Engine(model)
+    events = stream(engine, rng, 3000, memories=2000)  # mostly one event per memory
+    ours = [engine.new_memory() for _ in range(2000)]
+    theirs = [engine.new_memory() for _ in range(2000)]
+    got = engine.process([(ours[k], e) for k, e in events])
+    want = [engine.apply(theirs[k], e) for k, e in events]
+    assert all(same(a, b) for a, b in zip(got, want, strict=True))
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(a.matrix(), b.matrix())
+
+
+def test_ranking_keys_order_like_rank_with_ties_infinities_and_empty_slots(rng):
+    A = rng.standard_normal((200, 16, 4)).astype(np.float32)
+    A[:, 5] = A[:, 3]  # ties: the lower slot first
+    A[:, 14:] = 3e19  # +inf distances: by slot number, after every finite one
+    filled = rng.random((200, 16)) < 0.7
+    V = rng.standard_normal((200, 4)).astype(np.float32)
+    V[0] = 1e18
+    found, first = topk(A, filled, V, 6), nearest(A, filled, V)
+    for n in range(200):
+        live = np.flatnonzero(filled[n])
+        best = rank(live, sqdist(A[n, live], V[n]), 6)
+        want = np.full(6, -1)
+        want[: len(best)] = best
+        np.testing.assert_array_equal(found[n], want)
+        assert first[n] == want[0]
+
+
+def test_snapshot_blobs_move_between_small_and_per_memory_engines(rng):
+    model = make_model(4, input_dim=8, memory_dim=8, output_dim=8, slots=64)
+    dense, before = Engine(model), Engine(model, dense_max_floats=0)
+    for src, dst in ((dense, before), (before, dense)):
+        memory = src.new_memory()
+        for kind, value in random_events(src, rng, 50, p_write=1.0):
+            src.apply(memory, as_event(src, kind, value))
+        back = decode_memory(encode_memory("m", memory, "1-1"), dst, None, "test")
+        np.testing.assert_array_equal(back.matrix(), memory.matrix())
+        np.testing.assert_array_equal(back.search.changed, memory.search.changed)
+        assert back.writes == memory.writes == 50
+
+
+def test_arena_rows_are_given_back_clean_and_the_arena_grows(rng):
+    model = make_model(5, slots=10)
+    engine = Engine(model)
+    arena = engine.arena()
+    memories = [engine.new_memory() for _ in range(3000)]  # past the first 1,024 rows
+    assert arena.in_use() == 3000 and len(arena.writes) >= 3000
+    for kind, value in random_events(engine, rng, 20, p_write=1.0):
+        engine.apply(memories[-1], as_event(engine, kind, value))
+    row = memories[-1].search.row
+    del memories[-1]
+    assert arena.in_use() == 2999
+    fresh = engine.new_memory()
+    assert fresh.search.row == row
+    assert fresh.writes == 0 and not fresh.search.changed.any()
+    np.testing.assert_array_equal(fresh.matrix(), model.params["memory_init"])
+
+
+def test_threshold_picks_the_path():
+    model = make_model(0, input_dim=8, memory_dim=8, output_dim=8, slots=64)  # 512 floats
+    assert isinstance(Engine(model, dense_max_floats=512).new_memory(), DenseMemory)
+    assert not isinstance(Engine(model, dense_max_floats=511).new_memory(), DenseMemory)
+
+
+def test_memory_bytes_covers_what_a_small_memory_allocates():
+    import tracemalloc
+
+    model = make_model(0, input_dim=8, memory_dim=8, output_dim=8, slots=64)
+    engine = Engine(model)
+    keep = [engine.new_memory() for _ in range(6000)]  # the arena grown past 5,000 rows
+    keep.clear()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    memories = [engine.new_memory() for _ in range(5000)]
+    per_memory = (tracemalloc.get_traced_memory()[0] - before) / len(memories)
+    tracemalloc.stop()
+    row = 64 * 8 * 4 + 2 * 64 + 8  # vectors, filled and changed flags, write count
+    assert engine.memory_bytes(memories[0]) == row + engine_overhead()
+    assert per_memory <= engine_overhead()  # the Python objects (rows are preallocated)
+
+
+def engine_overhead():
+    from memnet.engine import DENSE_OVERHEAD_BYTES
+
+    return DENSE_OVERHEAD_BYTES
