@@ -19,6 +19,8 @@ lower slot first on ties; empty slots after every filled one).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from memnet.exact import Hint
@@ -29,16 +31,16 @@ _LAST = np.iinfo(np.int64).max  # the key of an empty slot: after every filled o
 
 class Arena:
     """Rows of small memories; a row is taken for a new memory and given back when the
-    memory is gone. Grows by doubling (the rows move: read through the arena, not views)."""
+    memory is gone. Grows by doubling (the rows move: read through the arena, not views).
+    Rows never taken are never touched, so only rows in use (at the most) are resident."""
 
     def __init__(self, init: np.ndarray, starts_filled: bool, rows: int = 1024) -> None:
         self.init = init  # [S, M] memory_init
         self.starts_filled = starts_filled
-        self.vectors = np.empty((rows, *init.shape), np.float32)  # [R, S, M]
-        self.filled = np.empty((rows, len(init)), bool)
-        self.changed = np.empty((rows, len(init)), bool)  # changed since memory_init (snapshots)
-        self.writes = np.empty(rows, np.int64)
-        self._reset(slice(0, rows))
+        self.vectors = np.empty((rows, *init.shape), np.float32)  # [R, S, M], set on take
+        self.filled = np.empty((rows, len(init)), bool)  # set on take
+        self.changed = np.zeros((rows, len(init)), bool)  # since memory_init; cleared on give
+        self.writes = np.zeros(rows, np.int64)  # cleared on give
         self._free = list(range(rows - 1, -1, -1))
 
     @property
@@ -46,13 +48,17 @@ class Arena:
         return len(self.init)
 
     def take(self) -> int:
-        """A row holding memory_init, no writes (free rows are kept that way)."""
+        """A row holding memory_init, no writes."""
         if not self._free:
             self._grow()
-        return self._free.pop()
+        row = self._free.pop()
+        self.vectors[row] = self.init
+        self.filled[row] = self.starts_filled
+        return row
 
     def give(self, row: int) -> None:
-        self._reset(slice(row, row + 1))
+        self.changed[row] = False
+        self.writes[row] = 0
         self._free.append(row)
 
     def in_use(self) -> int:
@@ -60,18 +66,17 @@ class Arena:
 
     def _grow(self) -> None:
         n = len(self.writes)
-        self.vectors = np.concatenate((self.vectors, np.empty_like(self.vectors)))
-        self.filled = np.concatenate((self.filled, np.empty_like(self.filled)))
-        self.changed = np.concatenate((self.changed, np.empty_like(self.changed)))
-        self.writes = np.concatenate((self.writes, np.empty_like(self.writes)))
-        self._reset(slice(n, 2 * n))
+        self.vectors = _doubled(self.vectors, np.empty)
+        self.filled = _doubled(self.filled, np.empty)
+        self.changed = _doubled(self.changed, np.zeros)  # (calloc: untouched until used)
+        self.writes = _doubled(self.writes, np.zeros)
         self._free.extend(range(2 * n - 1, n - 1, -1))
 
-    def _reset(self, rows: slice) -> None:
-        self.vectors[rows] = self.init
-        self.filled[rows] = self.starts_filled
-        self.changed[rows] = False
-        self.writes[rows] = 0
+
+def _doubled(a: np.ndarray, make: Any) -> np.ndarray:
+    out = make((2 * len(a), *a.shape[1:]), a.dtype)
+    out[: len(a)] = a
+    return out
 
 
 def keys(A: np.ndarray, filled: np.ndarray, V: np.ndarray) -> np.ndarray:
