@@ -16,7 +16,8 @@ from memnet.errors import SnapshotError
 from memnet.store import NotFound, Store, StoreError
 
 FORMAT = "memnet-snapshot"
-VERSION = 2
+VERSION = 3  # 3: memories packed many to a blob (2: one blob each; still read)
+READS = (2, 3)
 NAME = re.compile(r"^snap-(\d{12})-(\d{12})\.json$")
 
 
@@ -33,24 +34,29 @@ class SnapshotInfo:
 
 @dataclass(frozen=True)
 class Entry:
-    """Where one memory's state is: its blob, and its own graph base if it has one."""
+    """Where one memory's state is: its blob (or its slice of a pack of many), and its own
+    graph base if it has one."""
 
-    key: str
-    size: int
+    key: str  # the blob, or the pack holding the memory
+    size: int  # the blob's (the pack's) size
     writes: int
     base: tuple[str, str, int, str, int] | None = None  # (id, arrays key, size, index key, size)
+    part: tuple[int, int, str] | None = None  # in a pack: (offset, length, sha256 of the slice)
 
     def blobs(self) -> set[str]:
         return {self.key} if self.base is None else {self.key, self.base[1], self.base[3]}
 
     def to_json(self) -> list[Any]:
-        head = [self.key, self.size, self.writes]
-        return head if self.base is None else [*head, list(self.base)]
+        head: list[Any] = [self.key, self.size, self.writes]
+        if self.base is not None or self.part is not None:
+            head.append(None if self.base is None else list(self.base))
+        return head if self.part is None else [*head, list(self.part)]
 
     @classmethod
     def from_json(cls, raw: list[Any]) -> Entry:
-        base = tuple(raw[3]) if len(raw) > 3 else None
-        return cls(str(raw[0]), int(raw[1]), int(raw[2]), base)  # type: ignore[arg-type]
+        base = tuple(raw[3]) if len(raw) > 3 and raw[3] is not None else None
+        part = (int(raw[4][0]), int(raw[4][1]), str(raw[4][2])) if len(raw) > 4 else None
+        return cls(str(raw[0]), int(raw[1]), int(raw[2]), base, part)  # type: ignore[arg-type]
 
 
 def canonical(body: Any) -> bytes:
@@ -87,6 +93,7 @@ def read_manifest(store: Store, key: str) -> dict[str, Any]:
         raise SnapshotError(f"{where}: unreadable ({e.__class__.__name__}: {e})") from None
     if digest(canonical(body)) != sealed_with:
         raise SnapshotError(f"{where}: checksum mismatch (manifest corrupted)")
-    if body.get("format") != FORMAT or body.get("version") != VERSION:
-        raise SnapshotError(f"{where}: not a {FORMAT} version {VERSION} manifest")
+    if body.get("format") != FORMAT or body.get("version") not in READS:
+        versions = " or ".join(map(str, READS))
+        raise SnapshotError(f"{where}: not a {FORMAT} version {versions} manifest")
     return body

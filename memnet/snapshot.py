@@ -7,9 +7,13 @@ Keys under a partition's prefix (memnet/store.py: a directory or an S3 bucket)::
         snapshot, the index blob, the blobs this snapshot dropped; its own sha256 beside it
     index/<sha256>      JSON: memory name -> [blob key, size, writes, base], either every
                         memory (a full index) or the changes since the parent (a delta)
-    blobs/<sha256>      one memory (memnet/codec.py), or a graph base's arrays or index
+    blobs/<sha256>      a pack of memories (memnet/codec.py blobs end to end, ~PACK_BYTES;
+                        the index names each memory's slice and its sha256), or a graph
+                        base's arrays or index
 
-A snapshot writes only the memories changed since the previous one, then a delta index,
+A snapshot writes only the memories changed since the previous one, packed a few MB to a
+blob (a small memory is a couple of KB: one write per memory would cost a request or a
+fsync each, ~1 ms), then a delta index,
 then publishes its manifest last with a create-if-absent (a hard link on disk, If-None-Match
 on S3): a snapshot appears whole or not at all, and two writers never publish the same name.
 Its cost follows what changed: a full index is written only once the deltas since the last
@@ -25,9 +29,12 @@ releases the partition and takes it again). Nothing is pickled.
 
 Retention: the newest ``keep`` snapshots are kept (with the manifests and indexes their
 chains need). A blob is deleted once no kept snapshot references it: each manifest lists the
-blobs it dropped (memories changed or deleted since its parent), deleted when that manifest
-becomes the oldest kept. Blobs of snapshots that were never published (a crash mid-write)
-are swept at each full index, once older than ``SWEEP_GRACE_S``.
+blobs it dropped (memories changed or deleted since its parent; a pack once the last memory
+it holds has moved on), deleted when that manifest becomes the oldest kept. A snapshot that
+deletes a memory copies the other memories of its pack into its own packs, so a deleted
+memory's bytes go exactly when they would in a blob of its own. Blobs of snapshots that
+were never published (a crash mid-write) are swept at each full index, once older than
+``SWEEP_GRACE_S``.
 
 The position is the caller's: the worker stores the last stream entry applied to these
 memories, and resumes *after* it.
@@ -69,6 +76,7 @@ from memnet.store import (
     StoreError,
     create_many,
     get_many,
+    get_ranges,
     open_store,
 )
 from memnet.view import View
@@ -77,7 +85,11 @@ log = logging.getLogger(__name__)
 
 MAX_DEPTH = 32  # deltas between full indexes at most
 MIN_FULL_CHANGES = 1024  # a full index before this many changes only at MAX_DEPTH
+PACK_BYTES = 4 << 20  # memories packed to a blob until it holds this many bytes
 SWEEP_GRACE_S = 3600.0  # an unreferenced blob younger than this may be a writer's in flight
+
+# A memory going into a pack: (name, its blob, write count, its own graph base if any).
+_Member = tuple[str, bytes, int, tuple[str, str, int, str, int] | None]
 
 
 @dataclass
@@ -280,24 +292,28 @@ class SnapshotStore:
     def fetch(self, names: Iterable[str]) -> dict[str, Memory]:
         """The memories of the current view with these names (each blob verified)."""
         todo = [(name, self.view[name]) for name in names]
-        blobs = get_many(self.store, [entry.key for _, entry in todo])
+        blobs = get_ranges(self.store, [_slice(entry) for _, entry in todo])
         out = {}
         for (name, entry), data in zip(todo, blobs, strict=True):
             where = f"{self.store.url}/{entry.key}"
             try:
-                verify(data, entry.key, entry.size, where)
+                if entry.part is None:
+                    verify(data, entry.key, entry.size, where)
+                else:
+                    verify(data, entry.part[2], entry.part[1], f"{where} ({name!r})")
             except SnapshotError as e:
-                self._quarantine(entry.key, data)  # (StoreError if it cannot: back off)
+                self._quarantine(entry.key)  # (StoreError if it cannot: back off)
                 raise CorruptBlob(str(e)) from None
             base = None if entry.base is None else self._base(entry.base)
             out[name] = decode_memory(data, self.engine, base, where)
         return out
 
-    def _quarantine(self, key: str, data: bytes) -> None:
-        """Move a corrupted blob to corrupt/ (for inspection): every snapshot naming it is
-        then refused by ``load``, which falls back to one that does not."""
+    def _quarantine(self, key: str) -> None:
+        """Move a corrupted blob (a pack: all of it) to corrupt/ (for inspection): every
+        snapshot naming it is then refused by ``load``, which falls back to one that does
+        not."""
         name = key.rsplit("/", 1)[-1]
-        self.store.put(self.prefix + "corrupt/" + name, data)
+        self.store.put(self.prefix + "corrupt/" + name, self.store.get(key))
         self.store.delete([key])
         log.error("%s/%s: corrupted; moved to corrupt/%s", self.store.url, key, name)
 
@@ -352,7 +368,8 @@ class SnapshotStore:
         info = SnapshotInfo(
             epoch, serial, self.prefix + f"manifests/snap-{epoch:012d}-{serial:012d}.json"
         )
-        changes, blobs = self._encode(memories, f"{epoch}-{serial}", abort)
+        carried = self._evacuate(deleted, memories)
+        changes, blobs = self._encode(memories, f"{epoch}-{serial}", abort, carried)
         written: list[str] = []  # what this writer created (removed if it fails)
         try:
             if abort is not None and abort():
@@ -393,21 +410,65 @@ class SnapshotStore:
                 f"exists; this writer's epoch {epoch} is stale"
             )
 
+    def _evacuate(self, deleted: set[str], memories: Mapping[str, Memory]) -> list[_Member]:
+        """The other memories of the packs that hold deleted ones, copied as they are: they
+        go into this snapshot's packs, so the old packs (with the deleted memories' bytes)
+        leave with this snapshot, as a blob of one memory would."""
+        packs = set()
+        for name in deleted:
+            entry = self.view.get(name)
+            if entry is not None and entry.part is not None:
+                packs.add((entry.key, entry.size))
+        carried: list[_Member] = []
+        for key, size in sorted(packs):
+            data = self.store.get(key)
+            verify(data, key, size, f"{self.store.url}/{key}")
+            for name in self.view.names_in(key):
+                if name in deleted or name in memories:
+                    continue
+                e = self.view[name]
+                one = data[e.part[0] : e.part[0] + e.part[1]]  # type: ignore[index]
+                carried.append((name, one, e.writes, e.base))
+        return carried
+
     def _encode(
-        self, memories: Mapping[str, Memory], made: str, abort: Callable[[], bool] | None
+        self,
+        memories: Mapping[str, Memory],
+        made: str,
+        abort: Callable[[], bool] | None,
+        carried: list[_Member],
     ) -> tuple[dict[str, Entry], list[tuple[str, bytes]]]:
+        """Every memory's blob, packed PACK_BYTES or so to a blob: one write per pack, not
+        per memory (a small memory is a couple of KB, and each write is a request or a
+        fsync); each memory's entry names its slice and that slice's checksum."""
         changes: dict[str, Entry] = {}
         blobs: list[tuple[str, bytes]] = []
+        pack: list[_Member] = []
+        size = 0
         for n, (name, memory) in enumerate(sorted(memories.items())):
             if abort is not None and n % 256 == 0 and abort():
                 raise SnapshotAborted(f"{self.where}: snapshot abandoned after {n} memories")
             data = encode_memory(name, memory, made)
-            key = self.prefix + "blobs/" + digest(data)
-            blobs.append((key, data))
-            changes[name] = Entry(
-                key, len(data), memory.writes, self._base_ref(name, memory, made, blobs)
-            )
+            pack.append((name, data, memory.writes, self._base_ref(name, memory, made, blobs)))
+            size += len(data)
+            if size >= PACK_BYTES:
+                self._pack(pack, changes, blobs)
+                pack, size = [], 0
+        pack += carried
+        if pack:
+            self._pack(pack, changes, blobs)
         return changes, blobs
+
+    def _pack(
+        self, members: list[_Member], changes: dict[str, Entry], blobs: list[tuple[str, bytes]]
+    ) -> None:
+        data = b"".join(m[1] for m in members)
+        key = self.prefix + "blobs/" + digest(data)
+        blobs.append((key, data))
+        at = 0
+        for name, one, writes, base in members:
+            changes[name] = Entry(key, len(data), writes, base, (at, len(one), digest(one)))
+            at += len(one)
 
     def _base_ref(
         self, name: str, memory: Memory, made: str, blobs: list[tuple[str, bytes]]
@@ -432,10 +493,16 @@ class SnapshotStore:
         position: str | None,
     ) -> tuple[dict[str, Any], tuple[str, bytes]]:
         dropped: set[str] = set()
+        leaving: dict[str, int] = {}  # pack -> how many of its memories this snapshot moves
         for name in (*changes, *removed):
             old = self.view.get(name)
             if old is not None:
                 dropped |= old.blobs() - (changes[name].blobs() if name in changes else set())
+                if old.part is not None:
+                    leaving[old.key] = leaving.get(old.key, 0) + 1
+        for key, n in leaving.items():  # a pack goes only with the last memory it holds
+            if n < self.view.users(key):
+                dropped.discard(key)
         count = len(self.view) - len(removed) + sum(n not in self.view for n in changes)
         pbody = parent[1] if parent else None
         since = (pbody["since_full"] if pbody else 0) + len(changes) + len(removed)
@@ -520,3 +587,10 @@ class SnapshotStore:
             if item.key not in referenced and now - item.modified > SWEEP_GRACE_S
         ]
         self.store.delete(stale)
+
+
+def _slice(entry: Entry) -> tuple[str, int, int]:
+    """(key, start, length) of a memory's bytes: its slice of a pack, or its whole blob."""
+    if entry.part is None:
+        return entry.key, 0, entry.size
+    return entry.key, entry.part[0], entry.part[1]

@@ -68,6 +68,8 @@ class Store(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def get_range(self, key: str, start: int, length: int) -> bytes: ...
+
     def put(self, key: str, data: bytes) -> None: ...
 
     def create(self, key: str, data: bytes) -> None: ...
@@ -100,6 +102,11 @@ def create_many(store: Store, items: Sequence[tuple[str, bytes]], created: list[
 def get_many(store: Store, keys: Sequence[str]) -> list[bytes]:
     """Get every key, several at a time, in the order given."""
     return _each(store.get, keys)
+
+
+def get_ranges(store: Store, ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
+    """Get every (key, start, length) slice, several at a time, in the order given."""
+    return _each(lambda r: store.get_range(*r), ranges)
 
 
 def _each(call: Callable[[T], R], todo: Sequence[T]) -> list[R]:
@@ -145,6 +152,17 @@ class DirectoryStore:
         try:
             with open(path, "rb") as f:
                 return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"{path}: missing") from None
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read ({e})") from e
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                return f.read(length)
         except FileNotFoundError:
             raise NotFound(f"{path}: missing") from None
         except OSError as e:
@@ -274,6 +292,16 @@ class ObjectStore:
 
         try:
             return bytes(obstore.get(self._store, key).bytes())
+        except FileNotFoundError:
+            raise NotFound(f"{self.url}/{key}: missing") from None
+        except Exception as e:
+            raise StoreError(f"{self.url}/{key}: cannot read ({_short(e)})") from e
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        import obstore
+
+        try:
+            return bytes(obstore.get_range(self._store, key, start=start, length=length))
         except FileNotFoundError:
             raise NotFound(f"{self.url}/{key}: missing") from None
         except Exception as e:

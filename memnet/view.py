@@ -25,7 +25,10 @@ class View:
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("PRAGMA cache_size=-256")  # KiB: one view per partition adds up
-        self._db.execute("CREATE TABLE view (name TEXT PRIMARY KEY, entry TEXT) WITHOUT ROWID")
+        self._db.execute(
+            "CREATE TABLE view (name TEXT PRIMARY KEY, blob TEXT, entry TEXT) WITHOUT ROWID"
+        )
+        self._db.execute("CREATE INDEX by_blob ON view (blob)")
         self._count = 0
 
     def __len__(self) -> int:
@@ -58,13 +61,24 @@ class View:
 
     def update(self, entries: dict[str, Entry] | Iterable[tuple[str, Entry]]) -> None:
         pairs = entries.items() if isinstance(entries, dict) else entries
-        rows = [(name, json.dumps(entry.to_json())) for name, entry in pairs]
+        rows = [(name, entry.key, json.dumps(entry.to_json())) for name, entry in pairs]
         if len(rows) < 1000:
-            self._count += sum(name not in self for name, _ in rows)
-            self._db.executemany("INSERT OR REPLACE INTO view VALUES (?, ?)", rows)
+            self._count += sum(name not in self for name, _, _ in rows)
+            self._db.executemany("INSERT OR REPLACE INTO view VALUES (?, ?, ?)", rows)
             return
-        self._db.executemany("INSERT OR REPLACE INTO view VALUES (?, ?)", rows)
+        self._db.executemany("INSERT OR REPLACE INTO view VALUES (?, ?, ?)", rows)
         self._count = self._db.execute("SELECT COUNT(*) FROM view").fetchone()[0]
+
+    def users(self, key: str) -> int:
+        """How many memories' entries name this blob (a pack holds many)."""
+        return int(
+            self._db.execute("SELECT COUNT(*) FROM view WHERE blob = ?", (key,)).fetchone()[0]
+        )
+
+    def names_in(self, key: str) -> list[str]:
+        """The memories whose entries name this blob."""
+        rows = self._db.execute("SELECT name FROM view WHERE blob = ?", (key,)).fetchall()
+        return [name for (name,) in rows]
 
     def remove(self, names: Iterable[str]) -> None:
         for name in names:

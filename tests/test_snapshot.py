@@ -6,6 +6,7 @@ manifests/snap-E-S.json, index/<sha256> and blobs/<sha256> (memnet/snapshot.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from memnet import Engine, IndexConfig, SnapshotError
 from memnet import snapshot as snapshot_module
+from memnet.codec import encode_memory
 from memnet.errors import SnapshotAborted, StaleSnapshot
 from memnet.snapshot import SnapshotStore
 from memnet.store import DirectoryStore
@@ -121,17 +123,21 @@ def test_a_save_writes_only_the_changed_memories_an_index_and_a_manifest(tmp_pat
     memories = many(engine, 2000)
     store.save(memories, "1-0")
     first = files(tmp_path)
-    assert len(under(first, "blobs")) == 2000
+    (pack,) = under(first, "blobs")  # 2,000 small memories (480 KB): one pack
+    parts = sorted(store.view[n].part for n in memories)
+    assert {store.view[n].key for n in memories} == {pack}
+    assert [p[0] for p in parts] == list(itertools.accumulate([0] + [p[1] for p in parts]))[:-1]
+    assert sum(p[1] for p in parts) == first[pack]  # end to end, nothing else
 
     changed = change(memories, list(memories)[::200])
     store.save(changed, "2-0")
     now = files(tmp_path)
     added = {k: now[k] for k in now.keys() - first.keys()}
     assert now.keys() >= first.keys()  # (keep=3: nothing retired yet)
-    assert under(added, "blobs") == {store.view[name].key for name in changed}
+    assert under(added, "blobs") == {store.view[name].key for name in changed}  # one pack
     assert len(under(added, "index")) == 1
     assert under(added, "manifests") == {"manifests/" + store.snapshots()[0].name + ".json"}
-    assert len(added) == 12
+    assert len(added) == 3
     assert sum(added.values()) < sum(first.values()) / 50
 
     loaded = SnapshotStore(tmp_path, engine).load()  # the chain resolves to every memory
@@ -149,6 +155,11 @@ class Counting:
 
     def get(self, key):
         data = self.inner.get(key)
+        self.read += len(data)
+        return data
+
+    def get_range(self, key, start, length):
+        data = self.inner.get_range(key, start, length)
         self.read += len(data)
         return data
 
@@ -188,9 +199,9 @@ def incremental_cost(root, n):
 def test_the_cost_of_a_save_stays_flat_as_the_memories_grow(tmp_path):
     small, small_io = incremental_cost(tmp_path / "1k", 1_000)
     large, large_io = incremental_cost(tmp_path / "10k", 10_000)
-    assert len(files(tmp_path / "10k")) > 10_000
+    assert sum(files(tmp_path / "10k").values()) > 9 * sum(files(tmp_path / "1k").values())
     for added in (small, large):
-        assert len(under(added, "blobs")) == 10 and len(added) == 12
+        assert len(under(added, "blobs")) == 1 and len(added) == 3  # a pack, index, manifest
     # The same memories and made-by name: blobs and an index of the same sizes. (Not the
     # same bytes: safetensors writes the metadata of a blob in no fixed order.)
     for folder in ("blobs", "index"):
@@ -259,14 +270,19 @@ def test_a_deleted_memory_leaves_the_view_and_its_blob_goes_with_the_last_snapsh
 ):
     engine = engine_for()
     store = SnapshotStore(tmp_path, engine, keep=3)
-    memories = many(engine, 3)
+    memories = many(engine, 4)
     store.save(memories, "1-0")
-    gone = store.view["m00000"].key
+    gone = store.view["m00000"].key  # one pack holds all four
+    deleted = memories["m00000"]
     store.save(change(memories, ["m00001"]), "2-0", deleted=["m00000", "never-there"])
     assert "m00000" not in store.view
     loaded = SnapshotStore(tmp_path, engine).load()
-    assert set(loaded.entries) == {"m00001", "m00002"}
+    assert set(loaded.entries) == {"m00001", "m00002", "m00003"}
     assert gone in store.head[1]["dropped"]
+    # The pack's other memories were copied into the new pack, unchanged.
+    assert {store.view[n].key for n in loaded.entries} == {store.view["m00001"].key}
+    kept = ["m00002", "m00003"]
+    assert_same_memories(loaded.store.fetch(kept), {n: memories[n] for n in kept})
 
     # Still needed by snapshot 1 while it is kept: gone only once the manifest that dropped
     # it (snapshot 2) is the oldest kept.
@@ -276,6 +292,29 @@ def test_a_deleted_memory_leaves_the_view_and_its_blob_goes_with_the_last_snapsh
     assert [s.serial for s in store.snapshots()[:3]] == [4, 3, 2]
     assert not (tmp_path / gone).exists()
     assert "m00000" not in SnapshotStore(tmp_path, engine).load().entries
+    left = b"".join((tmp_path / k).read_bytes() for k in under(files(tmp_path), "blobs"))
+    assert b"m00000" in encode_memory("m00000", deleted, "0-1")
+    assert b"m00000" not in left  # its bytes are gone from the store
+
+
+def test_a_pack_is_dropped_only_with_the_last_memory_it_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot_module, "PACK_BYTES", 1000)  # ~4 memories a pack
+    engine = engine_for()
+    store = SnapshotStore(tmp_path, engine, keep=1)
+    memories = many(engine, 12)
+    store.save(memories, "1-0")
+    packs = {store.view[n].key for n in memories}
+    assert len(packs) == 3
+    first = store.view["m00000"].key
+    holders = [n for n in memories if store.view[n].key == first]
+    for i, name in enumerate(holders[:-1]):  # moving all but one keeps the pack
+        store.save(change(memories, [name], float(i + 2)), f"{i + 2}-0")
+        assert first not in store.head[1]["dropped"] and (tmp_path / first).exists()
+    store.save(change(memories, holders[-1:], 9.0), "9-0")
+    assert first in store.head[1]["dropped"]
+    assert not (tmp_path / first).exists()  # keep=1: the dropping snapshot is the oldest
+    loaded = SnapshotStore(tmp_path, engine).load()
+    assert_same_memories(loaded.store.fetch(list(memories)), memories)
 
 
 # ---- damage ----------------------------------------------------------------------------------

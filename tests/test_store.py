@@ -20,6 +20,7 @@ from memnet.store import (
     ObjectStore,
     StoreError,
     get_many,
+    get_ranges,
     open_store,
     put_many,
 )
@@ -95,6 +96,18 @@ def test_put_many_and_get_many_keep_the_order(store):
     assert get_many(store, [k for k, _ in reversed(items)]) == [d for _, d in reversed(items)]
     with pytest.raises(NotFound, match="m/missing"):
         get_many(store, ["m/001", "m/missing"])
+
+
+def test_get_range_reads_a_slice_and_misses_are_not_found(store):
+    data = bytes(range(256)) * 40
+    store.put("packs/p", data)
+    assert store.get_range("packs/p", 1000, 300) == data[1000:1300]
+    assert get_ranges(store, [("packs/p", 0, 5), ("packs/p", 10235, 5)]) == [
+        data[:5],
+        data[10235:],
+    ]
+    with pytest.raises(NotFound):
+        store.get_range("packs/missing", 0, 5)
 
 
 def test_open_store_picks_by_url(tmp_path, s3_env):

@@ -21,6 +21,7 @@ same way, from its own snapshots (kept under their own prefix) and the archive.
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import time
 from collections.abc import Iterator
@@ -44,13 +45,12 @@ def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = Fal
     """Bring model's snapshots of partition p to the end of its input; what was done."""
     from tqdm import tqdm
 
-    from memnet import Engine, load_model
     from worker.archive import Archive
     from worker.connection import connect
     from worker.ownership import open_store, store_at
     from worker.partition import Partition
 
-    engine = Engine(load_model(model))
+    engine = _engine(model)
     client = connect(settings.redis_url)
     store = open_store(settings, p, engine)
     part = Partition(
@@ -76,6 +76,15 @@ def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = Fal
     bar.close()
     took = time.perf_counter() - started
     return {"partition": p, "entries": done, "seconds": took, "position": part.position}
+
+
+@functools.cache
+def _engine(model: Path) -> Any:
+    """One engine per model in this process, shared by the partitions it rebuilds one
+    after another: its jitted functions compile once, not once per partition."""
+    from memnet import Engine, load_model
+
+    return Engine(load_model(model))
 
 
 def _check_history(client: Any, settings: Settings, p: int, position: Any, archive: Any) -> None:
