@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import msgpack
 import numpy as np
@@ -133,3 +134,64 @@ def test_answers_carry_float32_values_exactly():
 def test_the_deleted_response_round_trips():
     back = msgpack.unpackb(deleted_message("d1", "γάμμα"), raw=False)
     assert back == {"id": "d1", "memory": "γάμμα", "deleted": True}
+
+
+def packb(obj):
+    return msgpack.packb(obj, use_bin_type=True, use_single_float=True)
+
+
+TINY = float(np.finfo(np.float32).tiny)
+VALUES = [
+    {"id": "a", "memory": "γάμμα", "deleted": True},
+    {"entry": "1-2", "error": "bad", "raw": b"\x00\xff" * 40_000},  # grows the buffer
+    {"entry": "1-3", "error": "e", "raw": None},  # and the next one is not polluted by it
+    {"f": [0.0, -0.0, TINY, -TINY / 2, 5e-45, 3.4e38, float("nan"), float("inf")]},
+    {"i": [0, 127, 128, -1, -32, -33, 2**31, 2**63 - 1, -(2**63), 2**64 - 1]},
+    {"s": "x" * 31, "t": "y" * 32, "u": "z" * 70_000, "n": None, "b": False, "l": [[], {}]},
+    {f"k{j}": j for j in range(20)},
+    [1, 2.5, "three"],
+    "text",
+]
+
+
+def test_pack_is_msgpack_packb_with_the_protocol_options():
+    for value in VALUES + VALUES:  # twice: a reused packer keeps giving the same bytes
+        assert pack(value) == packb(value)
+    with pytest.raises(TypeError):
+        pack({"bad": object()})
+    with pytest.raises(OverflowError):  # as packb: a double beyond float32 is refused
+        pack({"y": [1.0, 1e39]})
+    assert pack(VALUES[0]) == packb(VALUES[0])  # (a failed pack leaves nothing behind)
+
+
+def test_pack_from_many_threads_at_once():
+    def work(i):
+        return [pack({"id": str(i), "n": j, "y": [float(j)] * i}) for j in range(200)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(16)))
+    for i, got in enumerate(results):
+        assert got == [packb({"id": str(i), "n": j, "y": [float(j)] * i}) for j in range(200)]
+
+
+def test_answer_messages_are_the_maps_msgpack_packs():
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**32, (200, 13), dtype=np.uint64).astype(np.uint32)
+    bits[::5, :4] &= 0x807FFFFF  # subnormals and zeros of both signs
+    floats = bits.view(np.float32)
+    extras = [{}, {"answer": "kitchen", "answers": ["kitchen"]}, {"n": 2**64 - 1}, {"y": 1}]
+    for i, row in enumerate(floats):
+        y, weights = row[:8], row[8:]
+        slots = rng.integers(-(2**40), 2**40, 5) if i % 3 else rng.integers(0, 64, 5)
+        extra = extras[i % len(extras)]
+        expected = packb(
+            {
+                "id": f"q{i}",
+                "memory": "m" * i,
+                "y": y.tolist(),
+                "slots": slots.tolist(),
+                "weights": weights.tolist(),
+                **extra,
+            }
+        )
+        assert answer_message(f"q{i}", "m" * i, y, slots, weights, extra) == expected

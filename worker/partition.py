@@ -146,10 +146,12 @@ class Partition:
         """Make these memories resident: those in the store fetched in one go, the others
         new (one look at the view each, so ``memory`` finds every one resident)."""
         todo = []
+        view = self.store.view
+        stored = len(view) > 0  # (an empty view holds none: no lookup per new memory)
         for n in names:
             if n in self.memories:
                 continue
-            if n not in self.deleted and n in self.store.view:
+            if stored and n not in self.deleted and n in view:
                 todo.append(n)
             else:
                 self._admit(n, self.engine.new_memory())
@@ -204,10 +206,10 @@ class Partition:
         deletes; the valid writes and queries become engine items (nothing applied)."""
         pending = Pending(Batch(last_id=entries[-1][0]), len(entries))
         batch = pending.batch
+        batch.acks = [entry_id for entry_id, _ in entries]
         decoded = []
         after = parse_id(self.position) if self.position else None
         for entry_id, fields in entries:
-            batch.acks.append(entry_id)
             if after is not None and parse_id(entry_id) <= after:
                 batch.counts["skipped"] += 1  # applied before (redelivered): never twice
                 continue
@@ -223,16 +225,27 @@ class Partition:
         for _, message, _, event in decoded:
             first.setdefault(message.memory, event is not None)
         self.fetch({name for name, needed in first.items() if needed})
+        self._items(pending, decoded)
+        return pending
+
+    def _items(self, pending: Pending, decoded: list[tuple[str, Any, Any, Any]]) -> None:
+        """The engine items of decoded entries, in order; deletes applied as they come."""
+        memories, items, applied = self.memories, pending.items, pending.applied
         for entry_id, message, raw, event in decoded:
+            name = message.memory
             if event is None:
-                self._forget(batch, entry_id, message)
+                self._forget(pending.batch, entry_id, message)
                 continue
             if message.op == "write":
-                self.dirty.add(message.memory)
-                pending.touched.add(message.memory)
-            pending.items.append((self.memory(message.memory), event))
-            pending.applied.append((entry_id, message, raw))
-        return pending
+                self.dirty.add(name)
+                pending.touched.add(name)
+            memory = memories.get(name)
+            if memory is None:  # (deleted earlier in this batch)
+                memory = self.memory(name)
+            else:
+                memories.move_to_end(name)  # what self.memory(name) does for a resident one
+            items.append((memory, event))
+            applied.append((entry_id, message, raw))
 
     def _forget(self, batch: Batch, entry_id: str, message: protocol.Message) -> None:
         self.delete(message.memory)
@@ -244,10 +257,14 @@ class Partition:
     def finish(self, pending: Pending, results: list[Answer | Rejected | None]) -> Batch:
         """Turn the engine's results for pending.items into the batch's outputs."""
         batch = pending.batch
+        # Outputs made here come in stream order (entries do: XREADGROUP, XRANGE); those of
+        # prepare (bad entries, then deletes) need sorting in with them.
+        before = len(batch.responses), len(batch.dead)
         for (entry_id, message, raw), result in zip(pending.applied, results, strict=True):
             self._emit(batch, entry_id, message, raw, result)
-        batch.responses.sort(key=lambda r: parse_id(r[0]))
-        batch.dead.sort(key=lambda r: parse_id(r[0]))
+        for outputs, made_before in zip((batch.responses, batch.dead), before, strict=True):
+            if made_before:
+                outputs.sort(key=lambda r: parse_id(r[0]))
         self.position = batch.last_id
         self.seen = max(self.seen or batch.last_id, batch.last_id, key=parse_id)
         self.since_snapshot += pending.entries

@@ -150,5 +150,8 @@ def entries(reply: Any) -> Entries:
     for _stream, stream_entries in reply:
         for entry_id, fields in stream_entries:
             flat = fields or []
-            out.append((text(entry_id), dict(zip(flat[::2], flat[1::2], strict=True))))
+            if len(flat) == 2:  # one field, "msg": the usual entry
+                out.append((text(entry_id), {flat[0]: flat[1]}))
+            else:
+                out.append((text(entry_id), dict(zip(flat[::2], flat[1::2], strict=True))))
     return out

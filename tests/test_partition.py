@@ -1,0 +1,102 @@
+"""Partition.prepare / finish without Redis: a batch's outputs (responses, dead letters,
+acks) are exactly those of its entries applied one at a time, in stream order, whatever mix
+of writes, queries, deletes and bad entries it holds."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memnet import Engine, load_model
+from memnet.snapshot import SnapshotStore
+from tests.conftest import WORKER_MODEL
+from worker.partition import Partition
+from worker.protocol import pack, parse_id, partition_of
+
+PARTITIONS = 2
+D_IN, D_M = WORKER_MODEL.input_dim, WORKER_MODEL.memory_dim
+
+
+def names(n):
+    return [m for m in (f"m{i}" for i in range(200)) if partition_of(m, PARTITIONS) == 0][:n]
+
+
+def mixed_entries(rng, start, n, memories):
+    """(entry id, fields) of every kind the wire brings, ids ascending from start."""
+    out = []
+    for j in range(n):
+        m = memories[int(rng.integers(len(memories)))]
+        kind = j % 11
+        if kind in (0, 1, 2, 3):
+            msg = {"op": "write", "memory": m, "x": rng.standard_normal(D_IN).astype("<f4")}
+            msg["x"] = msg["x"].tobytes()
+        elif kind in (4, 5):
+            msg = {"op": "query", "memory": m, "id": f"q{start + j}"}
+            msg["q"] = rng.standard_normal(D_M).astype("<f4").tobytes()
+        elif kind == 6:
+            msg = {"op": "query", "memory": m, "id": f"q{start + j}", "x": [0.5] * D_IN}
+        elif kind == 7:
+            msg = {"op": "delete", "memory": m, **({"id": f"d{start + j}"} if j % 2 else {})}
+        elif kind == 8:
+            msg = {"op": "query", "memory": m, "id": f"bad{start + j}", "q": [1.0] * (D_M + 1)}
+        elif kind == 9:
+            msg = {"op": "write", "memory": names(1)[0], "x": [float("nan")] * D_IN}
+        else:
+            msg = {"op": "write", "memory": "elsewhere-1", "x": [0.0] * D_IN}
+        fields = {b"msg": pack(msg)} if j % 17 != 3 else {b"other": b"1"}
+        out.append((f"{start + j}-{j % 3}", fields))
+    return out
+
+
+def partition(model_file, tmp_path, store_dir="empty"):
+    engine = Engine(load_model(model_file))
+    store = SnapshotStore(tmp_path / store_dir, engine, prefix="p0")
+    part = Partition(0, 1, engine, store, PARTITIONS, 1 << 20)
+    part.restore()
+    return part
+
+
+def apply(part, entries):
+    pending = part.prepare(entries)
+    return part.finish(pending, part.engine.process(pending.items))
+
+
+def test_a_batch_gives_what_its_entries_give_one_at_a_time(model_file, tmp_path):
+    rng = np.random.default_rng(5)
+    entries = mixed_entries(rng, 1000, 300, names(6))
+    batched = apply(partition(model_file, tmp_path), entries)
+    single = partition(model_file, tmp_path)
+    one_by_one = [apply(single, [entry]) for entry in entries]
+    for field in ("responses", "dead", "acks"):
+        assert getattr(batched, field) == [x for b in one_by_one for x in getattr(b, field)]
+    ids = [parse_id(i) for i, _ in batched.responses]
+    assert ids == sorted(ids) and len(batched.responses) > 50 and len(batched.dead) > 50
+    assert batched.last_id == entries[-1][0] == single.position
+
+
+def test_entries_already_applied_are_acknowledged_not_applied_again(model_file, tmp_path):
+    rng = np.random.default_rng(6)
+    entries = mixed_entries(rng, 2000, 60, names(3))
+    part = partition(model_file, tmp_path)
+    first = apply(part, entries[:40])
+    again = apply(part, entries[30:])  # 30..39 redelivered
+    assert again.counts["skipped"] == 10 and again.acks == [i for i, _ in entries[30:]]
+    fresh = partition(model_file, tmp_path)
+    whole = apply(fresh, entries)
+    assert first.responses + again.responses == whole.responses
+    assert first.dead + again.dead == whole.dead
+
+
+def test_memories_in_the_snapshot_store_are_fetched_as_before(model_file, tmp_path):
+    rng = np.random.default_rng(7)
+    memories = names(5)
+    history = mixed_entries(rng, 3000, 80, memories)
+    writer = partition(model_file, tmp_path, "snap")
+    apply(writer, history)
+    writer.uncommitted = False
+    writer.snapshot()
+    later = mixed_entries(rng, 4000, 120, [*memories, *names(8)[5:]])
+    restored = partition(model_file, tmp_path, "snap")
+    assert len(restored.store.view) > 0 and not restored.memories
+    got = apply(restored, later)
+    expected = apply(writer, later)  # the writer kept every memory resident
+    assert got.responses == expected.responses and got.dead == expected.dead

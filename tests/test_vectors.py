@@ -1,0 +1,74 @@
+"""memnet.vectors.as_vector: the float32 fast path decides exactly as the full checks do."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memnet.errors import InvalidInput
+from memnet.vectors import as_vector
+
+F32 = np.float32
+MAX = float(np.finfo(F32).max)
+
+
+def outcome(value, length=8):
+    try:
+        return as_vector(value, length, "x")
+    except InvalidInput as e:
+        return str(e)
+
+
+def cases():
+    rng = np.random.default_rng(0)
+    yield np.zeros(8, F32)
+    yield np.array([-0.0] * 8, F32)
+    yield np.full(8, np.finfo(F32).tiny / 4, F32)  # subnormals
+    for scale in (1.0, 1e18, 5e18, 1.2e19, 1.3e19, 2e19, 1e30, MAX):
+        for _ in range(30):
+            with np.errstate(over="ignore"):  # (the largest become inf: a case too)
+                yield (rng.standard_normal(8) * scale / np.sqrt(8)).astype(F32)
+    for bad in (np.nan, np.inf, -np.inf):
+        v = rng.standard_normal(8).astype(F32)
+        v[3] = bad
+        yield v
+    yield np.full(8, np.sqrt(MAX / 8) * 1.0001, F32)  # each fine, the squared norm not
+    yield np.full(8, np.sqrt(MAX / 8) * 0.9999, F32)
+
+
+def test_a_float32_vector_is_decided_as_the_full_checks_decide():
+    decided = set()
+    for vector in cases():
+        fast = outcome(vector)
+        full = outcome(vector.tolist())  # a list takes the full path, to the same values
+        if isinstance(full, str):
+            assert fast == full
+        else:
+            assert fast is vector  # the array itself, as np.ascontiguousarray returned it
+            assert fast.dtype == F32 and np.array_equal(fast, full)
+        decided.add(full if isinstance(full, str) else "ok")
+    assert len(decided) == 3  # accepted, non-finite, too large: each case was met
+
+
+def test_other_arrays_take_the_full_checks():
+    v = np.arange(16, dtype=F32)
+    assert np.array_equal(outcome(v[::2]), v[::2]) and outcome(v[::2]).flags.c_contiguous
+    swapped = v[:8].astype(">f4")
+    assert outcome(swapped).dtype == F32 and np.array_equal(outcome(swapped), v[:8])
+    assert outcome(np.arange(8)).dtype == F32  # ints are converted
+    assert outcome(v[:8].astype(np.float64)).dtype == F32
+    assert outcome(np.full(8, 1e39)) == "x has non-finite values (NaN, inf or beyond float32)"
+    assert outcome(v) == "x must have 8 values, got 16"
+    assert outcome(v.reshape(2, 8)) == "x must be a flat vector of numbers"
+    assert outcome(np.ones(8, bool)) == "x must be a flat vector of numbers"
+    assert outcome("12345678") == "x must be a vector of numbers, got str"
+
+
+def test_vdot_and_dot_agree_on_float32_vectors():
+    """The fast path's premise: np.vdot uses the same dot routine as np.dot."""
+    rng = np.random.default_rng(1)
+    with np.errstate(over="ignore"):
+        for n in (1, 3, 8, 17, 64, 1000):
+            for scale in (1.0, 1e19, 2e19):
+                v = (rng.standard_normal(n) * scale / np.sqrt(n)).astype(F32)
+                assert np.vdot(v, v) == np.dot(v, v) or not np.isfinite(np.dot(v, v))
+                assert np.isfinite(np.vdot(v, v)) == np.isfinite(np.dot(v, v))
