@@ -42,6 +42,8 @@ class Arena:
         self.changed = np.zeros((rows, len(init)), bool)  # since memory_init; cleared on give
         self.writes = np.zeros(rows, np.int64)  # cleared on give
         self._free = list(range(rows - 1, -1, -1))
+        # One row: vectors, filled and changed flags, write count.
+        self.row_bytes = init.size * 4 + 2 * len(init) + 8
 
     @property
     def slots(self) -> int:
@@ -137,8 +139,7 @@ class DenseSlots:
         return int(np.count_nonzero(self.arena.filled[self.row]))
 
     def overlay_bytes(self) -> int:
-        a = self.arena
-        return a.vectors[0].nbytes + a.filled[0].nbytes + a.changed[0].nbytes + 8
+        return self.arena.row_bytes
 
     def vector(self, slot: int) -> np.ndarray:
         return self.arena.vectors[self.row, slot]
