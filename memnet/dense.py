@@ -32,16 +32,22 @@ _LAST = np.iinfo(np.int64).max  # the key of an empty slot: after every filled o
 class Arena:
     """Rows of small memories; a row is taken for a new memory and given back when the
     memory is gone. Grows by doubling (the rows move: read through the arena, not views).
-    Rows never taken are never touched, so only rows in use (at the most) are resident."""
+    Rows never taken are never touched, so only rows in use (at the most) are resident:
+    fresh rows are set to memory_init BLOCK at a time as they are first taken, and a row
+    given back is reset then."""
+
+    BLOCK = 256
 
     def __init__(self, init: np.ndarray, starts_filled: bool, rows: int = 1024) -> None:
         self.init = init  # [S, M] memory_init
         self.starts_filled = starts_filled
-        self.vectors = np.empty((rows, *init.shape), np.float32)  # [R, S, M], set on take
-        self.filled = np.empty((rows, len(init)), bool)  # set on take
-        self.changed = np.zeros((rows, len(init)), bool)  # since memory_init; cleared on give
-        self.writes = np.zeros(rows, np.int64)  # cleared on give
-        self._free = list(range(rows - 1, -1, -1))
+        self.vectors = np.empty((rows, *init.shape), np.float32)  # [R, S, M]
+        self.filled = np.empty((rows, len(init)), bool)
+        self.changed = np.zeros((rows, len(init)), bool)  # since memory_init
+        self.writes = np.zeros(rows, np.int64)
+        self._free: list[int] = []  # rows given back (reset)
+        self._fresh = 0  # rows from here on were never taken
+        self._ready = 0  # rows below this are set (fresh ones BLOCK at a time)
         # One row: vectors, filled and changed flags, write count.
         self.row_bytes = init.size * 4 + 2 * len(init) + 8
 
@@ -51,28 +57,35 @@ class Arena:
 
     def take(self) -> int:
         """A row holding memory_init, no writes."""
-        if not self._free:
+        if self._free:
+            return self._free.pop()
+        if self._fresh == len(self.writes):
             self._grow()
-        row = self._free.pop()
-        self.vectors[row] = self.init
-        self.filled[row] = self.starts_filled
+        row = self._fresh
+        if row == self._ready:
+            self._ready = min(row + self.BLOCK, len(self.writes))
+            self._reset(slice(row, self._ready))
+        self._fresh += 1
         return row
 
     def give(self, row: int) -> None:
-        self.changed[row] = False
-        self.writes[row] = 0
+        self._reset(slice(row, row + 1))
         self._free.append(row)
 
     def in_use(self) -> int:
-        return len(self.writes) - len(self._free)
+        return self._fresh - len(self._free)
+
+    def _reset(self, rows: slice) -> None:
+        self.vectors[rows] = self.init
+        self.filled[rows] = self.starts_filled
+        self.changed[rows] = False
+        self.writes[rows] = 0
 
     def _grow(self) -> None:
-        n = len(self.writes)
         self.vectors = _doubled(self.vectors, np.empty)
         self.filled = _doubled(self.filled, np.empty)
         self.changed = _doubled(self.changed, np.zeros)  # (calloc: untouched until used)
         self.writes = _doubled(self.writes, np.zeros)
-        self._free.extend(range(2 * n - 1, n - 1, -1))
 
 
 def _doubled(a: np.ndarray, make: Any) -> np.ndarray:
@@ -173,6 +186,10 @@ class DenseMemory(Memory):
     """A memory whose slots are an arena row; its write count lives in the arena too."""
 
     search: DenseSlots
+
+    def __init__(self, slots: DenseSlots) -> None:  # (a fresh row: no writes to set)
+        self.search = slots
+        self._hints = None
 
     @property  # type: ignore[override]
     def writes(self) -> int:
