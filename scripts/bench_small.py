@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import redis
-from redis._parsers import _RESP3Parser
+from redis._parsers import _RESP2Parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,7 +73,7 @@ def model_file(sizes: dict, out: Path) -> Path:
 def bare(url: str, output_dim: int, k: int, parser: str) -> None:
     """Move entries through Redis as a worker does, with no model, until terminated;
     parser "python": redis-py's own reply parser, not hiredis (the lift memnet takes)."""
-    extra = {"parser_class": _RESP3Parser, "protocol": 3} if parser == "python" else {}
+    extra = {"parser_class": _RESP2Parser} if parser == "python" else {}  # (same protocol)
     client, keys = redis.Redis.from_url(url, **extra), Keys(PREFIX)
     streams = {keys.inp(p): ">" for p in range(PARTITIONS)}
     for key in streams:  # a fresh server: the groups cannot exist yet

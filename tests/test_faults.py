@@ -138,9 +138,11 @@ def test_a_corrupt_newest_snapshot_falls_back_to_an_older_one(
         newest = sorted((part / "manifests").glob("snap-*.json"))[-1]
         index = json.loads(newest.read_text())["manifest"]["index"]["key"]
         root = tmp_path / "snap"
-        for key, *_ in json.loads((root / index).read_text())["memories"].values():
+        for key, _size, _writes, _base, (at, length, _sha) in json.loads(
+            (root / index).read_text()
+        )["memories"].values():  # each memory's slice of its pack
             data = bytearray((root / key).read_bytes())
-            data[-3] ^= 0xFF
+            data[at + length - 3] ^= 0xFF
             (root / key).write_bytes(bytes(data))
     send(r, PREFIX, PARTITIONS, batch[300:])
     with caplog.at_level(logging.WARNING):
