@@ -32,10 +32,6 @@ class AppendOnly(Generalizer):
     ) -> tuple[np.ndarray, np.ndarray]:
         return writes % A.shape[1], i
 
-    def ages(self, memory: Memory, slots: np.ndarray) -> np.ndarray:
-        ages = (memory.writes - 1 - slots) % memory.slots
-        return np.where(slots >= 0, ages, 0).astype(np.int32)
-
     def ages_many(self, writes: np.ndarray, slots: np.ndarray, size: int) -> np.ndarray:
-        ages = (writes[:, None] - 1 - slots) % size  # [N, K]
+        ages = (np.asarray(writes)[..., None] - 1 - slots) % size  # [N, K]
         return np.where(slots >= 0, ages, 0).astype(np.int32)

@@ -93,10 +93,11 @@ class Generalizer(Component):
 
     def ages(self, memory: Memory, slots: np.ndarray) -> np.ndarray:
         """How many writes ago each slot was written (0 = the latest); 0 where unknown."""
-        return np.zeros(slots.shape, np.int32)
+        return self.ages_many(np.asarray(memory.writes), slots, memory.slots)
 
     def ages_many(self, writes: np.ndarray, slots: np.ndarray, size: int) -> np.ndarray:
-        """ages() of slots [N, K] in N memories of ``size`` slots with write counts [N]."""
+        """ages() of slots [N, K] in N memories of ``size`` slots with write counts [N]
+        (or of any slots of one memory, its write count a 0-d array)."""
         return np.zeros(slots.shape, np.int32)
 
 
