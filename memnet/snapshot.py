@@ -252,15 +252,18 @@ class SnapshotStore:
         view = View()
         try:
             for link in reversed(chain):
-                index = self._index(link)
-                view.remove(index.get("removed", []))
-                view.update((n, Entry.from_json(raw)) for n, raw in index["memories"].items())
+                key, data = self._index(link)
+                try:
+                    view.apply_index(data)
+                except ValueError as e:
+                    raise SnapshotError(f"{self.store.url}/{key}: unreadable ({e})") from None
         except BaseException:
             view.close()
             raise
         return view, body
 
-    def _index(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _index(self, body: dict[str, Any]) -> tuple[str, bytes]:
+        """(key, data) of a manifest's index blob, verified (not parsed: see View)."""
         key, size = body["index"]["key"], body["index"]["size"]
         data = self.store.get(key)
         where = f"{self.store.url}/{key}"
@@ -268,26 +271,18 @@ class SnapshotStore:
             raise SnapshotError(f"{where}: {len(data)} bytes, expected {size} (truncated?)")
         if digest(data) != key.rsplit("/", 1)[-1]:
             raise SnapshotError(f"{where}: checksum mismatch (index corrupted)")
-        try:
-            return json.loads(data)
-        except ValueError as e:
-            raise SnapshotError(f"{where}: unreadable ({e})") from None
+        return key, data
 
     def _check_present(self, info: SnapshotInfo, view: View, present: dict[str, int]) -> None:
-        for name, entry in view.items():
-            sizes = [(entry.key, entry.size)]
-            if entry.base is not None:
-                sizes += [(entry.base[1], entry.base[2]), (entry.base[3], entry.base[4])]
-            for key, size in sizes:
-                if key not in present:
-                    raise SnapshotError(
-                        f"{self.store.url}/{info.key}: blob {key} of memory {name!r} is missing"
-                    )
-                if present[key] != size:
-                    raise SnapshotError(
-                        f"{self.store.url}/{key}: {present[key]} bytes, expected {size} "
-                        "(truncated?)"
-                    )
+        for key, size, name in view.blob_sizes():
+            if key not in present:
+                raise SnapshotError(
+                    f"{self.store.url}/{info.key}: blob {key} of memory {name!r} is missing"
+                )
+            if present[key] != size:
+                raise SnapshotError(
+                    f"{self.store.url}/{key}: {present[key]} bytes, expected {size} (truncated?)"
+                )
 
     def fetch(self, names: Iterable[str]) -> dict[str, Memory]:
         """The memories of the current view with these names (each blob verified)."""
@@ -511,15 +506,14 @@ class SnapshotStore:
             or pbody["depth"] >= MAX_DEPTH
             or since > max(MIN_FULL_CHANGES, count // 4)
         )
-        if full:
-            gone = set(removed)
-            merged = {n: e for n, e in self.view.items() if n not in gone}
-            merged.update(changes)
-            index = {"memories": {n: e.to_json() for n, e in merged.items()}}
+        if full:  # (the whole view: written by SQLite, see View)
+            memories = self.view.merged_json(changes, removed)
+            made = json.dumps(info.name, separators=(",", ":"))
+            data = f'{{"made":{made},"memories":{memories}}}'.encode()
         else:
             index = {"memories": {n: e.to_json() for n, e in changes.items()}, "removed": removed}
-        index["made"] = info.name  # (two snapshots never share an index blob)
-        data = canonical(index)
+            index["made"] = info.name  # (two snapshots never share an index blob)
+            data = canonical(index)
         key = self.prefix + "index/" + digest(data)
         model = self.engine.model
         body = {
@@ -574,7 +568,7 @@ class SnapshotStore:
             self._sweep(kept, needed)
 
     def _sweep(self, kept: list[SnapshotInfo], needed: set[str]) -> None:
-        referenced = {k for entry in self.view.values() for k in entry.blobs()}
+        referenced = {key for key, _, _ in self.view.blob_sizes()}
         for info in kept:
             if info > kept[-1]:
                 referenced.update(self._body(info.key)["dropped"])

@@ -25,6 +25,7 @@ class View:
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute("PRAGMA cache_size=-256")  # KiB: one view per partition adds up
+        self._db.execute("PRAGMA temp.cache_size=-64")  # (merged_json's table; 2 MB else)
         self._db.execute(
             "CREATE TABLE view (name TEXT PRIMARY KEY, blob TEXT, entry TEXT) WITHOUT ROWID"
         )
@@ -79,6 +80,78 @@ class View:
         """The memories whose entries name this blob."""
         rows = self._db.execute("SELECT name FROM view WHERE blob = ?", (key,)).fetchall()
         return [name for (name,) in rows]
+
+    # ---- whole-view work, done by SQLite --------------------------------------------------
+    # A partition's view may hold millions of entries. Loading an index, writing a full one,
+    # checking blobs and sweeping go through every entry; as Python objects, all at once,
+    # they would cost hundreds of bytes each, and the allocator keeps such a peak (pymalloc
+    # returns an arena only once every object in it is gone): RSS would grow with the number
+    # of memories, which MEMNET_RESIDENT_MB is meant to bound. So SQLite does these, and
+    # Python sees one string, or the few distinct blobs.
+
+    def apply_index(self, data: bytes) -> None:
+        """Apply an index blob (JSON: "memories" name -> entry, and "removed" names); a
+        ValueError says what is wrong with it."""
+        db = self._db
+        try:
+            text = data.decode()
+            if db.execute("SELECT json_type(?)", (text,)).fetchone()[0] != "object":
+                raise ValueError("not a JSON object")
+            bad = db.execute(
+                "SELECT key FROM json_each(?, '$.memories')"
+                " WHERE json_type(value) IS NOT 'array' OR json_type(value, '$[0]') IS NOT 'text'"
+                " OR json_type(value, '$[1]') IS NOT 'integer'"
+                " OR json_type(value, '$[2]') IS NOT 'integer' LIMIT 1",
+                (text,),
+            ).fetchone()
+            if bad is not None:
+                raise ValueError(f"the entry of memory {bad[0]!r} is malformed")
+            db.execute(
+                "DELETE FROM view WHERE name IN (SELECT value FROM json_each(?, '$.removed'))",
+                (text,),
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO view SELECT key, json_extract(value, '$[0]'), value"
+                " FROM json_each(?, '$.memories')",
+                (text,),
+            )
+        except (UnicodeDecodeError, sqlite3.Error) as e:
+            raise ValueError(str(e)) from None
+        self._count = db.execute("SELECT COUNT(*) FROM view").fetchone()[0]
+
+    def merged_json(self, changes: dict[str, Entry], gone: Iterable[str]) -> str:
+        """{name: entry} of the view with changes applied and gone removed, as canonical
+        JSON text (keys sorted, no spaces), without changing the view."""
+        db = self._db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS pending (name TEXT PRIMARY KEY, entry TEXT)")
+        try:
+            db.executemany(
+                "INSERT OR REPLACE INTO pending VALUES (?, ?)",
+                [(n, json.dumps(e.to_json())) for n, e in changes.items()]
+                + [(n, None) for n in gone if n not in changes],
+            )
+            row = db.execute(
+                "SELECT json_group_object(name, json(entry)) FROM ("
+                " SELECT name, entry FROM pending WHERE entry IS NOT NULL"
+                " UNION ALL SELECT name, entry FROM view"
+                "  WHERE NOT EXISTS (SELECT 1 FROM pending WHERE pending.name = view.name)"
+                " ORDER BY name)"
+            ).fetchone()
+        finally:
+            db.execute("DELETE FROM pending")
+        return str(row[0])
+
+    def blob_sizes(self) -> list[tuple[str, int, str]]:
+        """(blob, size, a memory naming it) for each distinct blob a memory's entry names
+        (a pack is named by many), its graph bases included."""
+        rows = self._db.execute(
+            "SELECT blob, json_extract(entry, '$[1]'), MIN(name) FROM view GROUP BY 1, 2"
+            " UNION SELECT json_extract(entry, '$[3][1]'), json_extract(entry, '$[3][2]'),"
+            "  MIN(name) FROM view WHERE json_type(entry, '$[3]') = 'array' GROUP BY 1, 2"
+            " UNION SELECT json_extract(entry, '$[3][3]'), json_extract(entry, '$[3][4]'),"
+            "  MIN(name) FROM view WHERE json_type(entry, '$[3]') = 'array' GROUP BY 1, 2"
+        ).fetchall()
+        return [(str(key), int(size), str(name)) for key, size, name in rows]
 
     def remove(self, names: Iterable[str]) -> None:
         for name in names:
