@@ -9,7 +9,7 @@ import numpy as np
 from memnet import Engine, load_model
 from memnet.snapshot import SnapshotStore
 from tests.conftest import WORKER_MODEL
-from worker.partition import Partition
+from worker.partition import MIN_READ, Partition
 from worker.protocol import pack, parse_id, partition_of
 
 PARTITIONS = 2
@@ -100,3 +100,52 @@ def test_memories_in_the_snapshot_store_are_fetched_as_before(model_file, tmp_pa
     got = apply(restored, later)
     expected = apply(writer, later)  # the writer kept every memory resident
     assert got.responses == expected.responses and got.dead == expected.dead
+
+
+def writes(rng, start, memories):
+    x = [rng.standard_normal(D_IN).astype("<f4").tobytes() for _ in memories]
+    return [
+        (f"{start + j}-0", {b"msg": pack({"op": "write", "memory": m, "x": v})})
+        for j, (m, v) in enumerate(zip(memories, x, strict=True))
+    ]
+
+
+def test_a_batch_makes_room_for_its_memories_before_it_runs(model_file, tmp_path):
+    """Under a budget, clean memories leave as a batch brings new ones in, not after it
+    (the batch's new memories stay until the next snapshot, so RAM would otherwise reach
+    the budget plus every partition's batch), and never the batch's own; answers stay
+    those of a partition that keeps everything."""
+    rng = np.random.default_rng(8)
+    memories = names(40)
+    budgeted, keeper = partition(model_file, tmp_path, "a"), partition(model_file, tmp_path, "b")
+    history = writes(rng, 5000, memories[:30])
+    for part in (budgeted, keeper):
+        apply(part, history)
+        part.uncommitted = False
+        part.snapshot()
+    each = budgeted.resident_bytes // len(budgeted.memories)
+    budgeted.budget_bytes = 20 * each
+    assert budgeted.evict() == 10 and len(budgeted.memories) == 20
+    evicted = [m for m in memories[:30] if m not in budgeted.memories]
+    queries = [{"op": "query", "memory": m, "id": m, "x": [0.5] * D_IN} for m in evicted[:3]]
+    queries += [{"op": "query", "memory": m, "id": m, "x": [0.5] * D_IN} for m in memories[30:33]]
+    batch = writes(rng, 6000, memories[30:])
+    batch += [(f"{6100 + j}-0", {b"msg": pack(q)}) for j, q in enumerate(queries)]
+    pending = budgeted.prepare(batch)
+    wanted = {*memories[30:], *evicted[:3]}
+    assert wanted <= set(budgeted.memories) and budgeted.resident_bytes <= budgeted.budget_bytes
+    got = budgeted.finish(pending, budgeted.engine.process(pending.items))
+    expected = apply(keeper, batch)
+    assert got.responses == expected.responses and len(got.responses) == 6
+
+
+def test_a_small_budget_reads_fewer_entries_at_a_time(model_file, tmp_path):
+    part = partition(model_file, tmp_path)
+    assert part.read_count(1000) == 1000  # no budget
+    each = part.engine.memory_bytes(part.engine.new_memory())
+    part.budget_bytes = 4 * 300 * each
+    assert part.read_count(1000) == 300  # a quarter of the budget's memories
+    part.budget_bytes = 4 * 5000 * each
+    assert part.read_count(1000) == 1000
+    part.budget_bytes = each
+    assert part.read_count(1000) == MIN_READ

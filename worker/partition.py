@@ -32,6 +32,9 @@ from worker.protocol import BadMessage, parse_id
 
 log = logging.getLogger(__name__)
 
+MIN_READ = 16  # entries read per partition and step, however small the budget
+READ_SHARE = 0.25  # of a partition's budget, kept for the new memories of its next batches
+
 
 @dataclass
 class Batch:
@@ -74,6 +77,7 @@ class Partition:
         self.sizes: dict[str, int] = {}  # estimated bytes of each resident memory
         self.resident_bytes = 0
         self.budget_bytes = budget_bytes  # None: keep every memory resident
+        self._fresh_bytes: int | None = None  # a new memory's size (read_count)
         self.dirty: set[str] = set()  # written since the last snapshot
         self.deleted: set[str] = set()  # deleted since the last snapshot
         self.archived: str | None = None  # the newest input entry in the archive, once known
@@ -104,11 +108,27 @@ class Partition:
         return (
             self.since_snapshot >= every_entries
             or time.monotonic() - self.snapshot_at >= every_s
-            or self.over_budget()
+            or self.over_budget(room=READ_SHARE)  # (so the next batches fit in the budget)
         )
 
-    def over_budget(self) -> bool:
-        return self.budget_bytes is not None and self.resident_bytes > self.budget_bytes
+    def read_count(self, batch_size: int) -> int:
+        """How many entries to read next: batch_size, or fewer where a batch of new
+        memories could take more than READ_SHARE of this partition's budget. A batch's
+        memories are written, so they stay resident until the snapshot after it; a
+        snapshot evicts down to the budget less that share, so the next batches fit in it.
+        (Without this, RAM would reach the budget plus every partition's whole batch.)"""
+        if self.budget_bytes is None:
+            return batch_size
+        if self._fresh_bytes is None:
+            self._fresh_bytes = self.engine.memory_bytes(self.engine.new_memory())
+        each = max(self._fresh_bytes, self.resident_bytes // max(1, len(self.memories)))
+        return max(MIN_READ, min(batch_size, int(self.budget_bytes * READ_SHARE) // each))
+
+    def over_budget(self, room: float = 0.0) -> bool:
+        """Whether the resident memories take more than the budget less a room share."""
+        if self.budget_bytes is None:
+            return False
+        return self.resident_bytes > int(self.budget_bytes * (1 - room))
 
     def snapshot(self, abort: Callable[[], bool] | None = None) -> None:
         """Save what changed since the last snapshot at the position (SnapshotError if it
@@ -120,7 +140,7 @@ class Partition:
         self.since_snapshot = 0
         self.snapshot_at = time.monotonic()
         self.snapshot_retry.reset()
-        self.evict()
+        self.evict(room=READ_SHARE)  # (the next batches' new memories stay until a snapshot)
 
     def trim_point(self) -> str | None:
         """The oldest kept snapshot's position: entries below it are no longer needed."""
@@ -159,6 +179,9 @@ class Partition:
             for name, memory in self.store.fetch(todo).items():
                 self._admit(name, memory)
             metrics.LOADS.inc(len(todo))
+        # Room for them now, not after the batch: what the budget does not hold and a
+        # snapshot does must go before the next partition's batch takes more rows.
+        self.evict(keep=names)
 
     def _admit(self, name: str, memory: Memory) -> None:
         self.memories[name] = memory
@@ -175,17 +198,18 @@ class Partition:
         self.dirty.discard(name)
         self.deleted.add(name)
 
-    def evict(self) -> int:
-        """Drop least recently used memories whose state is in the newest snapshot until
-        the resident ones fit the budget; how many were dropped."""
-        if not self.over_budget():
+    def evict(self, keep: set[str] | frozenset[str] = frozenset(), room: float = 0.0) -> int:
+        """Drop least recently used memories whose state is in the newest snapshot (and
+        not in keep: a batch's own) until the resident ones fit the budget, less a room
+        share of it; how many were dropped."""
+        if not self.over_budget(room):
             return 0
-        excess = self.resident_bytes - self.budget_bytes  # type: ignore[operator]
+        excess = self.resident_bytes - int(self.budget_bytes * (1 - room))  # type: ignore[operator]
         victims = []
         for name in self.memories:  # least recently used first
             if excess <= 0:
                 break
-            if name not in self.dirty:
+            if name not in self.dirty and name not in keep:
                 victims.append(name)
                 excess -= self.sizes[name]
         for name in victims:

@@ -32,10 +32,11 @@ class StreamIO:
     def replay(self, part: Partition) -> Entries:
         """The next entries of (position, replay_until]; replay ends with a short read."""
         low = f"({part.position}" if part.position else "-"
+        count = part.read_count(self.batch_size)
         entries = self.client.xrange(
-            self.keys.inp(part.number), min=low, max=part.replay_until, count=self.batch_size
+            self.keys.inp(part.number), min=low, max=part.replay_until, count=count
         )
-        if len(entries) < self.batch_size:
+        if len(entries) < count:
             part.replay_until = None
         return [(text(i), f) for i, f in entries]
 
@@ -51,7 +52,12 @@ class StreamIO:
                         self.keys.inp(p),
                         self.keys.part(p, "offset"),
                     ],
-                    args=[part.epoch, self.worker_id, self.batch_size, part.committed or ""],
+                    args=[
+                        part.epoch,
+                        self.worker_id,
+                        part.read_count(self.batch_size),
+                        part.committed or "",
+                    ],
                     client=pipe,
                 )
 

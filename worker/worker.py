@@ -381,14 +381,27 @@ class Worker:
         self._resync = False
 
 
+# glibc's defaults; set explicitly, they no longer move (see release_free_heap).
+MMAP_THRESHOLD_BYTES = TRIM_THRESHOLD_BYTES = 128 << 10
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
 def release_free_heap() -> None:
     """After start-up: hand the heap that loading and compiling freed back to the OS
     (glibc keeps it), and move start-up objects out of the collector's sight (fewer and
-    shorter GC pauses on the data path)."""
+    shorter GC pauses on the data path).
+
+    Then pin glibc's mmap threshold. Left dynamic, it rises to the size of the largest
+    block freed (up to 32 MiB), so a batch's arrays of a few MB come from the heap from
+    then on, and the heap only grows: 7 MB over 30,000 memories in the state drill. Pinned,
+    those arrays are mapped and returned to the OS when freed."""
     gc.collect()
     gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 @contextlib.contextmanager
