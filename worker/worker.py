@@ -393,8 +393,8 @@ def release_free_heap() -> None:
 
     Then pin glibc's mmap threshold. Left dynamic, it rises to the size of the largest
     block freed (up to 32 MiB), so a batch's arrays of a few MB come from the heap from
-    then on, and the heap only grows: 7 MB over 30,000 memories in the state drill. Pinned,
-    those arrays are mapped and returned to the OS when freed."""
+    then on, and the heap only grows (seen in the state drill's smaps). Pinned, those
+    arrays are mapped and returned to the OS when freed."""
     gc.collect()
     gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
