@@ -24,12 +24,14 @@ overlay reaches ``fold_at`` slots it is folded into a private copy of the base.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from memnet import quantized
 from memnet.distance import rank, sqdist, squared_norms
 from memnet.overlay import Overlay
+from memnet.quantized import Quantized
 
 QUERY_CHUNK = 256  # vectors per matrix product
 SLOT_CHUNK = 1024  # base rows per matrix product: [256, 1024] float32 = 1 MiB, cache-sized
@@ -49,6 +51,7 @@ class ScanBase:
     max_norm: float  # an upper bound of every filled row's norm
     filled: np.ndarray | None  # [S] bool, None when every slot is filled
     count: int  # filled rows
+    codes: Quantized | None = field(default=None, repr=False)  # made by the first scan
 
     @classmethod
     def over(
@@ -66,6 +69,12 @@ class ScanBase:
     def is_filled(self, slot: int) -> bool:
         return self.filled is None or bool(self.filled[slot])
 
+    def quantized(self) -> Quantized:
+        """The rows' int8 codes for the candidate pass (memnet/quantized.py), made once."""
+        if self.codes is None:
+            self.codes = Quantized.of(self.vectors, self.norms)
+        return self.codes
+
     def with_rows(self, slots: np.ndarray, rows: np.ndarray) -> ScanBase:
         """A private copy with rows [n, M] written into slots [n]."""
         vectors = self.vectors.copy()
@@ -76,23 +85,31 @@ class ScanBase:
         norms = self.norms.copy()
         squared, top = squared_norms(rows, None)
         norms[slots] = squared
-        return ScanBase.over(vectors, filled, (norms, max(self.max_norm, top)))
+        out = ScanBase.over(vectors, filled, (norms, max(self.max_norm, top)))
+        if self.codes is not None:  # the codes of the rows left as they were are kept
+            out.codes = self.codes.with_rows(slots, rows, squared)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
 class Hint:
-    """The base rows that can be among one vector's ``want`` nearest, from a scan."""
+    """The base rows that can be among one vector's ``want`` nearest, from a scan: every row
+    whose distance can be at most ``kth`` (up to a constant per vector), a bound of the
+    want-th smallest, with bounds ``upper`` of their own distances."""
 
     base: ScanBase
     slots: np.ndarray  # [c] int64
-    estimates: np.ndarray  # [c] their distance estimates (without |v|^2)
-    kth: float  # the want-th smallest estimate; +inf when slots holds every filled row
+    upper: np.ndarray  # [c] an upper bound of each row's distance (less a constant)
+    kth: float  # at least the want-th smallest (less the same); +inf: every filled row
 
     def candidates(self, overlay: Overlay, k: int) -> np.ndarray | None:
         """The hinted rows not overwritten since, if they surely hold the k nearest of the
-        base rows left; None if too many of the best were overwritten."""
+        base rows left; None if too many of the best were overwritten.
+
+        If k live rows have upper <= kth, the k-th nearest live row is within kth, and
+        every row within kth is hinted."""
         live = ~overlay.has(self.slots)
-        if np.isfinite(self.kth) and np.count_nonzero(live & (self.estimates <= self.kth)) < k:
+        if np.isfinite(self.kth) and np.count_nonzero(live & (self.upper <= self.kth)) < k:
             return None
         return self.slots[live]
 
@@ -108,10 +125,10 @@ def scan(base: ScanBase, V: np.ndarray, want: int, exclude: np.ndarray | None = 
     """Per vector of V [Q, M], the base rows that can be among its ``want`` nearest (rows in
     ``exclude`` left out).
 
-    Pass 1, blocked matrix products: every row's estimate, kept only as the minimum of each
-    group of GROUP rows (rows s0 + w + W·t of a chunk). Pass 2, per vector: the groups whose
-    minimum is within the margin of a bound on the want-th smallest estimate are estimated
-    again row by row, and the rows within the margin of the want-th best are kept.
+    Pass 1, the candidate pass: the groups of 16 rows that can hold a row within the margin
+    of the want-th best, from int8 estimates with a proven error bound (memnet/quantized.py;
+    on the "blas" path, from float32 matrix products). Pass 2, per vector: those groups'
+    rows estimated in float32, and the rows within the margin of the want-th best kept.
     """
     skip = None
     if exclude is not None and len(exclude):
@@ -120,13 +137,20 @@ def scan(base: ScanBase, V: np.ndarray, want: int, exclude: np.ndarray | None = 
     margin = 2 * slack(V, base.max_norm)
     if not np.all(margin < _SAFE):  # estimates could overflow float32: no pruning
         return _every_row(base, V, want, exclude, margin)
+    if quantized.path() != "blas":
+        qi, rows, upper, cuts = base.quantized().candidates(V, want, base.max_norm, skip)
+        starts = np.searchsorted(qi, np.arange(len(V) + 1))
+        return [
+            Hint(base, rows[a:b], upper[a:b], float(cuts[i]))
+            for i, (a, b) in enumerate(itertools.pairwise(starts))
+        ]
     hints: list[Hint] = []
     for q0 in range(0, len(V), QUERY_CHUNK):
-        chunk = V[q0 : q0 + QUERY_CHUNK]
+        chunk, m = V[q0 : q0 + QUERY_CHUNK], margin[q0 : q0 + QUERY_CHUNK]
         minima, first, stride = _group_minima(base, chunk, skip)
-        hints += _refine(
-            base, chunk, want, margin[q0 : q0 + len(chunk)], minima, first, stride, skip
-        )
+        qi, gi = _groups(minima, want, m)
+        rows = first[gi, None] + stride[gi, None] * np.arange(GROUP)  # [c, GROUP]
+        hints += _hints(base, chunk, want, m, qi, rows, skip)
     return hints
 
 
@@ -167,16 +191,9 @@ def _group_minima(
     return np.concatenate(minima, axis=1), np.concatenate(first), np.concatenate(stride)
 
 
-def _refine(
-    base: ScanBase,
-    V: np.ndarray,
-    want: int,
-    margin: np.ndarray,
-    minima: np.ndarray,
-    first: np.ndarray,
-    stride: np.ndarray,
-    skip: np.ndarray | None,
-) -> list[Hint]:
+def _groups(minima: np.ndarray, want: int, margin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The "blas" path's (query, group) pairs whose float32 minimum is within the margin of
+    a bound on the want-th smallest estimate."""
     q, n = minima.shape
     if n >= 2 * want:  # the largest of `want` block minima bounds the want-th smallest
         bound = minima[:, : n // want * want].reshape(q, want, -1).min(axis=2).max(axis=1)
@@ -185,15 +202,28 @@ def _refine(
     with np.errstate(invalid="ignore"):  # inf - inf where a whole block is empty
         qi, gi = np.nonzero(minima <= (bound + margin)[:, None])
     # Tighten: the want-th smallest minimum among those groups bounds the want-th row.
-    qi, gi = _within_kth(qi, gi, minima[qi, gi], want, margin, q)
-    rows = first[gi, None] + stride[gi, None] * np.arange(GROUP)  # [c, GROUP]
+    return _within_kth(qi, gi, minima[qi, gi], want, margin, q)
+
+
+def _hints(
+    base: ScanBase,
+    V: np.ndarray,
+    want: int,
+    margin: np.ndarray,
+    qi: np.ndarray,
+    rows: np.ndarray,
+    skip: np.ndarray | None,
+) -> list[Hint]:
+    """Per vector, the rows of its candidate groups (qi [c] sorted, rows [c, 16]) whose
+    float32 estimate is within the margin of the want-th smallest among them."""
+    q = len(V)
     inside = rows < len(base.vectors)
     rows = np.where(inside, rows, 0)
     est = np.einsum("cgm,cm->cg", base.vectors[rows], V[qi] * np.float32(-2)) + base.norms[rows]
     est[~inside] = np.inf
     if skip is not None:
         est[skip[rows]] = np.inf
-    qr, est, rows = np.repeat(qi, GROUP), est.ravel(), rows.ravel()
+    qr, est, rows = np.repeat(qi, rows.shape[1]), est.ravel(), rows.ravel()
     finite = np.isfinite(est)
     qr, est, rows = qr[finite], est[finite], rows[finite].astype(np.int64)
     kth = _kth(qr, est, want, q)
@@ -276,6 +306,11 @@ class ExactSlots:
         ov_slots, ov = self.overlay.items()
         if hints is not None and len(hints) != len(V):
             raise ValueError(f"{len(hints)} hints for {len(V)} vectors")
+        if hints is not None and not len(ov_slots) and len(V) > 1:
+            ranked = self._hinted(V, k, hints)
+            if ranked is not None:
+                out[:, :k] = ranked
+                return out
         for q, v in enumerate(V):
             d_ov = sqdist(ov, v)
             cand = self._base_candidates(v, d_ov, k, hints[q] if hints else None)
@@ -283,6 +318,24 @@ class ExactSlots:
             best = rank(np.concatenate((cand, ov_slots)), dist, k)
             out[q, : len(best)] = best
         return out
+
+    def _hinted(self, V: np.ndarray, k: int, hints: list[Hint | None]) -> np.ndarray | None:
+        """[Q, k] for a memory with no overlay whose hints all hold: every vector's hinted
+        rows ranked at once (the same float32 row sums as sqdist, the same order as rank);
+        None if a hint is missing or from another base."""
+        if any(h is None or h.base is not self.base for h in hints):
+            return None
+        cand = np.concatenate([h.slots for h in hints])  # type: ignore[union-attr]
+        counts = np.fromiter((len(h.slots) for h in hints), np.int64, len(hints))  # type: ignore[union-attr]
+        if counts.min() < k:
+            return None
+        qi = np.repeat(np.arange(len(V)), counts)
+        with np.errstate(over="ignore"):
+            d = self.base.vectors[cand] - V[qi]
+            dist = (d * d).sum(axis=1)
+        ranked = cand[np.lexsort((cand, dist, qi))]
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        return ranked[starts[:, None] + np.arange(k)]
 
     def wants_base(self, V: np.ndarray, k: int) -> np.ndarray:
         """[Q] bool: whether searching V needs the base now (the overlay does not rule it
