@@ -248,13 +248,10 @@ class Engine:
             for run in _runs(items, order):
                 if isinstance(items[run[0]][1], Write):
                     for j in run:
-                        memory.use_hints([hints.get(j)])
-                        self.generalizer.write(self._np, memory, E[j])
-                    memory.use_hints(None)  # a G that does not search leaves them unused
+                        self.generalizer.write(self._np, memory, E[j], hints.get(j))
                     continue
                 V = E[run]  # [R, M]
-                memory.use_hints([hints.get(j) for j in run])
-                slots = memory.topk(V, self.config.k)  # [R, K]
+                slots = memory.topk(V, self.config.k, [hints.get(j) for j in run])  # [R, K]
                 cand = memory.vectors(np.maximum(slots, 0).ravel()).reshape(*slots.shape, -1)
                 out.add(np.array(run), V, slots, cand, self.generalizer.ages(memory, slots))
 

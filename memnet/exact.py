@@ -115,8 +115,18 @@ class Hint:
 
 
 def slack(V: np.ndarray, max_norm: float) -> np.ndarray:
-    """[Q] bound (times 4) on the float32 error of |m|^2 - 2 m·v and of sqdist(m, v) for any
-    row m of norm at most max_norm: (M + 2) eps (|m| + |v|)^2."""
+    """[Q] a bound on the float32 error of |m|^2 - 2 m·v and of sqdist(m, v), together, for
+    any row m of norm at most max_norm: 4 (M + 2) eps (|m| + |v|)^2.
+
+    Why (u = eps / 2, the unit roundoff): sqdist rounds each m_i - v_i and its square (2u)
+    and sums M positive terms in any order (at most (M - 1) u more), so it is within
+    (M + 2) u |m - v|^2 <= (M + 2) u (|m| + |v|)^2 of |m - v|^2. The estimate takes |m|^2
+    from float64 rounded once (u |m|^2), m·v from a float32 product summed in any order
+    (M u |m| |v|, Cauchy-Schwarz), -2 exactly, and one rounding for the sum (u (|m|^2 +
+    2 |m| |v|)): within (M + 2) u (|m| + |v|)^2 too. Together (M + 2) eps (|m| + |v|)^2,
+    first order; the factor 4 is headroom for the second-order terms (gamma_n = n u /
+    (1 - n u), under 1.01 n u while n u < 0.01) and for the float arithmetic that applies the
+    margin (2 slack) to estimates, which itself rounds. quantized.py's bound reuses it."""
     v_norm = np.sqrt((V.astype(np.float64) ** 2).sum(axis=1))
     return 4 * (V.shape[1] + 2) * _EPS * (max_norm + v_norm) ** 2
 
@@ -195,7 +205,11 @@ def _groups(minima: np.ndarray, want: int, margin: np.ndarray) -> tuple[np.ndarr
     """The "blas" path's (query, group) pairs whose float32 minimum is within the margin of
     a bound on the want-th smallest estimate."""
     q, n = minima.shape
-    if n >= 2 * want:  # the largest of `want` block minima bounds the want-th smallest
+    # Any `want` disjoint sets of groups give, through their minima, `want` distinct rows
+    # with estimates at most the largest of those minima: it bounds the want-th smallest.
+    # Sets of at least two groups (n >= 2 want) make it a minimum worth taking; with fewer
+    # groups every group goes on, and _within_kth finds the want-th smallest minimum itself.
+    if n >= 2 * want:
         bound = minima[:, : n // want * want].reshape(q, want, -1).min(axis=2).max(axis=1)
     else:
         bound = np.full(q, np.inf, np.float32)

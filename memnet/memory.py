@@ -22,12 +22,6 @@ class Memory:
     def __init__(self, slots: ExactSlots | GraphSlots | DenseSlots, writes: int = 0) -> None:
         self.search = slots
         self.writes = writes
-        self._hints: list[Hint | None] | None = None
-
-    def use_hints(self, hints: list[Hint | None] | None) -> None:
-        """Scans done ahead for the next nearest/topk call only (one per vector); they
-        make it faster, never different."""
-        self._hints = hints
 
     @property
     def slots(self) -> int:
@@ -48,14 +42,14 @@ class Memory:
         """The whole slot matrix [S, M] (a copy)."""
         return self.search.vectors(np.arange(self.slots))
 
-    def nearest(self, v: np.ndarray) -> int:
-        """The filled slot nearest to v [M] in squared L2 (lowest slot number on ties)."""
-        hints, self._hints = self._hints, None
-        return self.search.nearest(v, hints)
+    def nearest(self, v: np.ndarray, hint: Hint | None = None) -> int:
+        """The filled slot nearest to v [M] in squared L2 (lowest slot number on ties).
+        hint: a batched scan of the base for v (memnet/exact.py), faster, never different."""
+        return self.search.nearest(v, None if hint is None else [hint])
 
-    def topk(self, V: np.ndarray, k: int) -> np.ndarray:
-        """[Q, M] -> [Q, k] filled slots, nearest first; -1 pads when fewer are filled."""
-        hints, self._hints = self._hints, None
+    def topk(self, V: np.ndarray, k: int, hints: list[Hint | None] | None = None) -> np.ndarray:
+        """[Q, M] -> [Q, k] filled slots, nearest first; -1 pads when fewer are filled.
+        hints: one batched scan per row of V, or None (as for nearest)."""
         return self.search.topk(V, k, hints)
 
     def set(self, slot: int, vector: np.ndarray) -> None:

@@ -68,7 +68,14 @@ class Overlay:
         if v_norm <= max_norm:
             return False
         floor = (v_norm - max_norm) ** 2
-        return bool(np.partition(d_ov, k - 1)[k - 1] < floor * (1 - 1e-4))
+        # A base row's float32 sqdist sums M positive terms, each within 3u of its exact
+        # (m_i - v_i)^2 (u = 2^-24), and their sum within (M - 1) u more: at least
+        # (1 - (M + 2) u) |m - v|^2 >= (1 - (M + 2) u) floor. 1e-4 covers (M + 2) u up to
+        # 1,600 dims, twice over at 800, and the float64 norms' rounding (~1e-16 |v| on
+        # |v| - max_norm) unless |v| exceeds max_norm by under 1e-12 of it; larger dims
+        # take (M + 2) eps.
+        tol = max(1e-4, (len(v) + 2) * float(np.finfo(np.float32).eps))
+        return bool(np.partition(d_ov, k - 1)[k - 1] < floor * (1 - tol))
 
     def clear(self) -> None:
         self.row[self._slots[: self._n]] = -1

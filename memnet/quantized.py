@@ -15,18 +15,21 @@ with an exact integer dot product, and keeps the smallest estimate of each block
     |est(m, v) - Δ(m)| <= 2 (|m| e_v + e_m |v^|) + F,     e_m = |m - m^|, e_v = |v - v^|.
 
 Quantization: m·v - m^·v^ = m·(v - v^) + (m - m^)·v^, so by Cauchy-Schwarz
-|2 m·v - 2 m^·v^| <= 2 (|m| e_v + e_m |v^|). Rounding: D is within (M + 2) eps (|m| + |v|)^2
-of |m - v|^2 (the float32 sum of M squares, ``exact.slack``); n_m is within eps of |m|^2;
-the three roundings of est are within 3 eps (n_m + 2 |m^| |v^|); c_m·c_v is exact in int32
-(|c_m·c_v| <= 127^2 M, below 2^31 and, for M < 1040, 2^24: its float conversion is exact;
-above, one more eps). With |m^| <= |m| + e_m and |v^| <= |v| + e_v all of these sum to at most
+|2 m·v - 2 m^·v^| <= 2 (|m| e_v + e_m |v^|). Rounding (u = eps / 2): D is within
+(M + 2) u |m - v|^2 of |m - v|^2 (``exact.slack``); n_m is within u |m|^2 of |m|^2; the three
+roundings of est are within 3 u (n_m + 2 |m^| |v^|); c_m·c_v is exact in int32
+(|c_m·c_v| <= 127^2 M, below 2^31), and so is its conversion to float while it is below 2^24
+(M < 1040; above, one more u). With |m^| <= |m| + e_m and |v^| <= |v| + e_v these sum to at
+most (M + 7) u X^2 (first order), X = N + E + |v| + e_v, N >= every |m| and E >= every e_m;
+the bound takes ``exact.slack``'s form for it,
 
-    F = 4 (M + 2) eps (N + E + |v| + e_v)^2,   N >= every |m|, E >= every e_m,
+    F = 4 (M + 2) eps X^2 = (8 M + 16) u X^2,
 
-the bound ``exact.slack`` already uses, with the quantization errors added to the norms.
+more than enough for every M, the rest being headroom for second-order terms.
+
 Every norm and error here is computed in float64 and rounded up (``_UP``), so each is an
-upper bound. The selection (``_scan.select``) works in float64; its roundings, each
-relative 2^-53, are absorbed by the factor 4 in F (the rounding terms above need < 2).
+upper bound; the float64 arithmetic of the selection (``_scan.select``; each operation
+relative 2^-53) is far inside F's headroom.
 
 **The selection** (``_scan.select``, per query). Blocks: with U(g) = min est + B_g and
 L(g) = min est - B_g over a block g of 16 rows (B_g the bound with the block's largest |m|
@@ -69,18 +72,26 @@ _MINIMA_FLOATS = 1 << 20  # a chunk's [queries, groups] minima: 4 MiB
 _path = BEST if PATHS["avx2"] <= BEST else PATHS["blas"]
 
 
+def set_path(name: str) -> None:
+    """Run the candidate pass on one path from now on: "vnni", "avx2", "c" or "blas" (the
+    worker's MEMNET_SCAN); results are the same on every path, only the speed differs."""
+    global _path
+    if name not in PATHS:
+        raise ValueError(f"no candidate pass named {name!r}: {', '.join(PATHS)}")
+    if PATHS[name] > BEST:
+        raise ValueError(f"this CPU cannot run the {name} path: {', '.join(available())}")
+    _path = PATHS[name]
+
+
 @contextlib.contextmanager
 def use_path(name: str) -> Iterator[None]:
-    """Run the candidate pass on one path ("vnni", "avx2", "c" or "blas") inside the block
-    (tests, benchmarks); the fastest this CPU has otherwise."""
-    global _path
-    if PATHS[name] > BEST:
-        raise ValueError(f"this CPU cannot run the {name} path")
-    before, _path = _path, PATHS[name]
+    """set_path inside the block only (tests, benchmarks)."""
+    before = path()
+    set_path(name)
     try:
         yield
     finally:
-        _path = before
+        set_path(before)
 
 
 def path() -> str:

@@ -110,8 +110,10 @@ def run(
     rate: float,
     dims: tuple[int, int],
     seed: int = 1,
+    env: dict[str, str] | None = None,
 ) -> dict:
-    """One end-to-end measurement: events/s, query latency percentiles, worker RSS."""
+    """One end-to-end measurement: events/s, query latency percentiles, worker RSS. env:
+    settings of the workers beyond the harness's (e.g. MEMNET_SCAN)."""
     with tempfile.TemporaryDirectory(prefix="memnet-bench-") as tmp:
         work = Path(tmp)
         (work / "snap").mkdir()
@@ -119,7 +121,7 @@ def run(
         server = RedisServer(work / "redis")
         procs = []
         try:
-            procs = [_worker(server.url, model, work, i) for i in range(workers)]
+            procs = [_worker(server.url, model, work, i, env or {}) for i in range(workers)]
             _wait_owned(server.client(), procs)
             return _measure(server, procs, work, kind, n, memories, rate, dims, seed)
         finally:
@@ -130,9 +132,10 @@ def run(
             server.stop()
 
 
-def _worker(url: str, model: Path, work: Path, i: int) -> subprocess.Popen:
+def _worker(url: str, model: Path, work: Path, i: int, extra: dict[str, str]) -> subprocess.Popen:
     env = {
         **os.environ,
+        **extra,
         "REDIS_URL": url,
         "MEMNET_MODEL": str(model),
         "MEMNET_PREFIX": PREFIX,

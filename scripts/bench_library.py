@@ -154,9 +154,10 @@ def ef_sweep(engine: Engine, efs: list[int], n: int, dims: tuple[int, int]) -> d
     memory = engine.new_memory()
     truth = [set(exact_topk(memory.search, q, k)) for q in queries]  # memory_init for all
     started = time.perf_counter()
+    hints = None
     if isinstance(memory.search, ExactSlots):
-        memory.use_hints(scan(memory.search.base, queries, k + SCAN_MARGIN))
-    found = memory.topk(queries, k)
+        hints = scan(memory.search.base, queries, k + SCAN_MARGIN)
+    found = memory.topk(queries, k, hints)
     out = {"exact": {"queries_per_s": n / (time.perf_counter() - started)}}
     out["exact"]["o_recall_at_k"] = _recall(found, truth, k)
     base = engine.init_base()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
 import pytest
 
-from memnet import Engine, load_model
+from memnet import Engine, load_model, quantized, random_model, save_model
 from memnet.snapshot import SnapshotStore
 from tests.conftest import WORKER_MODEL
 from tests.streams import (
@@ -58,6 +59,29 @@ def test_responses_equal_the_library_and_sit_at_the_query_entry_id(
     r = redis_server.client()
     for p in range(PARTITIONS):
         assert r.xpending(Keys(PREFIX).inp(p), "memnet")["pending"] == 0
+
+
+@pytest.mark.parametrize("scan", quantized.available())
+def test_every_candidate_pass_serves_the_same_answers(scan, redis_url, tmp_path, redis_server):
+    """MEMNET_SCAN picks the exact search's candidate pass; the answers stay the library's
+    (on its default pass) bit for bit. The memories here are beyond the small-memory arena
+    (1,000 slots of 8), so every search goes through the exact scan."""
+    config = dataclasses.replace(CONFIG, slots=1000)
+    path = tmp_path / "large.safetensors"
+    save_model(random_model(config, seed=3), path)
+    batch = events(300, MEMORIES[:3], DIMS, np.random.default_rng(2))
+    send(redis_server.client(), PREFIX, PARTITIONS, batch)
+    before = quantized.path()
+    try:
+        burst(redis_url, tmp_path, path, scan=scan)
+        assert quantized.path() == scan
+    finally:
+        quantized.set_path(before)
+    out = outputs(redis_server.client(), PREFIX, PARTITIONS)
+    expected = library_answers(Engine(load_model(path)), batch)
+    assert len(out) == len(expected) > 100
+    for _, response in out:
+        assert_same_answer(response, expected[response["id"]])
 
 
 def overflowing_x(model_file):
@@ -184,6 +208,7 @@ def test_a_worker_configured_with_another_partition_count_refuses(
         ({"REDIS_URL": "http://x"}, "REDIS_URL must start with redis://"),
         ({"MEMNET_MODEL": ""}, "MEMNET_MODEL is not set"),
         ({"MEMNET_MODEL": "/nonexistent/model.safetensors"}, "no such model file"),
+        ({"MEMNET_SCAN": "gpu"}, "MEMNET_SCAN must be one of"),
     ],
 )
 def test_bad_settings_stop_start_up_naming_the_setting(

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from memnet import quantized
+
 
 class SettingsError(ValueError):
     """A setting is missing or wrong; the message names the environment variable."""
@@ -46,6 +48,7 @@ class Settings:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    scan: str = ""
     worker_id: str = field(default_factory=lambda: default_worker_id())
 
     @property
@@ -90,6 +93,11 @@ class Settings:
             raise SettingsError(
                 f"MEMNET_PREFIX must be non-empty without braces or spaces, got {self.prefix!r}"
             )
+        if self.scan and self.scan not in quantized.available():
+            raise SettingsError(
+                f"MEMNET_SCAN must be one of {', '.join(quantized.available())} on this CPU "
+                f"(or empty: the fastest), got {self.scan!r}"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(
                 f"MEMNET_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
@@ -129,6 +137,7 @@ ENV_NAMES = {
     "metrics_port": "MEMNET_METRICS_PORT",
     "metrics_host": "MEMNET_METRICS_HOST",
     "log_level": "MEMNET_LOG_LEVEL",
+    "scan": "MEMNET_SCAN",
     "worker_id": "MEMNET_WORKER_ID",
 }
 # What each setting means (memnet worker --help and the README's table say the same).
@@ -165,9 +174,11 @@ HELP = {
     "metrics_port": "Prometheus metrics port, else $PORT (honcho sets it per process); 0: off",
     "metrics_host": "address /metrics and /healthz listen on (0.0.0.0: every interface)",
     "log_level": "DEBUG, INFO, WARNING or ERROR; logs are JSON lines on stderr",
+    "scan": "the exact search's candidate pass: vnni, avx2, c (int8, memnet/_scan.c) or blas "
+    "(float32); empty: the fastest this CPU runs. Answers are the same on every one",
     "worker_id": "consumer name and lease holder",
 }
-_SHOWN_DEFAULTS = {"model": "(required)", "worker_id": "HOST-PID-RANDOM"}
+_SHOWN_DEFAULTS = {"model": "(required)", "worker_id": "HOST-PID-RANDOM", "scan": "(fastest)"}
 
 # Set for the memnet command's own process (worker.cli.main), never on import: read by
 # OpenBLAS and JAX when they load.
@@ -216,7 +227,8 @@ _POSITIVE = {
 def _parse(name: str, key: str, raw: str) -> object:
     if key in ("model", "snapshot_dir", "cache_dir"):
         return Path(raw)
-    if key in ("redis_url", "prefix", "log_level", "worker_id", "metrics_host", "snapshot_url"):
+    if key in ("redis_url", "prefix", "log_level", "worker_id", "metrics_host", "snapshot_url",
+               "scan"):  # fmt: skip
         return raw
     try:
         floats = ("snapshot_every_s", "stop_snapshot_s", "archive_days")

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from memnet import Engine, SnapshotError, load_model
+from memnet import Engine, SnapshotError, load_model, quantized
 from memnet.errors import SnapshotAborted, StaleSnapshot
 from worker import metrics
 from worker.connection import Client, connect, is_cluster
@@ -59,6 +59,8 @@ class Worker:
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.s = settings
         self.keys = Keys(settings.prefix)
+        if settings.scan:
+            quantized.set_path(settings.scan)
         if engine is None:
             if settings.model is None:
                 raise SettingsError("MEMNET_MODEL is not set: give the model file to serve")

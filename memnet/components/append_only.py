@@ -15,6 +15,7 @@ import numpy as np
 from memnet.components.base import Generalizer, Params, register
 
 if TYPE_CHECKING:
+    from memnet.exact import Hint
     from memnet.memory import Memory
 
 
@@ -24,7 +25,7 @@ class AppendOnly(Generalizer):
     starts_filled = False
     batched = True
 
-    def write(self, p: Params, memory: Memory, i: np.ndarray) -> None:
+    def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> None:
         memory.set(memory.writes % memory.slots, i)
 
     def write_many(

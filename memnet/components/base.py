@@ -23,6 +23,7 @@ from memnet.config import ConfigValueError, ModelConfig
 if TYPE_CHECKING:
     import jax
 
+    from memnet.exact import Hint
     from memnet.memory import Memory
 
 Params = dict[str, Any]  # name -> array (numpy on the host, jax inside jit)
@@ -79,8 +80,11 @@ class Generalizer(Component):
     # Whether write_many() exists: writes to many small memories at once (memnet/dense.py).
     batched: ClassVar[bool] = False
 
-    def write(self, p: Params, memory: Memory, i: np.ndarray) -> None:
-        """Apply one write of the encoded input i [M] to memory (numpy, host side)."""
+    def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> None:
+        """Apply one write of the encoded input i [M] to memory (numpy, host side). hint:
+        the engine's batched scan of the memory's base for i, if it made one (a G that
+        searches passes it on to memory.nearest; it makes the search faster, never
+        different)."""
         raise NotImplementedError
 
     def write_many(

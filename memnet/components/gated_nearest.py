@@ -13,6 +13,7 @@ from memnet.components.base import Generalizer, Params, ParamSpec, register
 from memnet.dense import nearest
 
 if TYPE_CHECKING:
+    from memnet.exact import Hint
     from memnet.memory import Memory
 
 
@@ -44,8 +45,8 @@ class GatedNearest(Generalizer):
         m = self.config.memory_dim
         return {"gate_w": ParamSpec((2 * m, 1)), "gate_b": ParamSpec((1,), "zeros")}
 
-    def write(self, p: Params, memory: Memory, i: np.ndarray) -> None:
-        s = memory.nearest(i)
+    def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> None:
+        s = memory.nearest(i, hint)
         m_s = memory.vector(s)  # [M]
         z = np.dot(np.concatenate((i, m_s)), p["gate_w"][:, 0]) + p["gate_b"][0]
         g = sigmoid(z)
