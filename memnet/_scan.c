@@ -145,22 +145,34 @@ static AVX2 void block_avx2(const Scan *s, Py_ssize_t blk, Py_ssize_t qi, float 
     _mm256_storeu_ps(out + 8, est[0][1]);
 }
 
+static inline AVX2 __attribute__((always_inline)) void
+tiles_avx2(const Scan *s, Py_ssize_t blk, Py_ssize_t q0, const int qb)
+{
+    __m256 est[QB][2];
+    tile_avx2(s, blk, q0, qb, est);
+    for (int i = 0; i < qb; i++)
+        s->out[(q0 + i) * s->blocks + blk] =
+            _mm256_cvtss_f32(hmin8(_mm256_min_ps(est[i][0], est[i][1])));
+}
+
+/* Block by block, as minima_vnni: tiles of 8 queries, then of 4, 2 and 1. */
 static AVX2 void minima_avx2(const Scan *s)
 {
-    const Py_ssize_t tiled = s->nq / QB * QB;
-    __m256 est[QB][2];
+    const Py_ssize_t tiled = s->nq / QB * QB, rest = s->nq - tiled;
     for (Py_ssize_t blk = 0; blk < s->blocks; blk++) {
-        for (Py_ssize_t q0 = 0; q0 < tiled; q0 += QB) {
-            tile_avx2(s, blk, q0, QB, est);
-            for (int i = 0; i < QB; i++)
-                s->out[(q0 + i) * s->blocks + blk] =
-                    _mm256_cvtss_f32(hmin8(_mm256_min_ps(est[i][0], est[i][1])));
+        for (Py_ssize_t q0 = 0; q0 < tiled; q0 += QB)
+            tiles_avx2(s, blk, q0, QB);
+        Py_ssize_t q0 = tiled;
+        if (rest & 4) {
+            tiles_avx2(s, blk, q0, 4);
+            q0 += 4;
         }
-        for (Py_ssize_t qi = tiled; qi < s->nq; qi++) {
-            tile_avx2(s, blk, qi, 1, est);
-            s->out[qi * s->blocks + blk] =
-                _mm256_cvtss_f32(hmin8(_mm256_min_ps(est[0][0], est[0][1])));
+        if (rest & 2) {
+            tiles_avx2(s, blk, q0, 2);
+            q0 += 2;
         }
+        if (rest & 1)
+            tiles_avx2(s, blk, q0, 1);
     }
 }
 
@@ -249,13 +261,33 @@ static VNNI void single_vnni(const Scan *s, Py_ssize_t qi, __m512i *qv)
     }
 }
 
-/* Returns -1 when out of memory (the broadcast codes of one query). */
+/* The minima of queries q0..q0+qb-1 (qb < 8) against block blk. */
+static inline VNNI __attribute__((always_inline)) void
+tail_vnni(const Scan *s, Py_ssize_t blk, Py_ssize_t q0, const int qb)
+{
+    __m512 est[QB];
+    tile_vnni(s, blk, q0, qb, est);
+    for (int i = 0; i < qb; i++)
+        s->out[(q0 + i) * s->blocks + blk] = _mm512_reduce_min_ps(est[i]);
+}
+
+/* Block by block, each block's 1 KiB read once for every query: tiles of 8 queries, then
+ * tiles of 4, 2 and 1 for the rest. One query alone takes single_vnni. Returns -1 when out
+ * of memory (its broadcast codes). */
 static VNNI int minima_vnni(const Scan *s)
 {
-    const Py_ssize_t tiled = s->nq / QB * QB;
+    if (s->nq == 1) {
+        __m512i *qv = PyMem_RawMalloc(s->dim4 * sizeof(__m512i) + 64);
+        if (!qv)
+            return -1;
+        single_vnni(s, 0, (__m512i *)(((uintptr_t)qv + 63) & ~(uintptr_t)63));
+        PyMem_RawFree(qv);
+        return 0;
+    }
+    const Py_ssize_t tiled = s->nq / QB * QB, rest = s->nq - tiled;
     __m512 est[QB];
     float lanes[LANES];
-    for (Py_ssize_t blk = 0; blk < s->blocks; blk++)
+    for (Py_ssize_t blk = 0; blk < s->blocks; blk++) {
         for (Py_ssize_t q0 = 0; q0 < tiled; q0 += QB) {
             tile_vnni(s, blk, q0, QB, est);
             _mm512_storeu_ps(lanes, min8_vnni(est));
@@ -264,15 +296,18 @@ static VNNI int minima_vnni(const Scan *s)
                 s->out[(q0 + 4 + k) * s->blocks + blk] = lanes[4 * k + 2];
             }
         }
-    if (tiled == s->nq)
-        return 0;
-    __m512i *qv = PyMem_RawMalloc(s->dim4 * sizeof(__m512i) + 64);
-    if (!qv)
-        return -1;
-    __m512i *aligned = (__m512i *)(((uintptr_t)qv + 63) & ~(uintptr_t)63);
-    for (Py_ssize_t qi = tiled; qi < s->nq; qi++)
-        single_vnni(s, qi, aligned);
-    PyMem_RawFree(qv);
+        Py_ssize_t q0 = tiled;
+        if (rest & 4) {
+            tail_vnni(s, blk, q0, 4);
+            q0 += 4;
+        }
+        if (rest & 2) {
+            tail_vnni(s, blk, q0, 2);
+            q0 += 2;
+        }
+        if (rest & 1)
+            tail_vnni(s, blk, q0, 1);
+    }
     return 0;
 }
 #endif

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from memnet import quantized
 from memnet.batching import CHUNK, rowwise
 from memnet.dense import Arena, DenseMemory, DenseSlots
 from memnet.dense import topk as dense_topk
@@ -183,12 +184,15 @@ class Engine:
 
     def warm_up(self, max_batch: int) -> None:
         """Compile the jitted I and O+R for every batch shape up to max_batch events, and
-        load a large memory's shared graph, so the first real batches do not wait."""
+        load a large memory's shared graph or quantize the shared base (memnet/quantized.py),
+        so the first real batches do not wait."""
         c = self.config
         if c.slots > c.index.exact_max_slots:
             self.init_base().norms()  # load (or build) the shared graph now, not mid-stream
         else:
-            self.scan_base()
+            base = self.scan_base()
+            if quantized.path() != "blas":
+                base.quantized()
         sizes = [CHUNK]
         while sizes[-1] < min(max_batch, MAX_BATCH):
             sizes.append(sizes[-1] * 2)

@@ -51,7 +51,7 @@ def test_every_path_computes_the_reference_bits(path: str, rows: int, dim: int) 
     X = rng.standard_normal((rows, dim)).astype(np.float32) * rng.uniform(0.01, 10, (rows, 1))
     filled = rng.random(rows) > 0.1
     qz = base_of(X, filled).quantized()
-    for nq in (1, 3, 8, 11):
+    for nq in (1, 3, 7, 8, 12, 15):
         V = rng.standard_normal((nq, dim)).astype(np.float32)
         codes, qscale, _, _ = quantize(V, 63)  # the AVX2 path's range, valid on all
         q = unsigned(codes, qz, 64)
