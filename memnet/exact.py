@@ -356,8 +356,7 @@ class ExactSlots:
         out); the engine scans the base ahead, in one batch, for those."""
         if self.base.count == 0:
             return np.zeros(len(V), bool)
-        _, ov = self.overlay.items()
-        return np.array([not self._overlay_suffices(v, sqdist(ov, v), k) for v in V])
+        return np.array([not self._overlay_suffices(v, None, k) for v in V])
 
     def _base_candidates(
         self, v: np.ndarray, d_ov: np.ndarray, k: int, hint: Hint | None
@@ -373,7 +372,7 @@ class ExactSlots:
         ov_slots, _ = self.overlay.items()
         return scan(self.base, v[None], k, exclude=ov_slots)[0].slots
 
-    def _overlay_suffices(self, v: np.ndarray, d_ov: np.ndarray, k: int) -> bool:
+    def _overlay_suffices(self, v: np.ndarray, d_ov: np.ndarray | None, k: int) -> bool:
         return self.overlay.rules_out_base(d_ov, v, self.base.max_norm, k)
 
     def set(self, slot: int, vector: np.ndarray) -> None:

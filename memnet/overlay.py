@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from memnet.distance import sqdist
+
 
 class Overlay:
     """slot -> current vector [M] for the changed slots, in order of first change."""
@@ -59,14 +61,19 @@ class Overlay:
         self._vectors[row] = vector
         return new
 
-    def rules_out_base(self, d_ov: np.ndarray, v: np.ndarray, max_norm: float, k: int) -> bool:
-        """True if k overlay slots (at distances d_ov from v) are closer than any base row
-        can be: every row of norm at most max_norm is at least (|v| - max_norm)^2 away."""
-        if len(d_ov) < k:
+    def rules_out_base(
+        self, d_ov: np.ndarray | None, v: np.ndarray, max_norm: float, k: int
+    ) -> bool:
+        """True if k overlay slots (at distances d_ov from v: computed here when None) are
+        closer than any base row can be: every row of norm at most max_norm is at least
+        (|v| - max_norm)^2 away."""
+        if self._n < k:
             return False
         v_norm = float(np.sqrt(np.dot(v.astype(np.float64), v)))
         if v_norm <= max_norm:
             return False
+        if d_ov is None:
+            d_ov = sqdist(self.items()[1], v)
         floor = (v_norm - max_norm) ** 2
         # A base row's float32 sqdist sums M positive terms, each within 3u of its exact
         # (m_i - v_i)^2 (u = 2^-24), and their sum within (M - 1) u more: at least

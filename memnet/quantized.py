@@ -49,6 +49,7 @@ larger the bound and the more groups survive; the answer never changes, only the
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -216,7 +217,7 @@ class Quantized:
         q = np.full((len(V), m4), offset, np.uint8)
         codes, qscale, e_v, v_norm = quantize(V, qmax)
         q[:, : self.dim] = codes.astype(np.int16) + offset
-        minima = np.empty((len(V), len(self.R)), np.float32)
+        minima = _scratch(len(V) * len(self.R)).reshape(len(V), len(self.R))
         blocks = len(self.norms) // LANES
         kernel = (self.codes, self.rowsum, self.coef, norms, q, qscale)
         _scan.minima(*kernel, minima, blocks, m4 // 4, len(V), offset, _path)
@@ -232,6 +233,19 @@ class Quantized:
             if n <= size:
                 return pairs[:n, 0] + np.int64(q0), pairs[:n, 1].astype(np.int64), upper[:n], cuts
             size = n
+
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """[n] float32 this thread reuses for every chunk's minima: a fresh 4 MiB array each
+    time is a fresh mapping, whose page faults and zeroing cost about as much as the
+    kernel's arithmetic for a small batch."""
+    buf = getattr(_local, "minima", None)
+    if buf is None or len(buf) < n:
+        buf = _local.minima = np.empty(max(n, _MINIMA_FLOATS), np.float32)
+    return buf[:n]
 
 
 def rows_of(groups: np.ndarray) -> np.ndarray:
