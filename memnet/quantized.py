@@ -66,7 +66,7 @@ BEST = _scan.best_isa()
 _EPS = float(np.finfo(np.float32).eps)
 _UP = 1 + 1e-9  # float64 norms and errors rounded up (their relative error is < M 2^-53)
 _SLICE = 65536  # rows quantized at a time: no float64 copy of a whole large base
-_MINIMA_FLOATS = 1 << 20  # a chunk's [queries, groups] minima: 4 MiB
+_MINIMA_FLOATS = 1 << 22  # a chunk's [queries, blocks] minima, 16 MiB: at 1M rows 64 queries
 
 # Without AVX2 the portable C path (x86-64's baseline instructions) is slower than the float32
 # matrix products (scripts/bench_scan.py): it serves where it is asked for, and tests check it.
@@ -239,12 +239,12 @@ _local = threading.local()
 
 
 def _scratch(n: int) -> np.ndarray:
-    """[n] float32 this thread reuses for every chunk's minima: a fresh 4 MiB array each
-    time is a fresh mapping, whose page faults and zeroing cost about as much as the
-    kernel's arithmetic for a small batch."""
+    """[n] float32 this thread reuses for every chunk's minima (up to 16 MiB, kept): a
+    fresh array of megabytes each time is a fresh mapping, whose page faults and zeroing
+    showed in profiles beside the kernel's own arithmetic."""
     buf = getattr(_local, "minima", None)
     if buf is None or len(buf) < n:
-        buf = _local.minima = np.empty(max(n, _MINIMA_FLOATS), np.float32)
+        buf = _local.minima = np.empty(n, np.float32)
     return buf[:n]
 
 

@@ -11,7 +11,8 @@ selection), for batches of 1, 16 and 256 vectors.
 Random 64-dim slots and queries, one BLAS thread (as workers run). Each figure is the best
 of --rounds rounds, the methods interleaved within each round. Every answer is checked
 against brute force (float32 sqdist, ties to the lower slot): "exact" counts the queries
-whose top-5 equals it, out of those checked. Paths: "vnni", "avx2", "c" (memnet/_scan.c,
+whose top-5 equals it, out of those checked; "survivors" the rows per vector the fastest
+path keeps for the re-rank (of want = 5 + 8). Paths: "vnni", "avx2", "c" (memnet/_scan.c,
 the int8 pass) and "blas" (the float32 matrix-product pass that came before it).
 """
 
@@ -71,6 +72,12 @@ def exact_count(slots: ExactSlots, V: np.ndarray, path: str) -> int:
     )
 
 
+def survivors(slots: ExactSlots, V: np.ndarray, path: str) -> float:
+    """Rows per vector that the candidate pass keeps for the re-rank."""
+    with quantized.use_path(path):
+        return float(np.mean([len(h.slots) for h in scan(slots.base, V, K + MARGIN)]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slots", default="10000,100000")
@@ -83,8 +90,8 @@ def main() -> int:
     paths = quantized.available()
     print(f"paths: {', '.join(paths)} (this CPU's best first; blas = before the int8 pass)")
     head = " | ".join(f"{p} µs (× product)" for p in paths)
-    print(f"| slots | vectors per call | numpy product µs | {head} | exact |")
-    print("|---" * (4 + len(paths)) + "|")
+    print(f"| slots | vectors per call | numpy product µs | {head} | exact | survivors |")
+    print("|---" * (5 + len(paths)) + "|")
     summary = {}
     for n in (int(s) for s in args.slots.split(",")):
         slots = ExactSlots(ScanBase.over(rng.standard_normal((n, DIM), dtype=np.float32)), 1 << 30)
@@ -94,8 +101,10 @@ def main() -> int:
             best = measure(slots, V, paths, args.rounds, args.seconds)
             cells = " | ".join(f"{best[p]:,.0f} ({best[p] / best['product']:.2f})" for p in paths)
             exact = min(exact_count(slots, V, p) for p in paths)
+            kept = survivors(slots, V, paths[0])
             print(
-                f"| {n:,} | {q} | {best['product']:,.0f} | {cells} | {exact}/{min(q, CHECKED)} |",
+                f"| {n:,} | {q} | {best['product']:,.0f} | {cells} | "
+                f"{exact}/{min(q, CHECKED)} | {kept:.1f} |",
                 flush=True,
             )
             summary[n, q] = best
