@@ -17,8 +17,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from memnet import quantized
-
 
 class SettingsError(ValueError):
     """A setting is missing or wrong; the message names the environment variable."""
@@ -93,11 +91,14 @@ class Settings:
             raise SettingsError(
                 f"MEMNET_PREFIX must be non-empty without braces or spaces, got {self.prefix!r}"
             )
-        if self.scan and self.scan not in quantized.available():
-            raise SettingsError(
-                f"MEMNET_SCAN must be one of {', '.join(quantized.available())} on this CPU "
-                f"(or empty: the fastest), got {self.scan!r}"
-            )
+        if self.scan:
+            from memnet import quantized  # here only: clients import settings, not memnet
+
+            if self.scan not in quantized.available():
+                raise SettingsError(
+                    f"MEMNET_SCAN must be one of {', '.join(quantized.available())} on this "
+                    f"CPU (or empty: the fastest), got {self.scan!r}"
+                )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(
                 f"MEMNET_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
