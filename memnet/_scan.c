@@ -94,6 +94,23 @@ static void minima_portable(const Scan *s)
 }
 
 #ifdef MEMNET_X86
+/* The queries left after the tiles of 8 (rest < 8, from q0): tiles of 4, 2 and 1, each call
+ * with a constant count so the inlined tile keeps its accumulators in registers. */
+#define TAILS(tile, s, blk, q0, rest)                                                          \
+    do {                                                                                       \
+        Py_ssize_t at_ = (q0);                                                                 \
+        if ((rest) & 4) {                                                                      \
+            tile(s, blk, at_, 4);                                                              \
+            at_ += 4;                                                                          \
+        }                                                                                      \
+        if ((rest) & 2) {                                                                      \
+            tile(s, blk, at_, 2);                                                              \
+            at_ += 2;                                                                          \
+        }                                                                                      \
+        if ((rest) & 1)                                                                        \
+            tile(s, blk, at_, 1);                                                              \
+    } while (0)
+
 #define AVX2 __attribute__((target("avx2")))
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni")))
 
@@ -162,17 +179,7 @@ static AVX2 void minima_avx2(const Scan *s)
     for (Py_ssize_t blk = 0; blk < s->blocks; blk++) {
         for (Py_ssize_t q0 = 0; q0 < tiled; q0 += QB)
             tiles_avx2(s, blk, q0, QB);
-        Py_ssize_t q0 = tiled;
-        if (rest & 4) {
-            tiles_avx2(s, blk, q0, 4);
-            q0 += 4;
-        }
-        if (rest & 2) {
-            tiles_avx2(s, blk, q0, 2);
-            q0 += 2;
-        }
-        if (rest & 1)
-            tiles_avx2(s, blk, q0, 1);
+        TAILS(tiles_avx2, s, blk, tiled, rest);
     }
 }
 
@@ -296,17 +303,7 @@ static VNNI int minima_vnni(const Scan *s)
                 s->out[(q0 + 4 + k) * s->blocks + blk] = lanes[4 * k + 2];
             }
         }
-        Py_ssize_t q0 = tiled;
-        if (rest & 4) {
-            tail_vnni(s, blk, q0, 4);
-            q0 += 4;
-        }
-        if (rest & 2) {
-            tail_vnni(s, blk, q0, 2);
-            q0 += 2;
-        }
-        if (rest & 1)
-            tail_vnni(s, blk, q0, 1);
+        TAILS(tail_vnni, s, blk, tiled, rest);
     }
     return 0;
 }
