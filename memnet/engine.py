@@ -192,7 +192,7 @@ class Engine:
         else:
             base = self.scan_base()
             if quantized.path() != "blas":
-                base.quantized()
+                base.quantized().warm()
         sizes = [CHUNK]
         while sizes[-1] < min(max_batch, MAX_BATCH):
             sizes.append(sizes[-1] * 2)

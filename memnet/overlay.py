@@ -12,7 +12,9 @@ class Overlay:
     """slot -> current vector [M] for the changed slots, in order of first change."""
 
     def __init__(self, slots: int, dim: int) -> None:
-        self.row = np.full(slots, -1, np.int32)  # [S] slot -> overlay row, -1 if not here
+        # [S] slot -> its overlay row + 1, 0 if not here: zeros, so a new memory's map costs
+        # no writes (the pages stay unmapped until a slot in them changes).
+        self.at = np.zeros(slots, np.int32)
         self._slots = np.zeros(16, np.int64)  # [n] (buffer) overlay slots
         self._vectors = np.zeros((16, dim), np.float32)  # [n, M] (buffer) their vectors
         self._n = 0
@@ -22,7 +24,7 @@ class Overlay:
 
     @property
     def nbytes(self) -> int:
-        return self.row.nbytes + self._slots.nbytes + self._vectors.nbytes
+        return self.at.nbytes + self._slots.nbytes + self._vectors.nbytes
 
     def items(self) -> tuple[np.ndarray, np.ndarray]:
         """(slots [n], vectors [n, M]): views, valid until the next change."""
@@ -30,32 +32,32 @@ class Overlay:
 
     def has(self, slots: np.ndarray) -> np.ndarray:
         """[N] bool: which of the given slots are in the overlay."""
-        return self.row[slots] >= 0
+        return self.at[slots] > 0
 
     def current(self, base: np.ndarray, slot: int) -> np.ndarray:
         """Slot's current vector [M]: the overlay's, else the base matrix's row (a view)."""
-        row = self.row[slot]
-        return self._vectors[row] if row >= 0 else base[slot]
+        at = self.at[slot]
+        return self._vectors[at - 1] if at else base[slot]
 
     def current_rows(self, base: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Current vectors [N, M] of slots (a copy): the base's rows, overlaid."""
         out = base[slots]
-        rows = self.row[slots]
-        hit = rows >= 0
+        at = self.at[slots]
+        hit = at > 0
         if hit.any():
-            out[hit] = self._vectors[rows[hit]]
+            out[hit] = self._vectors[at[hit] - 1]
         return out
 
     def set(self, slot: int, vector: np.ndarray) -> bool:
         """Record slot's current vector; True if the slot is new to the overlay."""
-        row = int(self.row[slot])
+        row = int(self.at[slot]) - 1
         new = row < 0
         if new:
             row = self._n
             if row == len(self._slots):  # grow the buffers geometrically
                 self._slots = np.concatenate((self._slots, np.zeros_like(self._slots)))
                 self._vectors = np.concatenate((self._vectors, np.zeros_like(self._vectors)))
-            self.row[slot] = row
+            self.at[slot] = row + 1
             self._slots[row] = slot
             self._n += 1
         self._vectors[row] = vector
@@ -85,7 +87,7 @@ class Overlay:
         return bool(np.partition(d_ov, k - 1)[k - 1] < floor * (1 - tol))
 
     def clear(self) -> None:
-        self.row[self._slots[: self._n]] = -1
+        self.at[self._slots[: self._n]] = 0
         self._n = 0
         self._slots = np.zeros(16, np.int64)
         self._vectors = np.zeros((16, self._vectors.shape[1]), np.float32)

@@ -200,7 +200,7 @@ class Quantized:
         if skip is not None:
             norms = norms.copy()
             norms[: len(skip)][skip] = np.inf
-        chunk = max(8, _MINIMA_FLOATS // len(self.R) // 8 * 8)
+        chunk = self._chunk()
         parts = [
             self._candidates(V[q0 : q0 + chunk], q0, want, max_norm, norms)
             for q0 in range(0, len(V), chunk)
@@ -208,6 +208,15 @@ class Quantized:
         if len(parts) == 1:
             return parts[0]
         return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    def _chunk(self) -> int:
+        """Queries per kernel call: their minima fill at most the scratch buffer."""
+        return max(8, _MINIMA_FLOATS // len(self.R) // 8 * 8)
+
+    def warm(self) -> None:
+        """Map this thread's scratch buffer for the largest chunk now (its page faults are
+        milliseconds), not in the middle of a stream."""
+        _scratch(self._chunk() * len(self.R)).fill(0)
 
     def _candidates(
         self, V: np.ndarray, q0: int, want: int, max_norm: float, norms: np.ndarray
