@@ -11,6 +11,7 @@ from __future__ import annotations
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from memnet.errors import MemnetError
 
@@ -58,7 +59,11 @@ NAMES = {
     19: "path finding",
     20: "agent's motivation",
 }
-VALIDATION_SHARE = 0.1  # the last tenth of each training file's stories
+# Each training file's stories, in the file's order: training, then validation (early
+# stopping and the choice of seed), then held out (never seen by training or by any choice:
+# the honest score, as our copy of bAbI has no test split).
+VALIDATION_SHARE = 0.15
+HOLDOUT_SHARE = 0.1
 
 
 class BabiError(MemnetError):
@@ -123,10 +128,20 @@ def read_stories(path: Path) -> list[Story]:
     return stories
 
 
-def split(stories: list[Story]) -> tuple[list[Story], list[Story]]:
-    """(training, validation): validation is the last VALIDATION_SHARE of the stories."""
-    cut = len(stories) - max(1, round(len(stories) * VALIDATION_SHARE))
-    return stories[:cut], stories[cut:]
+class Split(NamedTuple):
+    train: list[Story]
+    validation: list[Story]
+    holdout: list[Story]
+
+
+def split(stories: list[Story]) -> Split:
+    """The last HOLDOUT_SHARE of the stories are held out, the VALIDATION_SHARE before them
+    validate, the rest train (each part at least one story where there are three)."""
+    n = len(stories)
+    held = max(1, round(n * HOLDOUT_SHARE)) if n >= 3 else 0
+    val = max(1, round(n * VALIDATION_SHARE)) if n >= 2 else 0
+    a, b = n - held - val, n - held
+    return Split(stories[:a], stories[a:b], stories[b:])
 
 
 def events(story: Story, memory: str, prefix: str) -> list[dict]:

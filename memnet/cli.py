@@ -44,6 +44,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--seeds", type=int, default=3, help="runs; the best on validation is kept")
     p.add_argument("--dim", type=int, default=64, help="embedding size (memory_dim is twice it)")
     p.add_argument("--hops", type=int, default=3, help="rounds of attention (O)")
+    p.add_argument(
+        "--relative-time",
+        action="store_true",
+        help="O's hops also score each fact's age relative to what the hop before found",
+    )
     p.add_argument("--epochs", type=int, default=Settings.epochs, help="most epochs per seed")
     p.add_argument(
         "--patience",
@@ -107,6 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train_task(
             args.data, args.task, out, seeds=args.seeds, dim=args.dim, hops=args.hops,
+            relative_time=args.relative_time,
             output=args.output, response=args.response, settings=settings,
         )  # fmt: skip
     except (MemnetError, ConfigValueError) as e:
@@ -114,9 +120,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     print(
         f"qa{args.task}: validation accuracy {summary['val_accuracy']:.1%} (seed "
-        f"{summary['seed']}; {args.seeds} seeds: {spread(summary['seed_accuracies'])}) in "
-        f"{summary['seconds']} s\nwrote {out}, {out.with_suffix('.png')} and "
-        f"{out.with_suffix('.json')}"
+        f"{summary['seed']}; {args.seeds} seeds: {spread(summary['seed_accuracies'])}), "
+        f"held out {summary['holdout_accuracy']:.1%} (seeds: "
+        f"{spread(summary['seed_holdout_accuracies'])}) in {summary['seconds']} s\n"
+        f"wrote {out}, {out.with_suffix('.png')} and {out.with_suffix('.json')}"
     )
     return 0
 

@@ -10,10 +10,12 @@ from memnet.training.train import train_task
 DATA = Path(__file__).resolve().parents[1] / "data" / "babi" / "en"
 
 
-def train_small(out: Path, task: int = 1, epochs: int = 40, response: str = "answer") -> Path:
+def train_small(
+    out: Path, task: int = 1, epochs: int = 40, response: str = "answer", relative: bool = False
+) -> Path:
     path = out / f"qa{task}.safetensors"
     train_task(
-        DATA, task, path, seeds=1, dim=16, response=response, settings=Settings(epochs=epochs),
-        show_progress=False,
+        DATA, task, path, seeds=1, dim=16, response=response, relative_time=relative,
+        settings=Settings(epochs=epochs), show_progress=False,
     )  # fmt: skip
     return path

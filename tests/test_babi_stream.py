@@ -8,13 +8,20 @@ import numpy as np
 from memnet import Engine, load_model
 from tests.babi import DATA
 from tests.streams import outputs, send, worker_settings
-from worker.babi_eval import accuracy, in_process, stories_of, streamed, task_events
+from worker.babi_eval import (
+    accuracy,
+    data_for,
+    in_process,
+    stories_of,
+    streamed,
+    task_events,
+)
 from worker.protocol import partition_of
 from worker.worker import Worker
 
 
 def test_streamed_answers_equal_in_process_answers(redis_url, tmp_path, babi_model):
-    batch, expected = task_events(1, stories_of(DATA, 1, "validation"))
+    batch, expected = task_events(1, stories_of(DATA, 1, "holdout"))
     extra = [  # a story of its own, with words the model never saw
         {"op": "write", "memory": "odd", "text": "Zorblax teleported to the kitchen."},
         {"op": "write", "memory": "odd", "text": "Mary went to the garden."},
@@ -56,3 +63,19 @@ def test_bad_text_is_dead_lettered_with_an_error_response(
     assert len(dead) == 5 and all(d["raw"] for d in dead)
     assert any("'text' must be a string" in d["error"] for d in dead)
     assert np.isfinite(responses["ok"]["y"]).all()
+
+
+def test_eval_scores_each_model_on_the_data_it_was_trained_on(tmp_path, capsys):
+    """eval-babi without --data: the directory a model's summary records (a 10k model on
+    the 10k file), the 1k files where that directory lacks the task (qa3 in 10k) or the
+    summary names no directory."""
+    tenk = DATA.parent / "en-10k"
+    model = tmp_path / "qa2.safetensors"
+    (tmp_path / "qa2.json").write_text('{"data": "en-10k/qa2_two-supporting-facts_train.txt"}')
+    assert data_for(None, 2, model) == tenk
+    assert len(stories_of(data_for(None, 2, model), 2, "holdout")) == 200  # of 2,000 stories
+    (tmp_path / "qa3.json").write_text('{"data": "qa3_three-supporting-facts_train.txt"}')
+    assert data_for(None, 3, tmp_path / "qa3.safetensors") == DATA
+    assert data_for(tenk, 3) == DATA
+    assert "qa3: no file in" in capsys.readouterr().err
+    assert data_for(None, 5, tmp_path / "qa5.safetensors") == DATA  # no summary at all

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,8 +37,10 @@ def test_reader_splits_stories_and_maps_supporting_facts(tmp_path):
     assert (q.text, q.answer, q.support, q.after) == ("Where is Mary?", "garden", (2,), 3)
     ops = [e["op"] for e in events(stories[0], "m", "q")]
     assert ops == ["write", "write", "query", "write", "query"]
-    train, val = split(read_stories(task_file(DATA, 1)))
-    assert (len(train), len(val)) == (180, 20)  # the last tenth is held out
+    train, val, held = split(read_stories(task_file(DATA, 1)))
+    assert (len(train), len(val), len(held)) == (150, 30, 20)  # in the file's order
+    assert split(stories[:1]) == ([stories[0]], [], [])
+    assert [len(part) for part in split(stories * 2)] == [2, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -55,7 +59,7 @@ def test_malformed_files_are_refused_with_the_line(tmp_path, text, message):
 
 
 def small_task(stories, dim=16):
-    train, val = split(stories)
+    train, val, _ = split(stories)
     config = task_config(stories, train, dim, 3, "multi-hop", "answer")
     parts = Components.build(config)
     shape = (config.slots, config.input_dim, 3)
@@ -78,18 +82,23 @@ def test_training_steps_decrease_the_loss_on_a_tiny_set():
     assert plain.train_loss[0] < history.train_loss[0]
 
 
-@pytest.fixture(scope="module", params=["answer", "answer-mlp"])
+@pytest.fixture(scope="module", params=["answer", "answer-mlp", "relative-time"])
 def trained(request, babi_model, tmp_path_factory):
     if request.param == "answer":
         return babi_model
+    if request.param == "relative-time":  # O's relative time term, learned (not zero)
+        path = train_small(tmp_path_factory.mktemp("rt"), epochs=30, relative=True)
+        assert np.abs(load_model(path).params["time_rel"][1:]).max() > 1e-3
+        return path
     return train_small(tmp_path_factory.mktemp("mlp"), epochs=30, response=request.param)
 
 
 def test_serving_computes_what_training_computed(trained):
-    """The dense training forward pass and the engine give the same logits."""
+    """The dense training forward pass and the engine give the same logits, and qa1's are
+    right on stories neither training nor the choice of epoch saw."""
     model = load_model(trained)
     stories = read_stories(task_file(DATA, 1))
-    _, val = split(stories)
+    *_, val = split(stories)  # the held-out stories: no choice in training saw them
     parts = model.components
     ex = build(val, parts.encoder.vocabulary, model.config.options["answers"],
                model.config.slots, model.config.input_dim, 3)  # fmt: skip
@@ -109,3 +118,39 @@ def test_serving_computes_what_training_computed(trained):
     np.testing.assert_allclose(served, np.asarray(logits), rtol=1e-4, atol=1e-4)
     accuracy = float((served.argmax(1) == ex.answer).mean())
     assert accuracy >= 0.95  # qa1 is learned in seconds
+
+
+def test_relative_time_scores_ages_relative_to_the_hop_before():
+    """The relative term by hand: hop 2's scores gain sum_j a1_j T[age_k - age_j]; a table
+    that favours "one write older than what hop 1 found" moves hop 2 there."""
+    stories = read_stories(task_file(DATA, 1))[:10]
+    train, _, _ = split(stories)
+    config = task_config(stories, train, 4, 2, "multi-hop", "answer", relative_time=True)
+    out = Components.build(config).output
+    s = config.slots
+    p = {k: jnp.zeros(v.shape) for k, v in out.params().items()}
+    p["hop_h"] = jnp.eye(4)
+    cand = np.zeros((1, s, 8), np.float32)
+    cand[0, 2, :4] = 5.0  # hop 1 finds slot 2 (its key matches the query)
+    age = np.arange(s, dtype=np.int32)[None]  # slot k written k writes ago
+    v = np.zeros((1, 8), np.float32)
+    v[0, :4] = 1.0
+    mask = np.ones((1, s), bool)
+    table = np.zeros((2, 2 * s - 1), np.float32)
+    table[1, s - 1 + 1] = 30.0  # hop 2: one write older than hop 1's slot
+    p["time_rel"] = jnp.asarray(table)
+    _, attention = out.hop_attention(p, v, cand, mask, age)
+    assert int(attention[0, 0].argmax()) == 2 and int(attention[1, 0].argmax()) == 3
+    p["time_rel"] = jnp.zeros_like(p["time_rel"])
+    _, plain = out.hop_attention(p, v, cand, mask, age)
+    assert int(plain[1, 0].argmax()) == 2
+
+
+def test_a_bad_relative_time_option_is_refused():
+    from memnet.model import ModelFileError
+
+    stories = read_stories(task_file(DATA, 1))[:10]
+    config = task_config(stories, stories, 4, 2, "multi-hop", "answer", relative_time=True)
+    bad = dataclasses.replace(config, options={**config.options, "relative_time": "yes"})
+    with pytest.raises(ModelFileError, match=r"output 'multi-hop': .*'relative_time' must be true"):
+        Components.build(bad)

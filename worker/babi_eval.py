@@ -3,13 +3,14 @@ through Redis and workers (statements as writes, questions as queries), reading 
 from the response streams. ``--in-process`` runs the same events through the library's
 engine without Redis; ``--both`` runs both and checks that they agree answer for answer.
 
-Scores the validation stories (the held-out tail of each training file, as ``memnet train``
-splits it) unless ``--split`` says otherwise.
+Scores the held-out stories (the tail of each training file that ``memnet train`` neither
+trains on nor chooses by: memnet.babi.split) unless ``--split`` says otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -25,8 +26,28 @@ Answers = dict[str, str | None]  # query id -> answer (None: an error response)
 
 def stories_of(data: Path, task: int, which: str) -> list[Story]:
     stories = read_stories(task_file(data, task))
-    train, val = split(stories)
-    return {"validation": val, "train": train, "all": stories}[which]
+    parts = split(stories)
+    return {**parts._asdict(), "all": stories}[which]
+
+
+def data_for(data: Path | None, task: int, model: Path | None = None) -> Path:
+    """Where task's stories are: data; else (None) the directory the model was trained on,
+    as its summary (qaN.json beside it) records it, if this checkout has it; else the 1k
+    files. A data directory without the task's file (bAbI 10k lacks qa3 here;
+    scripts/train_babi.py --tenk trains it on 1k) also falls back to the 1k files."""
+    if data is None:
+        data = DATA
+        summary = model.with_suffix(".json") if model is not None else None
+        if summary is not None and summary.is_file():
+            trained = json.loads(summary.read_text()).get("data", "")
+            if isinstance(trained, dict):  # a joint model: each task's file
+                trained = trained.get(f"qa{task}", "")
+            if "/" in trained and (DATA.parent / trained).is_file():
+                data = (DATA.parent / trained).parent
+    if not list(Path(data).glob(f"qa{task}_*_train.txt")) and Path(data) != DATA:
+        print(f"qa{task}: no file in {data}: scoring on {DATA}", file=sys.stderr)
+        return DATA
+    return data
 
 
 def task_events(task: int, stories: list[Story]) -> tuple[list[dict], dict[str, str]]:
@@ -86,10 +107,10 @@ def accuracy(answers: Answers, expected: dict[str, str]) -> float:
 
 def run_eval(
     model: Path | None,
-    data: Path,
+    data: Path | None,
     tasks: list[int],
     mode: str = "stream",
-    which: str = "validation",
+    which: str = "holdout",
     workers: int = 2,
     as_json: bool = False,
 ) -> int:
@@ -99,7 +120,7 @@ def run_eval(
         raise BabiError(
             f"no model file {missing[0]}: pass --model FILE (or DIR of qaN.safetensors)"
         )
-    if not Path(data).is_dir():
+    if data is not None and not Path(data).is_dir():
         raise BabiError(f"no bAbI data at {data}: pass --data DIR (of qaN_*_train.txt files)")
     scores: dict[str, float] = {}
     disagree = 0
@@ -110,7 +131,7 @@ def run_eval(
     ):
         for task in tasks:
             path = models[task]
-            batch, expected = task_events(task, stories_of(data, task, which))
+            batch, expected = task_events(task, stories_of(data_for(data, task, path), task, which))
             if mode == "in-process":
                 answers = in_process(path, batch)
             else:

@@ -210,7 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", type=Path, default=MODELS, help="a model file or a directory of qaN.safetensors"
     )
-    p.add_argument("--data", type=Path, default=DATA, help="a bAbI directory")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help=f"a bAbI directory (default: the one each model was trained on, as its qaN.json "
+        f"records, else {DATA})",
+    )
     p.add_argument(
         "--tasks",
         default=",".join(map(str, range(1, 21))),
@@ -218,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--split",
-        choices=("validation", "train", "all"),
-        default="validation",
-        help="which stories of each task's training file",
+        choices=("holdout", "validation", "train", "all"),
+        default="holdout",
+        help="which stories of each task's training file: holdout (default) is what training "
+        "and the choice of seed never saw",
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes to stream through")
     mode = p.add_mutually_exclusive_group()

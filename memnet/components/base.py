@@ -161,6 +161,8 @@ def option(config: ModelConfig, key: str, kind: type, default: Any = _MISSING) -
     value = config.options[key]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigValueError(f"model config option {key!r} must be a positive integer")
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigValueError(f"model config option {key!r} must be true or false")
     if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise ConfigValueError(f"model config option {key!r} must be a list of strings")
     return value

@@ -8,8 +8,16 @@ u_1 = the key half of the query vector v, for hop h = 1..hops:
     o_h = sum_j a_hj (value_j + T_value[age_j]);      u_{h+1} = u_h . H + o_h
 
 The output feature is concat(u_{hops+1}, o_hops) [M]; the weights returned are a_hops.
-Options: ``hops`` (default 3). Set ``top_k`` to ``slots`` to attend over the whole memory,
-as the paper does and as ``memnet train`` trains it.
+Options: ``hops`` (default 3); ``relative_time`` (default false): from the second hop on,
+each slot's score also gets a learned bias for its age relative to the slots the hop before
+attended,
+
+    + sum_j a_{h-1,j} T_rel[h, age_k - age_j]        (a table of 2S - 1 biases per hop)
+
+so a hop can ask for "the latest fact before the one just found" (where was John *when*
+he dropped the football: MemNN's time features, Weston et al. 2014 §3.4, in soft form).
+Set ``top_k`` to ``slots`` to attend over the whole memory, as the paper does and as
+``memnet train`` trains it.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ class MultiHop(Output):
             raise ConfigValueError("multi-hop needs an even memory_dim (key and value halves)")
         self.d = config.memory_dim // 2
         self.hops = option(config, "hops", int, 3)
+        self.relative = option(config, "relative_time", bool, False)
 
     def params(self) -> dict[str, ParamSpec]:
         s, d = self.config.slots, self.d
@@ -41,7 +50,7 @@ class MultiHop(Output):
             "time_key": ParamSpec((s, d)),
             "time_value": ParamSpec((s, d)),
             "hop_h": ParamSpec((d, d)),
-        }
+        } | ({"time_rel": ParamSpec((self.hops, 2 * s - 1), "zeros")} if self.relative else {})
 
     def attend(
         self, p: Params, v: jax.Array, cand: jax.Array, mask: jax.Array, age: jax.Array
@@ -57,9 +66,14 @@ class MultiHop(Output):
         keys = cand[..., :d] + p["time_key"][age]  # [B, K, d]
         values = cand[..., d:] + p["time_value"][age]
         u = v[:, :d]  # [B, d]
-        attention = []
-        for _ in range(self.hops):
-            a = masked_softmax(jnp.einsum("bkd,bd->bk", keys, u), mask)  # [B, K]
+        attention: list[jax.Array] = []
+        if self.relative:  # [B, K, K]: age of slot k relative to slot j, as a table index
+            relative = age[:, :, None] - age[:, None, :] + self.config.slots - 1
+        for h in range(self.hops):
+            score = jnp.einsum("bkd,bd->bk", keys, u)
+            if self.relative and attention:
+                score += jnp.einsum("bkj,bj->bk", p["time_rel"][h][relative], attention[-1])
+            a = masked_softmax(score, mask)  # [B, K]
             o = jnp.einsum("bk,bkd->bd", a, values)
             u = u @ p["hop_h"] + o
             attention.append(a)

@@ -135,6 +135,18 @@ def fit(
     return {k: np.asarray(v, np.float32) for k, v in best.items()}, history
 
 
+def accuracy(
+    components: tuple[Encoder, Output, Response],
+    params: dict[str, np.ndarray],
+    data: Examples,
+    settings: Settings,
+) -> float:
+    """The share of data's questions answered right by params (the training forward pass,
+    which computes what serving computes: tests/test_train.py)."""
+    evaluate = jax.jit(loss_fn(forward(*components), settings.supervise_support))
+    return _score(evaluate, {k: jnp.asarray(v) for k, v in params.items()}, data, settings.batch)[1]
+
+
 def noisy_ages(batch: Examples, share: float, rng: np.random.Generator) -> np.ndarray:
     """Ages as if dummy statements (about ``share`` of the real ones) had been written at
     random points in between: each memory's age grows by the dummies written after it."""

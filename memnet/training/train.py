@@ -1,6 +1,7 @@
 """``memnet train``: a text memory network for one bAbI task, trained with several seeds;
 the seed with the best validation accuracy is written as a model file, with a PNG plot of
-its loss and accuracy and a JSON summary (every seed's result: the spread)."""
+its loss and accuracy and a JSON summary (every seed's result: the spread). Each seed is
+then scored once on the held-out stories (memnet.babi.split), which no choice looked at."""
 
 from __future__ import annotations
 
@@ -18,14 +19,20 @@ from memnet.config import ModelConfig
 from memnet.model import Components, Model, save_model
 from memnet.text import Vocabulary
 from memnet.training.examples import build, longest_text
-from memnet.training.fit import History, fit, init_params
+from memnet.training.fit import History, accuracy, fit, init_params
 from memnet.training.settings import Settings
 
 MAX_SLOTS = 50  # the most recent statements a memory keeps (MemN2N used 50 too)
 
 
 def task_config(
-    stories: list, train: list, dim: int, hops: int, output: str, response: str
+    stories: list,
+    train: list,
+    dim: int,
+    hops: int,
+    output: str,
+    response: str,
+    relative_time: bool = False,
 ) -> ModelConfig:
     """Sizes from the data: vocabulary and answers from the training stories only (so the
     unknown-word path is real), the longest text and the longest story (capped) overall."""
@@ -45,13 +52,14 @@ def task_config(
         generalizer="append-only",
         output=output,
         response=response,
-        options={"vocabulary": vocabulary.words, "answers": answers, "hops": hops},
+        options={"vocabulary": vocabulary.words, "answers": answers, "hops": hops}
+        | ({"relative_time": True} if relative_time else {}),
     )
 
 
 def train_task(
-    data: Path,
-    task: int,
+    data: Path | dict[int, Path],
+    task: int | list[int],
     out: Path,
     *,
     seeds: int = 3,
@@ -59,26 +67,36 @@ def train_task(
     hops: int = 3,
     output: str = "multi-hop",
     response: str = "answer-mlp",
+    relative_time: bool = False,
     settings: Settings | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
+    """One model for a task, or for several at once (a joint model: their training, validation
+    and held-out stories pooled, each task split on its own; data then maps each task to its
+    bAbI directory). The summary has each task's held-out accuracy."""
     settings = settings or Settings()
     started = time.monotonic()
-    source = task_file(data, task)
-    stories = read_stories(source)
-    train, val = split(stories)
-    config = task_config(stories, train, dim, hops, output, response)
+    tasks = [task] if isinstance(task, int) else list(task)
+    sources = {t: task_file(data if isinstance(data, Path) else data[t], t) for t in tasks}
+    splits = {t: split(read_stories(source)) for t, source in sources.items()}
+    train = [s for t in tasks for s in splits[t].train]
+    val = [s for t in tasks for s in splits[t].validation]
+    stories = [s for t in tasks for part in splits[t] for s in part]
+    config = task_config(stories, train, dim, hops, output, response, relative_time)
     components = Components.build(config)
     parts = (components.encoder, components.output, components.response)
     specs = components.param_specs()
     shape = (config.slots, config.input_dim, hops)
-    train_ex = build(train, components.encoder.vocabulary, config.options["answers"], *shape)
-    val_ex = build(val, components.encoder.vocabulary, config.options["answers"], *shape)
+    vocabulary, answers = components.encoder.vocabulary, config.options["answers"]
+    train_ex = build(train, vocabulary, answers, *shape)
+    val_ex = build(val, vocabulary, answers, *shape)
+    held_ex = {t: build(splits[t].holdout, vocabulary, answers, *shape) for t in tasks}
+    label = f"qa{tasks[0]}" if len(tasks) == 1 else "joint"
     runs: list[tuple[float, int, dict, History]] = []
     for seed in range(seeds):
         bar = tqdm(
             total=settings.epochs,
-            desc=f"qa{task} seed {seed}",
+            desc=f"{label} seed {seed}",
             disable=not show_progress,
             leave=False,
         )
@@ -98,21 +116,29 @@ def train_task(
         )
         bar.close()
         runs.append((max(history.val_accuracy), seed, params, history))
-    accuracy, seed, params, history = max(runs, key=lambda r: (r[0], -r[1]))
+    best, seed, params, history = max(runs, key=lambda r: (r[0], -r[1]))
+    # after the choice: every seed on every task's held-out stories
+    by_task = [{t: accuracy(parts, r[2], held_ex[t], settings) for t in tasks} for r in runs]
+    held_out = [float(np.mean(list(b.values()))) for b in by_task]  # (one task: its own)
     model = Model.create(config, params)
     save_model(model, out)
     from memnet.training.plot import plot_history
 
-    plot_history({s: h for _, s, _, h in runs}, seed, f"bAbI qa{task}", out.with_suffix(".png"))
-    summary = {
-        "task": task,
-        "name": NAMES[task],
-        "data": str(source.name),
+    title = f"bAbI {label}" if len(tasks) == 1 else f"bAbI, one model for {len(tasks)} tasks"
+    plot_history({s: h for _, s, _, h in runs}, seed, title, out.with_suffix(".png"))
+    where = {t: f"{src.parent.name}/{src.name}" for t, src in sources.items()}  # en-10k/qa2_...
+    summary: dict[str, Any] = {
+        "task": tasks[0] if len(tasks) == 1 else tasks,
+        "name": NAMES[tasks[0]] if len(tasks) == 1 else "joint",
+        "data": where[tasks[0]] if len(tasks) == 1 else {f"qa{t}": w for t, w in where.items()},
         "train_questions": train_ex.count(),
         "val_questions": val_ex.count(),
-        "val_accuracy": accuracy,
+        "holdout_questions": sum(e.count() for e in held_ex.values()),
+        "val_accuracy": best,
+        "holdout_accuracy": held_out[seed],
         "seed": seed,
         "seed_accuracies": [r[0] for r in runs],
+        "seed_holdout_accuracies": held_out,
         "best_epoch": history.best_epoch,
         "epochs_run": [len(r[3].val_accuracy) for r in runs],
         "seconds": round(time.monotonic() - started, 1),
@@ -123,9 +149,12 @@ def train_task(
             "hops": hops,
             "output": output,
             "response": response,
+            "relative_time": relative_time,
         },
         "fingerprint": model.fingerprint,
     }
+    if len(tasks) > 1:  # the mean over tasks above; each task's here, every seed's
+        summary["holdout_by_task"] = {f"qa{t}": [b[t] for b in by_task] for t in tasks}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
