@@ -46,7 +46,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--hops", type=int, default=3, help="rounds of attention (O)")
     p.add_argument(
         "--relative-time",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="O's hops also score each fact's age relative to what the hop before found",
     )
     p.add_argument("--epochs", type=int, default=Settings.epochs, help="most epochs per seed")

@@ -35,7 +35,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "babi")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--response", default="answer-mlp", help="the R component")
-    parser.add_argument("--relative-time", action="store_true", help="O's relative time term")
+    parser.add_argument(
+        "--relative-time",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="O's relative time term (multi-hop's relative_time option)",
+    )
     parser.add_argument("--epochs", type=int, default=Settings.epochs)
     parser.add_argument("--patience", type=int, default=Settings.patience)
     parser.add_argument(
