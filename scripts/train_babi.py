@@ -41,6 +41,12 @@ def parse_args() -> argparse.Namespace:
         default=True,
         help="O's relative time term (multi-hop's relative_time option)",
     )
+    parser.add_argument(
+        "--support",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="supervise each hop's attention with the supporting facts (strong supervision)",
+    )
     parser.add_argument("--epochs", type=int, default=Settings.epochs)
     parser.add_argument("--patience", type=int, default=Settings.patience)
     parser.add_argument(
@@ -81,13 +87,13 @@ def data_of(args: argparse.Namespace, tasks: list[int]) -> tuple[dict, dict]:
                 where[task] = args.data_10k
             except BabiError:  # as the 1k models are trained
                 print(f"qa{task}: no 10k file in {args.data_10k}: training on 1k", flush=True)
-                special[task] = Settings()
+                special[task] = Settings(supervise_support=args.support)
     return where, special
 
 
 def main() -> int:
     args = parse_args()
-    settings = Settings(epochs=args.epochs, patience=args.patience)
+    settings = Settings(epochs=args.epochs, patience=args.patience, supervise_support=args.support)
     index = args.out / "training.json"
     tasks = [int(t) for t in args.tasks.split(",")]
     where, special = data_of(args, tasks)
