@@ -47,8 +47,8 @@ def parse_args() -> argparse.Namespace:
         default=True,
         help="supervise each hop's attention with the supporting facts (strong supervision)",
     )
-    parser.add_argument("--epochs", type=int, default=Settings.epochs)
-    parser.add_argument("--patience", type=int, default=Settings.patience)
+    parser.add_argument("--epochs", type=int, default=None, help=f"default {Settings.epochs}")
+    parser.add_argument("--patience", type=int, default=None, help=f"default {Settings.patience}")
     parser.add_argument(
         "--tenk",
         action="store_true",
@@ -65,13 +65,12 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.joint and args.out == parser.get_default("out"):
         args.out = ROOT / "models" / ("babi-10k" if args.tenk else "babi-joint")
-    if args.tenk:
-        if args.out == parser.get_default("out"):
-            args.out = ROOT / "models" / "babi-10k"
-        if args.epochs == Settings.epochs:
-            args.epochs = 100
-        if args.patience == Settings.patience:
-            args.patience = 20
+    if args.tenk and args.out == parser.get_default("out"):
+        args.out = ROOT / "models" / "babi-10k"
+    if args.epochs is None:  # an explicit value is kept, --tenk or not
+        args.epochs = 100 if args.tenk else Settings.epochs
+    if args.patience is None:
+        args.patience = 20 if args.tenk else Settings.patience
     args.out.mkdir(parents=True, exist_ok=True)
     return args
 
