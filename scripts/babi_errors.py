@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""What a shipped bAbI model gets wrong on its held-out stories (scored in-process, as
+``memnet eval-babi --in-process`` does), by kind: for list answers ("milk,football") a list
+missing an item, one with an item too many, the right items in the wrong order, a count off
+by n, or other;
+and whether any held-out answer never occurs in the training stories (a single-class R could
+not give it).
+
+    python scripts/babi_errors.py --tasks 7,8
+    python scripts/babi_errors.py --tasks 7,8 --models models/babi-10k
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from worker.babi_eval import (  # noqa: E402
+    MODELS,
+    data_for,
+    in_process,
+    model_for,
+    parse_tasks,
+    stories_of,
+    task_events,
+)
+
+COUNTS = ["none", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def kind(want: str, got: str | None) -> str:
+    """How an answer differs from the expected one (lists are comma-separated)."""
+    if got is None:
+        return "error response"
+    if want in COUNTS and got in COUNTS:
+        return f"count off by {abs(COUNTS.index(want) - COUNTS.index(got))}"
+    w, g = want.split(","), got.split(",")
+    if set(w) == set(g):
+        return "order"
+    if set(g) < set(w):
+        return "missing item"
+    if set(g) > set(w):
+        return "extra item"
+    return "other"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, default=MODELS, help="default: %(default)s")
+    parser.add_argument("--tasks", type=parse_tasks, default=parse_tasks("7,8"))
+    args = parser.parse_args()
+    for task in args.tasks:
+        model = model_for(args.models, task)
+        data = data_for(None, task, model)
+        trained = {q.answer for s in stories_of(data, task, "train") for q in s.questions}
+        batch, expected = task_events(task, stories_of(data, task, "holdout"))
+        answers = in_process(model, batch)
+        kinds = Counter(kind(a, answers.get(i)) for i, a in expected.items() if answers.get(i) != a)
+        unseen = sum(a not in trained for a in expected.values())
+        wrong = ", ".join(f"{n} {k}" for k, n in kinds.most_common()) or "none"
+        print(
+            f"qa{task}: {sum(kinds.values())} of {len(expected)} held-out answers wrong ({wrong}); "
+            f"{unseen} held-out answers never occur in training"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
