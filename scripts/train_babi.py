@@ -50,6 +50,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help=f"default {Settings.epochs}")
     parser.add_argument("--patience", type=int, default=None, help=f"default {Settings.patience}")
     parser.add_argument(
+        "--decay-every",
+        type=int,
+        default=Settings.decay_every,
+        help="epochs between halvings of the learning rate (default %(default)s)",
+    )
+    parser.add_argument(
         "--tenk",
         action="store_true",
         help="bAbI 10k from --data-10k, 1k where a task has no 10k file; --out defaults to "
@@ -92,7 +98,12 @@ def data_of(args: argparse.Namespace, tasks: list[int]) -> tuple[dict, dict]:
 
 def main() -> int:
     args = parse_args()
-    settings = Settings(epochs=args.epochs, patience=args.patience, supervise_support=args.support)
+    settings = Settings(
+        epochs=args.epochs,
+        patience=args.patience,
+        decay_every=args.decay_every,
+        supervise_support=args.support,
+    )
     index = args.out / "training.json"
     tasks = [int(t) for t in args.tasks.split(",")]
     where, special = data_of(args, tasks)
