@@ -348,7 +348,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     engine = Engine(random_model(MODEL, seed=0))
     engine.warm_up(args.batch_size)
-    release_free_heap()  # as the worker does after start-up
+    release_free_heap(Settings().gc_threshold)  # as the worker does after start-up
     with contextlib.ExitStack() as stack:
         if args.run == "s3":
             env, url = stack.enter_context(s3_server())

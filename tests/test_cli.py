@@ -4,6 +4,7 @@ line (never a traceback) with a documented exit status for each user error."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import subprocess
@@ -215,6 +216,21 @@ def test_a_bad_port_in_redis_url_names_the_variable(url):
     done = run("write", "--memory", "m", "--x", "1,2", env={"REDIS_URL": url})
     assert done.returncode == 2
     assert "REDIS_URL" in one_line(done) and "pw" not in done.stderr
+
+
+def test_the_gc_threshold_is_checked_and_applied_after_start_up():
+    from worker.worker import release_free_heap
+
+    with pytest.raises(SettingsError, match="MEMNET_GC_THRESHOLD must be at least 1"):
+        Settings.from_env({"MEMNET_GC_THRESHOLD": "0"})
+    assert Settings.from_env({}).gc_threshold == 10_000
+    assert Settings.from_env({"MEMNET_GC_THRESHOLD": "700"}).gc_threshold == 700
+    before = gc.get_threshold()
+    try:
+        release_free_heap(12_345)  # what Worker.run calls once compiled
+        assert gc.get_threshold() == (12_345, *before[1:])
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_redact_hides_only_the_password():

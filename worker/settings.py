@@ -47,6 +47,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     scan: str = ""
+    gc_threshold: int = 10_000
     worker_id: str = field(default_factory=lambda: default_worker_id())
 
     @property
@@ -113,6 +114,8 @@ class Settings:
             )
         if self.lease_ms < 300:
             raise SettingsError(f"MEMNET_LEASE_MS must be at least 300, got {self.lease_ms}")
+        if self.gc_threshold < 1:
+            raise SettingsError(f"MEMNET_GC_THRESHOLD must be at least 1, got {self.gc_threshold}")
 
 
 ENV_NAMES = {
@@ -139,6 +142,7 @@ ENV_NAMES = {
     "metrics_host": "MEMNET_METRICS_HOST",
     "log_level": "MEMNET_LOG_LEVEL",
     "scan": "MEMNET_SCAN",
+    "gc_threshold": "MEMNET_GC_THRESHOLD",
     "worker_id": "MEMNET_WORKER_ID",
 }
 # What each setting means (memnet worker --help and the README's table say the same).
@@ -177,6 +181,8 @@ HELP = {
     "log_level": "DEBUG, INFO, WARNING or ERROR; logs are JSON lines on stderr",
     "scan": "the exact search's candidate pass: vnni, avx2, c (int8, memnet/_scan.c) or blas "
     "(float32); empty: the fastest this CPU runs. Answers are the same on every one",
+    "gc_threshold": "container objects allocated between two young collections of "
+    "Python's cyclic garbage collector in the worker (Python's default: 700)",
     "worker_id": "consumer name and lease holder",
 }
 _SHOWN_DEFAULTS = {"model": "(required)", "worker_id": "HOST-PID-RANDOM", "scan": "(fastest)"}

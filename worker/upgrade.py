@@ -143,11 +143,15 @@ def _chunks(entries: Iterator[Any]) -> Iterator[list[Any]]:
 
 def rebuild(settings: Settings, model: Path, jobs: int) -> list[dict]:
     """Every partition, ``jobs`` at a time (one process each: they share nothing)."""
+    from worker.worker import collect_less  # (as a worker does: a rebuild is its data path)
+
     partitions = list(range(settings.partitions))
     if jobs <= 1:
+        collect_less(settings.gc_threshold)
         return [rebuild_partition(settings, model, p) for p in partitions]
     context = multiprocessing.get_context("spawn")  # (JAX and threads: no fork)
-    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    gc_setting = (settings.gc_threshold,)
+    with ProcessPoolExecutor(jobs, context, initializer=collect_less, initargs=gc_setting) as pool:
         runs = [pool.submit(rebuild_partition, settings, model, p) for p in partitions]
         return [run.result() for run in runs]
 
