@@ -154,3 +154,20 @@ def test_a_bad_relative_time_option_is_refused():
     bad = dataclasses.replace(config, options={**config.options, "relative_time": "yes"})
     with pytest.raises(ModelFileError, match=r"output 'multi-hop': .*'relative_time' must be true"):
         Components.build(bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], (200, 40, 25)),
+        (["--tenk"], (100, 20, 25)),
+        (["--tenk", "--patience", "40", "--epochs", "300"], (300, 40, 25)),
+        (["--tenk", "--joint", "--decay-every", "3"], (100, 20, 3)),
+    ],
+)
+def test_train_babi_keeps_explicit_settings_under_tenk(monkeypatch, tmp_path, argv, expected):
+    from scripts import train_babi
+
+    monkeypatch.setattr("sys.argv", ["train_babi.py", "--out", str(tmp_path), *argv])
+    args = train_babi.parse_args()
+    assert (args.epochs, args.patience, args.decay_every) == expected
