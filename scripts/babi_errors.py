@@ -1,10 +1,9 @@
 #!/usr/bin/env python
 """What a shipped bAbI model gets wrong on its held-out stories (scored in-process, as
-``memnet eval-babi --in-process`` does), by kind: for list answers ("milk,football") a list
-missing an item, one with an item too many, the right items in the wrong order, a count off
-by n, or other;
-and whether any held-out answer never occurs in the training stories (a single-class R could
-not give it).
+``memnet eval-babi --in-process`` does), by kind: a count off by n, a list ("milk,football")
+missing an item or with one too many, the right items in the wrong order, or other; and
+whether any held-out answer never occurs in the training stories (a single-class R could not
+give it).
 
     python scripts/babi_errors.py --tasks 7,8
     python scripts/babi_errors.py --tasks 7,8 --models models/babi-10k

@@ -13,36 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memnet import Engine, Memory, load_model  # noqa: E402
+from memnet import Engine, load_model  # noqa: E402
 from memnet.engine import one_blas_thread  # noqa: E402
 from scripts.bench import DIMS, MANY, model_for  # noqa: E402
-from scripts.bench_library import raw_events  # noqa: E402
+from scripts.bench_library import throughput  # noqa: E402
 
 WARM_UP = 2000
-
-
-def per_event_us(engine: Engine, size: int, events: list) -> float:
-    """µs per event of Engine.process over events in batches of size (fresh memories)."""
-    memories: dict[str, Memory] = {}
-
-    def run(chunk: list) -> None:
-        for i in range(0, len(chunk), size):
-            items = []
-            for name, op, v in chunk[i : i + size]:
-                memory = memories.get(name) or memories.setdefault(name, engine.new_memory())
-                items.append((memory, engine.write(v) if op == "write" else engine.query(q=v)))
-            engine.process(items)
-
-    run(events[:WARM_UP])
-    started = time.perf_counter()
-    run(events[WARM_UP:])
-    return (time.perf_counter() - started) / (len(events) - WARM_UP) * 1e6
 
 
 def main() -> int:
@@ -55,10 +36,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     engine = Engine(load_model(model_for(100_000, out)))
-    events = raw_events("mixed", args.events + WARM_UP, MANY, DIMS)
     print("| events per call | µs per event | ms per call |\n|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):
-        us = per_event_us(engine, size, events)
+        throughput(engine, "mixed", WARM_UP, MANY, DIMS, size)  # compiles this size's shapes
+        us = 1e6 / throughput(engine, "mixed", args.events, MANY, DIMS, size)
         print(f"| {size:,} | {us:.0f} | {us * size / 1000:.2f} |", flush=True)
     return 0
 

@@ -35,14 +35,16 @@ def raw_events(
     return out
 
 
-def throughput(engine: Engine, kind: str, n: int, memories: int, dims: tuple[int, int]) -> float:
-    """Events per second through Engine.process in batches of 1,000."""
+def throughput(
+    engine: Engine, kind: str, n: int, memories: int, dims: tuple[int, int], batch: int = BATCH
+) -> float:
+    """Events per second through Engine.process in batches of batch (fresh memories)."""
     events = raw_events(kind, n, memories, dims)
     mems: dict[str, Memory] = {}
     started = time.perf_counter()
-    for i in range(0, n, BATCH):
+    for i in range(0, n, batch):
         items = []
-        for name, op, v in events[i : i + BATCH]:
+        for name, op, v in events[i : i + batch]:
             memory = mems.get(name) or mems.setdefault(name, engine.new_memory())
             items.append((memory, engine.write(v) if op == "write" else engine.query(q=v)))
         engine.process(items)
