@@ -1,6 +1,8 @@
-/* memnet._scan: the int8 candidate pass of memnet's exact search (memnet/quantized.py).
+/* memnet._scan: the int8 candidate pass of memnet's exact search (memnet/quantized.py), and
+ * the nearest slots of many small memories at once (memnet/dense.py: rank(), near the end).
  *
- * Two functions, both on buffers that memnet/quantized.py lays out and owns:
+ * The candidate pass is two functions, both on buffers that memnet/quantized.py lays out and
+ * owns:
  *
  *   minima(...)  per query and per block of 16 rows, the smallest int8 distance estimate
  *                    est(s, q) = norm[s] + (coef[s] * qscale[q]) * (float)(cm_s . cv_q)
@@ -593,6 +595,136 @@ done:
     return result;
 }
 
+/* ---- Small memories (memnet/dense.py): nearest and top-k slots, many memories at once ----
+ *
+ * dist(s) = np.add.reduce((a_s - v) * (a_s - v)) in float32, the bits numpy's
+ * ((A - V[:, None]) ** 2).sum(axis=-1) and memnet.distance.sqdist give: each difference and
+ * square rounded to float32 (no FMA: -ffp-contract=off), then numpy's pairwise sum of the M
+ * squares (below), added to the reduction's identity 0. Slots rank by the int64 key
+ * (int32 bits of dist) << shift | slot, an empty slot's key INT64_MAX: memnet.dense.keys,
+ * the reference this is tested against (tests/test_dense.py). */
+
+/* numpy's float32 pairwise sum of n contiguous floats (numpy/_core/src/umath/loops_utils.h):
+ * under 8 in order; up to 128 with eight accumulators combined as a tree; above, two halves
+ * split at a multiple of 8. */
+static float pairwise(const float *a, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    if (n < 8) {
+        float res = 0.f;
+        for (i = 0; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    if (n <= 128) {
+        float r[8];
+        for (int j = 0; j < 8; j++)
+            r[j] = a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; j++)
+                r[j] += a[i + j];
+        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    Py_ssize_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise(a, n2) + pairwise(a + n2, n - n2);
+}
+
+typedef struct {
+    const float *A;      /* [n or 1, slots, dim] */
+    const uint8_t *full; /* [n or 1, slots] filled flags */
+    const float *V;      /* [n, dim] */
+    int64_t *out;        /* [n, k], or [n] for the nearest slot */
+    Py_ssize_t n, slots, dim, k, shared; /* shared: one memory (row 0) for every V */
+    int nearest;
+} Rank;
+
+/* The k smallest keys of memory row i for V[i], ascending, into top (k <= slots). */
+static void row_topk(const Rank *r, Py_ssize_t i, float *sq, int64_t *top, int shift)
+{
+    const Py_ssize_t m = r->dim, row = r->shared ? 0 : i;
+    const float *v = r->V + i * m;
+    Py_ssize_t kept = 0;
+    for (Py_ssize_t s = 0; s < r->slots; s++) {
+        int64_t key = INT64_MAX;
+        if (r->full[row * r->slots + s]) {
+            const float *a = r->A + (row * r->slots + s) * m;
+            for (Py_ssize_t j = 0; j < m; j++) {
+                float d = a[j] - v[j];
+                sq[j] = d * d;
+            }
+            float dist = 0.f + pairwise(sq, m);
+            int32_t bits;
+            memcpy(&bits, &dist, 4);
+            key = (int64_t)((uint64_t)(int64_t)bits << shift) | s;
+        }
+        if (kept == r->k && top[kept - 1] <= key)
+            continue;
+        Py_ssize_t at = kept < r->k ? kept++ : kept - 1;
+        while (at > 0 && top[at - 1] > key) {
+            top[at] = top[at - 1];
+            at--;
+        }
+        top[at] = key;
+    }
+}
+
+static PyObject *py_rank(PyObject *self, PyObject *args)
+{
+    Py_buffer A, full, V, out;
+    Py_ssize_t n, slots, dim, k, shared;
+    int nearest;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnnni", &A, &full, &V, &out, &n, &slots, &dim, &k,
+                          &shared, &nearest))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t memories = shared ? 1 : n, kept = k < slots ? k : slots;
+    if (slots < 1 || dim < 1 || k < 1 || slots > ((Py_ssize_t)1 << 30)) {
+        PyErr_SetString(PyExc_ValueError, "rank: need slots, dim, k >= 1 and slots <= 2**30");
+        goto done;
+    }
+    if (check(&A, memories * slots * dim, 4, "A") || check(&full, memories * slots, 1, "full") ||
+        check(&V, n * dim, 4, "V") || check(&out, nearest ? n : n * k, 8, "out"))
+        goto done;
+    int shift = 1;
+    while (((Py_ssize_t)1 << shift) < slots)
+        shift++;
+    float *sq = PyMem_RawMalloc(dim * sizeof(float));
+    int64_t *top = PyMem_RawMalloc(kept * sizeof(int64_t));
+    if (!sq || !top) {
+        PyMem_RawFree(sq);
+        PyMem_RawFree(top);
+        result = PyErr_NoMemory();
+        goto done;
+    }
+    Rank r = {A.buf, full.buf, V.buf, out.buf, n, slots, dim, kept, shared, nearest};
+    const int64_t mask = ((int64_t)1 << shift) - 1;
+    int64_t *o = out.buf;
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        row_topk(&r, i, sq, top, shift);
+        if (nearest) {
+            o[i] = top[0] == INT64_MAX ? -1 : (top[0] & mask);
+            continue;
+        }
+        for (Py_ssize_t j = 0; j < k; j++)
+            o[i * k + j] = j >= kept || top[j] == INT64_MAX ? -1 : (top[j] & mask);
+    }
+    Py_END_ALLOW_THREADS;
+    PyMem_RawFree(sq);
+    PyMem_RawFree(top);
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&A);
+    PyBuffer_Release(&full);
+    PyBuffer_Release(&V);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyObject *py_best_isa(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(best_isa());
@@ -605,6 +737,9 @@ static PyMethodDef methods[] = {
      "select(minima, R, E, extremes, row_norm, row_err, params, codes, rowsum, coef, norm, q,\n"
      "       qscale, pairs, upper, cuts, blocks, dim4, nq, want, offset, isa)\n"
      "-> (query, row) pairs found"},
+    {"rank", py_rank, METH_VARARGS,
+     "rank(A, full, V, out, n, slots, dim, k, shared, nearest): small memories' nearest slot\n"
+     "or k nearest slots (memnet/dense.py)"},
     {"best_isa", py_best_isa, METH_NOARGS,
      "The fastest path this CPU runs: 3 AVX-512 VNNI, 2 AVX2, 1 portable C."},
     {NULL, NULL, 0, NULL},

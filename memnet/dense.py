@@ -15,6 +15,11 @@ and slots are ranked by (distance, slot number) through integer keys: a non-nega
 float32's bit pattern orders like its value, so ``bits << SHIFT | slot`` is unique per slot
 and orders exactly as ``memnet.distance.rank`` does (+inf after every finite distance, the
 lower slot first on ties; empty slots after every filled one).
+
+``nearest`` and ``topk`` compute those keys and keep the smallest in C (``memnet._scan.rank``:
+the same float32 roundings and numpy's pairwise summation order, one pass, no [N, S]
+temporaries); ``keys`` and the ``reference_*`` functions are the numpy definition it is
+tested against, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from memnet import _scan
 from memnet.exact import Hint
 from memnet.memory import Memory
 
@@ -108,13 +114,39 @@ def keys(A: np.ndarray, filled: np.ndarray, V: np.ndarray) -> np.ndarray:
 
 def nearest(A: np.ndarray, filled: np.ndarray, V: np.ndarray) -> np.ndarray:
     """[N] each V row's nearest filled slot of its A row; -1 where none is filled."""
+    return _rank(A, filled, V, 1, nearest=True)
+
+
+def topk(A: np.ndarray, filled: np.ndarray, V: np.ndarray, k: int) -> np.ndarray:
+    """[N, k] each V row's k nearest filled slots, nearest first; -1 pads."""
+    return _rank(A, filled, V, k, nearest=False)
+
+
+def _rank(A: np.ndarray, filled: np.ndarray, V: np.ndarray, k: int, nearest: bool) -> np.ndarray:
+    """The k smallest keys() of each row, as slots, in C (memnet/_scan.c: rank); one memory
+    broadcast over every V row (A's leading stride 0) is passed once."""
+    n, slots, dim = A.shape
+    shared = n > 0 and A.strides[0] == 0 and filled.strides[0] == 0
+    if shared:
+        A, filled = A[:1], filled[:1]
+    A = np.ascontiguousarray(A, np.float32)
+    filled = np.ascontiguousarray(filled, np.bool_)
+    V = np.ascontiguousarray(V, np.float32)
+    out = np.empty(n if nearest else (n, k), np.int64)
+    if n:
+        _scan.rank(A, filled, V, out, n, slots, dim, k, int(shared), int(nearest))
+    return out
+
+
+def reference_nearest(A: np.ndarray, filled: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """nearest() in numpy, from keys(): what the C kernel is tested against."""
     k = keys(A, filled, V)
     best = np.argmin(k, axis=1)
     return np.where(k[np.arange(len(k)), best] == _LAST, -1, best)
 
 
-def topk(A: np.ndarray, filled: np.ndarray, V: np.ndarray, k: int) -> np.ndarray:
-    """[N, k] each V row's k nearest filled slots, nearest first; -1 pads."""
+def reference_topk(A: np.ndarray, filled: np.ndarray, V: np.ndarray, k: int) -> np.ndarray:
+    """topk() in numpy, from keys(): what the C kernel is tested against."""
     found = keys(A, filled, V)
     slots = found.shape[1]
     kept = min(k, slots)

@@ -8,7 +8,7 @@ import pytest
 
 from memnet import Engine
 from memnet.codec import decode_memory, encode_memory
-from memnet.dense import DenseMemory, nearest, topk
+from memnet.dense import DenseMemory, nearest, reference_nearest, reference_topk, topk
 from memnet.distance import rank, sqdist
 from tests.conftest import make_model
 from tests.test_engine import as_event, random_events, same
@@ -108,6 +108,28 @@ def test_ranking_keys_order_like_rank_with_ties_infinities_and_empty_slots(rng):
         want[: len(best)] = best
         np.testing.assert_array_equal(found[n], want)
         assert first[n] == want[0]
+
+
+@pytest.mark.parametrize(
+    "slots,dim,k", [(10, 10, 5), (64, 8, 5), (16, 7, 20), (5, 129, 3), (2, 2048, 2), (3, 1000, 3)]
+)
+def test_the_c_kernel_equals_numpys_keys_bit_for_bit(slots, dim, k, rng):
+    """memnet/_scan.c's rank() against keys() in numpy: every pairwise-sum regime (under 8,
+    up to 128, halves above), wild magnitudes (distances from 1e-30 to +inf), exact ties,
+    empty slots, and one memory broadcast over several queries (DenseSlots.topk)."""
+    n = 300
+    scale = np.exp(rng.uniform(-35, 45, (n, slots, 1))).astype(np.float32)
+    A = (rng.standard_normal((n, slots, dim)) * scale).astype(np.float32)
+    A[:, slots - 1] = A[:, 0]  # an exact tie: the lower slot first
+    V = (rng.standard_normal((n, dim)) * np.exp(rng.uniform(-35, 45, (n, 1)))).astype(np.float32)
+    V[: n // 4] = A[: n // 4, 1]  # distance 0
+    filled = rng.random((n, slots)) < 0.8
+    filled[:7] = False  # no slot filled: -1
+    np.testing.assert_array_equal(nearest(A, filled, V), reference_nearest(A, filled, V))
+    np.testing.assert_array_equal(topk(A, filled, V, k), reference_topk(A, filled, V, k))
+    one = np.broadcast_to(A[9], A.shape), np.broadcast_to(filled[9], filled.shape)
+    np.testing.assert_array_equal(topk(*one, V, k), reference_topk(*one, V, k))
+    assert len(topk(A[:0], filled[:0], V[:0], k)) == 0
 
 
 def test_snapshot_blobs_move_between_small_and_per_memory_engines(rng):
