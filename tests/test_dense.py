@@ -149,8 +149,20 @@ def test_arena_rows_are_given_back_clean_and_the_arena_grows(rng):
     model = make_model(5, slots=10)
     engine = Engine(model)
     arena = engine.arena()
-    memories = [engine.new_memory() for _ in range(3000)]  # past the first 1,024 rows
+    memories = [engine.new_memory() for _ in range(1000)]
+    for kind, value in random_events(engine, rng, 20, p_write=1.0):
+        engine.apply(memories[7], as_event(engine, kind, value))
+    before = memories[7].matrix().copy()
+    view = arena.vectors[7]  # alive while the arena grows: its rows are copied, not moved
+    memories += [engine.new_memory() for _ in range(2000)]  # past the first 1,024 rows
     assert arena.in_use() == 3000 and len(arena.writes) >= 3000
+    np.testing.assert_array_equal(memories[7].matrix(), before)
+    np.testing.assert_array_equal(view, before)
+    del view
+    memories += [engine.new_memory() for _ in range(5000)]  # grown in place (mremap)
+    np.testing.assert_array_equal(memories[7].matrix(), before)
+    assert memories[7].writes == 20 and memories[8].writes == 0
+    del memories[3000:]
     for kind, value in random_events(engine, rng, 20, p_write=1.0):
         engine.apply(memories[-1], as_event(engine, kind, value))
     row = memories[-1].search.row
