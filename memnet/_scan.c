@@ -634,18 +634,19 @@ static float pairwise(const float *a, Py_ssize_t n)
 }
 
 typedef struct {
-    const float *A;      /* [n or 1, slots, dim] */
-    const uint8_t *full; /* [n or 1, slots] filled flags */
+    const float *A;      /* [memories, slots, dim] */
+    const uint8_t *full; /* [memories, slots] filled flags */
+    const int64_t *rows; /* [n] the memory of each V */
     const float *V;      /* [n, dim] */
     int64_t *out;        /* [n, k], or [n] for the nearest slot */
-    Py_ssize_t n, slots, dim, k, shared; /* shared: one memory (row 0) for every V */
+    Py_ssize_t n, slots, dim, k;
     int nearest;
 } Rank;
 
-/* The k smallest keys of memory row i for V[i], ascending, into top (k <= slots). */
+/* The k smallest keys of memory rows[i] for V[i], ascending, into top (k <= slots). */
 static void row_topk(const Rank *r, Py_ssize_t i, float *sq, int64_t *top, int shift)
 {
-    const Py_ssize_t m = r->dim, row = r->shared ? 0 : i;
+    const Py_ssize_t m = r->dim, row = r->rows[i];
     const float *v = r->V + i * m;
     Py_ssize_t kept = 0;
     for (Py_ssize_t s = 0; s < r->slots; s++) {
@@ -674,21 +675,30 @@ static void row_topk(const Rank *r, Py_ssize_t i, float *sq, int64_t *top, int s
 
 static PyObject *py_rank(PyObject *self, PyObject *args)
 {
-    Py_buffer A, full, V, out;
-    Py_ssize_t n, slots, dim, k, shared;
+    Py_buffer A, full, rows, V, out;
+    Py_ssize_t n, memories, slots, dim, k;
     int nearest;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnnni", &A, &full, &V, &out, &n, &slots, &dim, &k,
-                          &shared, &nearest))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnnni", &A, &full, &rows, &V, &out, &n, &memories,
+                          &slots, &dim, &k, &nearest))
         return NULL;
     PyObject *result = NULL;
-    const Py_ssize_t memories = shared ? 1 : n, kept = k < slots ? k : slots;
+    const Py_ssize_t kept = k < slots ? k : slots;
     if (slots < 1 || dim < 1 || k < 1 || slots > ((Py_ssize_t)1 << 30)) {
         PyErr_SetString(PyExc_ValueError, "rank: need slots, dim, k >= 1 and slots <= 2**30");
         goto done;
     }
     if (check(&A, memories * slots * dim, 4, "A") || check(&full, memories * slots, 1, "full") ||
-        check(&V, n * dim, 4, "V") || check(&out, nearest ? n : n * k, 8, "out"))
+        check(&rows, n, 8, "rows") || check(&V, n * dim, 4, "V") ||
+        check(&out, nearest ? n : n * k, 8, "out"))
         goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int64_t row = ((const int64_t *)rows.buf)[i];
+        if (row < 0 || row >= memories) {
+            PyErr_Format(PyExc_IndexError, "rank: row %lld of %zd memories", (long long)row,
+                         memories);
+            goto done;
+        }
+    }
     int shift = 1;
     while (((Py_ssize_t)1 << shift) < slots)
         shift++;
@@ -700,7 +710,7 @@ static PyObject *py_rank(PyObject *self, PyObject *args)
         result = PyErr_NoMemory();
         goto done;
     }
-    Rank r = {A.buf, full.buf, V.buf, out.buf, n, slots, dim, kept, shared, nearest};
+    Rank r = {A.buf, full.buf, rows.buf, V.buf, out.buf, n, slots, dim, kept, nearest};
     const int64_t mask = ((int64_t)1 << shift) - 1;
     int64_t *o = out.buf;
     Py_BEGIN_ALLOW_THREADS;
@@ -720,6 +730,7 @@ static PyObject *py_rank(PyObject *self, PyObject *args)
 done:
     PyBuffer_Release(&A);
     PyBuffer_Release(&full);
+    PyBuffer_Release(&rows);
     PyBuffer_Release(&V);
     PyBuffer_Release(&out);
     return result;
@@ -738,8 +749,8 @@ static PyMethodDef methods[] = {
      "       qscale, pairs, upper, cuts, blocks, dim4, nq, want, offset, isa)\n"
      "-> (query, row) pairs found"},
     {"rank", py_rank, METH_VARARGS,
-     "rank(A, full, V, out, n, slots, dim, k, shared, nearest): small memories' nearest slot\n"
-     "or k nearest slots (memnet/dense.py)"},
+     "rank(A, full, rows, V, out, n, memories, slots, dim, k, nearest): the nearest slot or\n"
+     "the k nearest slots of memory rows[i] of A for V[i] (memnet/dense.py)"},
     {"best_isa", py_best_isa, METH_NOARGS,
      "The fastest path this CPU runs: 3 AVX-512 VNNI, 2 AVX2, 1 portable C."},
     {NULL, NULL, 0, NULL},

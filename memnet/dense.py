@@ -4,9 +4,9 @@ A memory of at most ``dense_max_floats`` floats (slots x memory_dim; the engine'
 threshold) costs more in per-event Python than in arithmetic: a 64 x 8 memory is 2 KiB, and
 a nearest-slot search over it ~512 multiply-adds. Such memories live as rows of one
 ``Arena`` per engine: slot vectors [rows, S, M], filled and changed flags [rows, S] and
-write counts [rows]. The engine gathers the rows a batch touches into arrays, runs G's
-nearest-slot search, gate and update and O's top-k for all of them at once (``nearest`` and
-``topk`` here), and scatters the written slots back.
+write counts [rows]. The engine runs G's nearest-slot search, gate and update and O's top-k
+for all the rows a batch touches at once (``nearest`` and ``topk`` here, reading the rows in
+place), and scatters the written slots back.
 
 Results are the same, bit for bit, as searching each memory alone: distances are the
 float32 ``(d * d).sum()`` over the last axis that ``memnet.distance.sqdist`` computes (numpy
@@ -140,29 +140,40 @@ def keys(A: np.ndarray, filled: np.ndarray, V: np.ndarray) -> np.ndarray:
     return out
 
 
-def nearest(A: np.ndarray, filled: np.ndarray, V: np.ndarray) -> np.ndarray:
-    """[N] each V row's nearest filled slot of its A row; -1 where none is filled."""
-    return _rank(A, filled, V, 1, nearest=True)
+def nearest(
+    A: np.ndarray, filled: np.ndarray, V: np.ndarray, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """[N] each V row's nearest filled slot of memory rows[n] of A [R, S, M] (filled
+    [R, S]; rows [N], by default A's rows in order); -1 where none is filled."""
+    return _rank(A, filled, V, rows, 1, nearest=True)
 
 
-def topk(A: np.ndarray, filled: np.ndarray, V: np.ndarray, k: int) -> np.ndarray:
-    """[N, k] each V row's k nearest filled slots, nearest first; -1 pads."""
-    return _rank(A, filled, V, k, nearest=False)
+def topk(
+    A: np.ndarray, filled: np.ndarray, V: np.ndarray, k: int, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """[N, k] each V row's k nearest filled slots of memory rows[n], nearest first; -1 pads."""
+    return _rank(A, filled, V, rows, k, nearest=False)
 
 
-def _rank(A: np.ndarray, filled: np.ndarray, V: np.ndarray, k: int, nearest: bool) -> np.ndarray:
-    """The k smallest keys() of each row, as slots, in C (memnet/_scan.c: rank); one memory
-    broadcast over every V row (A's leading stride 0) is passed once."""
-    n, slots, dim = A.shape
-    shared = n > 0 and A.strides[0] == 0 and filled.strides[0] == 0
-    if shared:
-        A, filled = A[:1], filled[:1]
+def _rank(
+    A: np.ndarray,
+    filled: np.ndarray,
+    V: np.ndarray,
+    rows: np.ndarray | None,
+    k: int,
+    nearest: bool,
+) -> np.ndarray:
+    """The k smallest keys() of each V row's memory, as slots, in C (memnet/_scan.c: rank).
+    The memories are read where they are (an arena's arrays: no gathered copy)."""
+    memories, slots, dim = A.shape
+    n = len(V)
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
     A = np.ascontiguousarray(A, np.float32)
     filled = np.ascontiguousarray(filled, np.bool_)
     V = np.ascontiguousarray(V, np.float32)
     out = np.empty(n if nearest else (n, k), np.int64)
     if n:
-        _scan.rank(A, filled, V, out, n, slots, dim, k, int(shared), int(nearest))
+        _scan.rank(A, filled, rows, V, out, n, memories, slots, dim, k, int(nearest))
     return out
 
 
@@ -222,12 +233,11 @@ class DenseSlots:
 
     def nearest(self, v: np.ndarray, hints: list[Hint | None] | None = None) -> int:
         a = self.arena
-        return int(nearest(a.vectors[self.row][None], a.filled[self.row][None], v[None])[0])
+        return int(nearest(a.vectors, a.filled, v[None], np.array([self.row]))[0])
 
     def topk(self, V: np.ndarray, k: int, hints: list[Hint | None] | None = None) -> np.ndarray:
-        a, n = self.arena, len(V)
-        A = np.broadcast_to(a.vectors[self.row], (n, *a.vectors.shape[1:]))
-        return topk(A, np.broadcast_to(a.filled[self.row], (n, a.slots)), V, k)
+        a = self.arena
+        return topk(a.vectors, a.filled, V, k, np.full(len(V), self.row))
 
     def set(self, slot: int, vector: np.ndarray) -> None:
         a = self.arena

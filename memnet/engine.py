@@ -6,8 +6,9 @@ all queries of the batch share one jitted O+R call. In between, two paths:
 
 - Small memories (at most ``dense_max_floats`` floats, slots x memory_dim; 4,096 by
   default) are rows of one arena (memnet/dense.py) and go many memories at once: the n-th
-  event of each memory in wave n, each wave one gather, one batched G (nearest slot, gate,
-  update) for its writes and one batched top-k for its queries, one scatter. Per-event
+  event of each memory in wave n, each wave one batched G (nearest slot, gate, update) for
+  its writes and one batched top-k for its queries, both reading the arena's rows in place
+  (memnet/_scan.c: rank), then one scatter. Per-event
   Python is what costs at these sizes, not arithmetic.
 - Larger memories go one memory at a time: the shared base matrix of exactly searched
   memories is scanned once for every vector of the batch that needs it (memnet/exact.py),
@@ -264,27 +265,25 @@ class Engine:
     ) -> None:
         """Small memories many at a time (memnet/dense.py): the events go in waves, the
         n-th event of each memory in wave n, so a wave touches each memory once and the
-        waves keep every memory's order; each wave gathers its memories' rows, applies its
-        writes with one write_many and searches for its queries with one topk."""
+        waves keep every memory's order; each wave applies its writes with one write_many
+        and searches for its queries with one topk, on the arena's rows in place."""
         arena, k, g = self.arena(), self.config.k, self.generalizer
         rows = np.fromiter((items[j][0].search.row for j in js), np.int64, len(js))
         writes = np.fromiter((isinstance(items[j][1], Write) for j in js), bool, len(js))
         for wave in _waves(rows):
             r, w = rows[wave], writes[wave]
-            A, F = arena.vectors[r], arena.filled[r]  # [n, S, M], [n, S]
             if w.any():
                 rw = r[w]
-                slot, new = g.write_many(self._np, A[w], F[w], arena.writes[rw], E[js[wave[w]]])
+                slot, new = g.write_many(self._np, arena, rw, E[js[wave[w]]])
                 arena.vectors[rw, slot] = new
                 arena.filled[rw, slot] = True
                 arena.changed[rw, slot] = True
                 arena.writes[rw] += 1
             if not w.all():
-                q = ~w
-                Aq, at = A[q], js[wave[q]]
-                slots = dense_topk(Aq, F[q], E[at], k)  # [n, K]
-                cand = Aq[np.arange(len(Aq))[:, None], np.maximum(slots, 0)]  # [n, K, M]
-                out.add(at, E[at], slots, cand, g.ages_many(arena.writes[r[q]], slots, arena.slots))
+                rq, at = r[~w], js[wave[~w]]
+                slots = dense_topk(arena.vectors, arena.filled, E[at], k, rq)  # [n, K]
+                cand = arena.vectors[rq[:, None], np.maximum(slots, 0)]  # [n, K, M]
+                out.add(at, E[at], slots, cand, g.ages_many(arena.writes[rq], slots, arena.slots))
 
     def _answer_all(self, p: _Pending, results: list[Result]) -> None:
         """O then R for every query of the batch in one jitted call, and their results."""

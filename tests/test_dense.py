@@ -116,7 +116,7 @@ def test_ranking_keys_order_like_rank_with_ties_infinities_and_empty_slots(rng):
 def test_the_c_kernel_equals_numpys_keys_bit_for_bit(slots, dim, k, rng):
     """memnet/_scan.c's rank() against keys() in numpy: every pairwise-sum regime (under 8,
     up to 128, halves above), wild magnitudes (distances from 1e-30 to +inf), exact ties,
-    empty slots, and one memory broadcast over several queries (DenseSlots.topk)."""
+    empty slots, and memories picked by row (the arena, read in place)."""
     n = 300
     scale = np.exp(rng.uniform(-35, 45, (n, slots, 1))).astype(np.float32)
     A = (rng.standard_normal((n, slots, dim)) * scale).astype(np.float32)
@@ -127,9 +127,13 @@ def test_the_c_kernel_equals_numpys_keys_bit_for_bit(slots, dim, k, rng):
     filled[:7] = False  # no slot filled: -1
     np.testing.assert_array_equal(nearest(A, filled, V), reference_nearest(A, filled, V))
     np.testing.assert_array_equal(topk(A, filled, V, k), reference_topk(A, filled, V, k))
-    one = np.broadcast_to(A[9], A.shape), np.broadcast_to(filled[9], filled.shape)
-    np.testing.assert_array_equal(topk(*one, V, k), reference_topk(*one, V, k))
-    assert len(topk(A[:0], filled[:0], V[:0], k)) == 0
+    rows = rng.integers(0, n, n)  # memories read in place, in any order, some twice
+    got = nearest(A, filled, V, rows), topk(A, filled, V, k, rows)
+    np.testing.assert_array_equal(got[0], reference_nearest(A[rows], filled[rows], V))
+    np.testing.assert_array_equal(got[1], reference_topk(A[rows], filled[rows], V, k))
+    assert len(topk(A, filled, V[:0], k, rows[:0])) == 0
+    with pytest.raises(IndexError):
+        topk(A, filled, V[:1], k, np.array([n]))
 
 
 def test_snapshot_blobs_move_between_small_and_per_memory_engines(rng):

@@ -15,6 +15,7 @@ import numpy as np
 from memnet.components.base import Generalizer, Params, register
 
 if TYPE_CHECKING:
+    from memnet.dense import Arena
     from memnet.exact import Hint
     from memnet.memory import Memory
 
@@ -29,9 +30,9 @@ class AppendOnly(Generalizer):
         memory.set(memory.writes % memory.slots, i)
 
     def write_many(
-        self, p: Params, A: np.ndarray, filled: np.ndarray, writes: np.ndarray, i: np.ndarray
+        self, p: Params, arena: Arena, rows: np.ndarray, i: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        return writes % A.shape[1], i
+        return arena.writes[rows] % arena.slots, i
 
     def ages_many(self, writes: np.ndarray, slots: np.ndarray, size: int) -> np.ndarray:
         ages = (np.asarray(writes)[..., None] - 1 - slots) % size  # [N, K]

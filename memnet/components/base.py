@@ -23,6 +23,7 @@ from memnet.config import ConfigValueError, ModelConfig
 if TYPE_CHECKING:
     import jax
 
+    from memnet.dense import Arena
     from memnet.exact import Hint
     from memnet.memory import Memory
 
@@ -88,11 +89,12 @@ class Generalizer(Component):
         raise NotImplementedError
 
     def write_many(
-        self, p: Params, A: np.ndarray, filled: np.ndarray, writes: np.ndarray, i: np.ndarray
+        self, p: Params, arena: Arena, rows: np.ndarray, i: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One write to each of N distinct memories at once: their slots A [N, S, M], filled
-        flags [N, S] and write counts [N], inputs i [N, M] -> (slot written [N], its new
-        vector [N, M]); bit for bit what write() does to each memory alone."""
+        """One write to each of N distinct small memories at once: the arena rows [N] that
+        hold them (their slots arena.vectors[rows], filled flags and write counts likewise),
+        inputs i [N, M] -> (slot written [N], its new vector [N, M]); bit for bit what
+        write() does to each memory alone. Nothing is written here: the engine scatters."""
         raise NotImplementedError
 
     def ages(self, memory: Memory, slots: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from memnet.components.base import Generalizer, Params, ParamSpec, register
 from memnet.dense import nearest
 
 if TYPE_CHECKING:
+    from memnet.dense import Arena
     from memnet.exact import Hint
     from memnet.memory import Memory
 
@@ -53,10 +54,10 @@ class GatedNearest(Generalizer):
         memory.set(s, (np.float32(1) - g) * m_s + g * i)
 
     def write_many(
-        self, p: Params, A: np.ndarray, filled: np.ndarray, writes: np.ndarray, i: np.ndarray
+        self, p: Params, arena: Arena, rows: np.ndarray, i: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        s = nearest(A, filled, i)  # [N]
-        m_s = A[np.arange(len(A)), s]  # [N, M]
+        s = nearest(arena.vectors, arena.filled, i, rows)  # [N]
+        m_s = arena.vectors[rows, s]  # [N, M]
         # np.vecdot takes each row's dot product with the same BLAS call as np.dot above,
         # so z is bit for bit write()'s (a matrix product would sum in another order).
         z = np.vecdot(np.concatenate((i, m_s), axis=1), p["gate_w"][:, 0]) + p["gate_b"][0]
