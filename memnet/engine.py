@@ -130,11 +130,19 @@ class Engine:
     def new_memory(self) -> Memory:
         """A memory holding a copy of memory_init (slots start empty for appending G)."""
         cfg = self.config
+        if self.small_memories:
+            return DenseMemory(DenseSlots(self.arena()))
         if cfg.slots <= cfg.index.exact_max_slots:
-            if cfg.slots * cfg.memory_dim <= self.dense_max_floats:
-                return DenseMemory(DenseSlots(self.arena()))
             return Memory(ExactSlots(self.scan_base(), cfg.index.overlay_max))
         return Memory(GraphSlots(self.init_base(), cfg.index))
+
+    @property
+    def small_memories(self) -> bool:
+        """Whether this engine's memories (new or loaded) are arena rows (memnet/dense.py),
+        whose memory_bytes never changes."""
+        cfg = self.config
+        exact = cfg.slots <= cfg.index.exact_max_slots
+        return exact and cfg.slots * cfg.memory_dim <= self.dense_max_floats
 
     def memory_bytes(self, memory: Memory) -> int:
         """About how much RAM a memory holds of its own (shared bases not counted): its
@@ -268,8 +276,9 @@ class Engine:
         waves keep every memory's order; each wave applies its writes with one write_many
         and searches for its queries with one topk, on the arena's rows in place."""
         arena, k, g = self.arena(), self.config.k, self.generalizer
-        rows = np.fromiter((items[j][0].search.row for j in js), np.int64, len(js))
-        writes = np.fromiter((isinstance(items[j][1], Write) for j in js), bool, len(js))
+        at = js.tolist()  # (a list is indexed by Python ints much faster than by numpy's)
+        rows = np.array([items[j][0].search.row for j in at], np.int64)
+        writes = np.array([isinstance(items[j][1], Write) for j in at], bool)
         for wave in _waves(rows):
             r, w = rows[wave], writes[wave]
             if w.any():

@@ -293,7 +293,8 @@ class Partition:
         self.seen = max(self.seen or batch.last_id, batch.last_id, key=parse_id)
         self.since_snapshot += pending.entries
         self.uncommitted = True
-        self.resize(pending.touched)
+        if not self.engine.small_memories:  # (a small memory's size never changes)
+            self.resize(pending.touched)
         self.evict()
         return batch
 
