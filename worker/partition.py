@@ -234,9 +234,11 @@ class Partition:
         decoded = []
         after = parse_id(self.position) if self.position else None
         for entry_id, fields in entries:
-            if after is not None and parse_id(entry_id) <= after:
-                batch.counts["skipped"] += 1  # applied before (redelivered): never twice
-                continue
+            if after is not None:
+                if parse_id(entry_id) <= after:
+                    batch.counts["skipped"] += 1  # applied before (redelivered): never twice
+                    continue
+                after = None  # entries come in id order: every later one is new too
             raw = fields.get(b"msg")
             try:
                 message = protocol.decode(raw, self.number, self.partitions, self.max_message_bytes)
