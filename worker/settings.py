@@ -47,7 +47,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     scan: str = ""
-    gc_threshold: int = 10_000
+    gc_threshold: int = 100_000
     worker_id: str = field(default_factory=lambda: default_worker_id())
 
     @property
