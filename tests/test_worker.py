@@ -243,3 +243,38 @@ def test_a_stop_requested_during_start_up_is_not_lost(
     stopped.set()
     serve(worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS), stopped=stopped)
     assert not any(r for r in redis_server.client().keys(f"{PREFIX}:*lease*"))
+
+
+def test_a_commit_publishes_any_bytes_acks_every_entry_and_checks_its_counts(redis_url, rng):
+    """The commit script takes a batch's outputs as lengths and one concatenation and its
+    acks as one string: messages of any bytes (empty, spaces, NUL, digits) arrive exactly,
+    more than one XACK's worth of ids is acked, and counts that do not match the outputs
+    are refused before anything is published."""
+    import redis
+
+    from worker.partition import Batch
+    from worker.scripts import Scripts
+    from worker.streams import StreamIO
+
+    Part = dataclasses.make_dataclass("Part", ["number", "epoch", "committed"], frozen=True)
+    client, keys = redis.Redis.from_url(redis_url), Keys("t")
+    client.set(keys.part(0, "epoch"), 3)
+    ids = [client.xadd(keys.inp(0), {"msg": b"x"}).decode() for _ in range(1203)]
+    client.xgroup_create(keys.inp(0), "memnet", id="0")
+    client.xreadgroup("memnet", "w", {keys.inp(0): ">"})
+    io = StreamIO(client, Scripts(client), keys, "w", 2000, 0)
+    bodies = [b"", b" 12 7 ", b"\x00\xff", *(rng.bytes(int(n)) for n in rng.integers(0, 300, 60))]
+    batch = Batch(last_id=ids[-1], acks=ids)
+    batch.responses = [(ids[2 * j], body) for j, body in enumerate(bodies[:40])]
+    batch.dead = [(ids[2 * j + 1], body) for j, body in enumerate(bodies[40:])]
+    part = Part(number=0, epoch=3, committed=None)
+    assert io.commit({part: batch}) == {part: None}
+    for key, want in ((keys.out(0), batch.responses), (keys.dead(0), batch.dead)):
+        assert [(i.decode(), f[b"msg"]) for i, f in client.xrange(key)] == want
+    assert client.xpending(keys.inp(0), "memnet")["pending"] == 0
+    assert client.get(keys.part(0, "offset")).decode() == ids[-1]
+    refused = [3, ids[-1], 0, 2, 0, ids[-1], f"{ids[0]} 1", b"m", ""]  # 2 announced, 1 sent
+    epoch_in_out_dead = [keys.part(0, "epoch"), keys.inp(0), keys.out(0), keys.dead(0)]
+    with pytest.raises(redis.ResponseError, match="do not match"):
+        io.scripts.commit(keys=[*epoch_in_out_dead, keys.part(0, "offset")], args=refused)
+    assert client.xlen(keys.out(0)) == 40

@@ -90,7 +90,9 @@ return redis.call('XREADGROUP', 'GROUP', 'memnet', ARGV[2], 'COUNT', ARGV[3],
 
 # KEYS: epoch, in, out, dead, offset
 # ARGV: epoch, last id, maxlen (0: none), n responses, n dead letters, committed before,
-#       then (id, msg) per response, (id, msg) per dead letter, then the ids to ack
+#       "id length" per response then per dead letter (space-separated), their messages
+#       concatenated, the ids to ack (space-separated): a few arguments per batch, not
+#       three per entry (redis-py packs each argument in Python; entry ids hold no spaces)
 # Publishing at the input entry's id makes a replayed publish fail instead of duplicating.
 # A commit whose reply was lost may be sent again: the offset may already be its last id.
 COMMIT = (
@@ -123,14 +125,27 @@ local function publish(key, id, msg)
   end
   published = published + 1
 end
-local i = 7
-for _ = 1, n_out do publish(KEYS[3], ARGV[i], ARGV[i + 1]); i = i + 2 end
-for _ = 1, n_dead do publish(KEYS[4], ARGV[i], ARGV[i + 1]); i = i + 2 end
-while i <= #ARGV do
-  local last = math.min(i + 499, #ARGV)
-  redis.call('XACK', KEYS[2], 'memnet', unpack(ARGV, i, last))
-  i = last + 1
+local msgs, at, n, ids, bodies = ARGV[8], 1, 0, {}, {}
+for id, len in string.gmatch(ARGV[7], '(%S+) (%d+)') do
+  local next_at = at + tonumber(len)
+  n = n + 1
+  ids[n] = id
+  bodies[n] = string.sub(msgs, at, next_at - 1)
+  at = next_at
 end
+if n ~= n_out + n_dead or at ~= #msgs + 1 then
+  return redis.error_reply('ERR memnet commit: outputs do not match their counts')
+end
+for j = 1, n do publish(j <= n_out and KEYS[3] or KEYS[4], ids[j], bodies[j]) end
+local acks = {}
+for id in string.gmatch(ARGV[9], '%S+') do
+  acks[#acks + 1] = id
+  if #acks == 500 then
+    redis.call('XACK', KEYS[2], 'memnet', unpack(acks))
+    acks = {}
+  end
+end
+if #acks > 0 then redis.call('XACK', KEYS[2], 'memnet', unpack(acks)) end
 redis.call('SET', KEYS[5], ARGV[2])
 return {published, duplicates}
 """

@@ -91,6 +91,7 @@ class StreamIO:
             self.keys.dead(p),
             self.keys.part(p, "offset"),
         ]
+        outputs = batch.responses + batch.dead
         args: list[Any] = [
             part.epoch,
             batch.last_id,
@@ -98,10 +99,11 @@ class StreamIO:
             len(batch.responses),
             len(batch.dead),
             part.committed or "",
+            " ".join([f"{entry_id} {len(msg)}" for entry_id, msg in outputs]),
+            b"".join([msg for _, msg in outputs]),
+            " ".join(batch.acks),
         ]
-        for entry_id, msg in batch.responses + batch.dead:
-            args += [entry_id, msg]
-        return keys, args + batch.acks
+        return keys, args
 
     def _run(self, build: Any) -> list[Any]:
         """Run a pipeline built by build(pipe); per-command errors come back as Fenced, Lost
