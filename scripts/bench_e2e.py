@@ -65,7 +65,7 @@ def produce(
         for e in workload(kind, n, memories, seed, dims)
     ]
     last: dict[str, str] = {}
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     chunk = 4 if rate else 500  # at a set rate, a near-steady stream rather than bursts
     for i in range(0, n, chunk):
         if rate:
@@ -77,13 +77,13 @@ def produce(
             pipe.xadd(key, {"msg": msg})
         for (key, _), entry_id in zip(events[i : i + chunk], pipe.execute(), strict=True):
             last[key] = entry_id.decode()
-    print(json.dumps({"started": started, "last": last}))
+    print(json.dumps({"started": started, "last": last, "cpu_s": time.process_time() - cpu}))
 
 
 def subscribe(url: str, expected: int, out: str) -> None:
     client, keys = redis.Redis.from_url(url), Keys(PREFIX)
     positions = {keys.out(p): "0-0" for p in range(PARTITIONS)}
-    latencies = []
+    latencies, cpu = [], time.process_time()  # (blocked until the first response: no CPU)
     while len(latencies) < expected:
         for stream, entries in client.xread(positions, count=1000, block=1000) or []:
             now = time.time() * 1000
@@ -91,7 +91,14 @@ def subscribe(url: str, expected: int, out: str) -> None:
                 positions[stream.decode()] = entry_id.decode()
                 assert "error" not in msgpack.unpackb(fields[b"msg"], raw=False)
                 latencies.append(now - int(entry_id.split(b"-")[0]))
-    Path(out).write_text(json.dumps({"latencies_ms": latencies, "done": time.time()}))
+    done = {"latencies_ms": latencies, "done": time.time(), "cpu_s": time.process_time() - cpu}
+    Path(out).write_text(json.dumps(done))
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> dict[str, float]:
@@ -182,6 +189,8 @@ def _measure(
 ) -> dict:
     queries = sum(e["op"] == "query" for e in workload(kind, n, memories, seed, dims))
     me = [sys.executable, str(Path(__file__).resolve())]
+    pids = {"workers": [p.pid for p in procs], "redis": [server.proc.pid]}  # type: ignore[union-attr]
+    cpu_before = {name: sum(map(cpu_s, ps)) for name, ps in pids.items()}
     sub = subprocess.Popen([*me, "subscribe", server.url, str(queries), str(work / "sub.json")])
     out = subprocess.run(
         [
@@ -202,13 +211,19 @@ def _measure(
     )
     produced = json.loads(out.stdout)
     done = _wait_committed(server.client(), produced["last"])
+    cpu = {name: sum(map(cpu_s, ps)) - cpu_before[name] for name, ps in pids.items()}
     sub.wait(120)
-    latencies = np.array(json.loads((work / "sub.json").read_text())["latencies_ms"] or [0.0])
+    subscribed = json.loads((work / "sub.json").read_text())
+    latencies = np.array(subscribed["latencies_ms"] or [0.0])
+    cpu.update(producer=produced["cpu_s"], subscriber=subscribed["cpu_s"])
     result = {
         "events": n,
         "events_per_s": n / (done - produced["started"]),
         "p50_ms": float(np.percentile(latencies, 50)),
         "p99_ms": float(np.percentile(latencies, 99)),
+        # CPU per event of each process while the stream went through: what the machine's
+        # cores had to hold (the workers' includes their waits' polling; Redis's its scripts)
+        "cpu_us_per_event": {name: 1e6 * s / n for name, s in cpu.items()},
     }
     rss = [rss_mb(p.pid) for p in procs]
     result["worker_rss_mb"] = max(r["rss_mb"] for r in rss)

@@ -216,6 +216,9 @@ def ratios(results: dict) -> list[dict]:
     return out
 
 
+CPU = ("workers", "redis", "producer", "subscriber", "all")  # (the bare loop: "workers")
+
+
 def table(results: dict) -> str:
     lines = [f"{'measurement':<42}{'events/s':>12}"]
     for part in ("A", "B"):
@@ -223,6 +226,13 @@ def table(results: dict) -> str:
             f"{part + ' ' + name:<42}{rate(results, f'{part}.{name}'):>12,.0f}"
             for name in results[part]
         ]
+    lines.append(f"\n{'CPU µs per event, end to end':<30}" + "".join(f"{c:>11}" for c in CPU))
+    for part in ("A", "B"):
+        for name, r in results[part].items():
+            if isinstance(r, dict) and "cpu_us_per_event" in r:
+                cpu = r["cpu_us_per_event"]
+                row = "".join(f"{cpu[c]:>11.1f}" for c in CPU[:-1]) + f"{sum(cpu.values()):>11.1f}"
+                lines.append(f"{part + ' ' + name:<30}" + row)
     lines.append(f"\n{'ratio':<42}{'value':>8}{'target':>9}  met")
     for r in results["ratios"]:
         met = {True: "yes", False: "no", None: ""}[r["met"]]
