@@ -223,7 +223,7 @@ def test_the_gc_threshold_is_checked_and_applied_after_start_up():
 
     with pytest.raises(SettingsError, match="MEMNET_GC_THRESHOLD must be at least 1"):
         Settings.from_env({"MEMNET_GC_THRESHOLD": "0"})
-    assert Settings.from_env({}).gc_threshold == 10_000
+    assert Settings.from_env({}).gc_threshold == 100_000
     assert Settings.from_env({"MEMNET_GC_THRESHOLD": "700"}).gc_threshold == 700
     before = gc.get_threshold()
     try:
