@@ -149,3 +149,26 @@ def test_a_small_budget_reads_fewer_entries_at_a_time(model_file, tmp_path):
     assert part.read_count(1000) == 1000
     part.budget_bytes = each
     assert part.read_count(1000) == MIN_READ
+
+
+def test_a_rebuild_leaves_queries_out_and_ends_with_the_same_memories(model_file, tmp_path):
+    """prepare(queries=False), what `memnet rebuild` runs: no answers, and every memory
+    (its slots, flags and write count) as if the queries had been answered."""
+    rng = np.random.default_rng(8)
+    entries = mixed_entries(rng, 3000, 600, names(20))
+    served, rebuilt = partition(model_file, tmp_path), partition(model_file, tmp_path)
+    answered = apply(served, entries)
+    pending = rebuilt.prepare(entries, queries=False)
+    batch = rebuilt.finish(pending, rebuilt.engine.process(pending.items))
+    assert batch.last_id == entries[-1][0] == rebuilt.position
+    left = set(answered.responses) - set(batch.responses)  # answers, errors of bad queries
+    assert all(b"weights" in msg or b"error" in msg for _, msg in left)
+    assert sum(b"weights" in msg for _, msg in left) > 100
+    assert not any(b"weights" in msg for _, msg in batch.responses)
+    assert len(pending.items) < len(entries) - 100  # the queries were left out
+    assert served.dirty == rebuilt.dirty and served.dirty
+    for name in served.dirty:
+        a, b = served.memories[name], rebuilt.memories[name]
+        np.testing.assert_array_equal(a.matrix(), b.matrix())
+        np.testing.assert_array_equal(a.search.changed, b.search.changed)
+        assert a.writes == b.writes

@@ -225,9 +225,11 @@ class Partition:
                 self._admit(name, memory)
 
     # ---- processing ----------------------------------------------------------------------
-    def prepare(self, entries: list[tuple[str, dict[bytes, Any]]]) -> Pending:
+    def prepare(self, entries: list[tuple[str, dict[bytes, Any]]], queries: bool = True) -> Pending:
         """Decode and check entries, fetch the memories they need from the store, apply
-        deletes; the valid writes and queries become engine items (nothing applied)."""
+        deletes; the valid writes and queries become engine items (nothing applied).
+        queries=False (a rebuild, which keeps no responses): queries are left out, since
+        they change no memory."""
         pending = Pending(Batch(last_id=entries[-1][0]), len(entries))
         batch = pending.batch
         batch.acks = [entry_id for entry_id, _ in entries]
@@ -242,6 +244,8 @@ class Partition:
             raw = fields.get(b"msg")
             try:
                 message = protocol.decode(raw, self.number, self.partitions, self.max_message_bytes)
+                if message.op == "query" and not queries:
+                    continue
                 event = None if message.op == "delete" else self._event(message)
             except BadMessage as e:
                 self._reject(batch, entry_id, e.reason, raw, e.query_id, e.memory)

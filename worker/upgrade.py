@@ -64,7 +64,7 @@ def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = Fal
     started, done = time.perf_counter(), 0
     bar = tqdm(desc=f"partition {p}", unit=" entries", position=p, disable=quiet, leave=True)
     for chunk in _chunks(_history(client, settings, p, part.position, archive)):
-        pending = part.prepare(chunk)
+        pending = part.prepare(chunk, queries=False)  # (they change no memory)
         part.finish(pending, engine.process(pending.items))
         part.uncommitted = False
         done += len(chunk)
