@@ -90,8 +90,9 @@ class Archive:
             if parse_id(segment.last) <= floor:
                 continue
             for entry_id, raw in self._entries(segment):
-                if parse_id(entry_id) > floor:
-                    floor = parse_id(entry_id)
+                at = parse_id(entry_id)
+                if at > floor:
+                    floor = at
                     yield entry_id, raw
 
     def _entries(self, segment: Segment) -> list[tuple[str, bytes]]:
