@@ -713,7 +713,7 @@ static PyObject *py_rank(PyObject *self, PyObject *args)
     Rank r = {A.buf, full.buf, rows.buf, V.buf, out.buf, n, slots, dim, kept, nearest};
     const int64_t mask = ((int64_t)1 << shift) - 1;
     int64_t *o = out.buf;
-    Py_BEGIN_ALLOW_THREADS;
+    /* The GIL is kept: a call is microseconds, and rows (checked above) cannot change. */
     for (Py_ssize_t i = 0; i < n; i++) {
         row_topk(&r, i, sq, top, shift);
         if (nearest) {
@@ -723,7 +723,6 @@ static PyObject *py_rank(PyObject *self, PyObject *args)
         for (Py_ssize_t j = 0; j < k; j++)
             o[i * k + j] = j >= kept || top[j] == INT64_MAX ? -1 : (top[j] & mask);
     }
-    Py_END_ALLOW_THREADS;
     PyMem_RawFree(sq);
     PyMem_RawFree(top);
     result = Py_NewRef(Py_None);

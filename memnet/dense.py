@@ -55,6 +55,7 @@ class Arena:
         self.changed = self._mapped("changed", (rows, len(init)), bool)  # since memory_init
         self.writes = self._mapped("writes", (rows,), np.int64)
         self._free: list[int] = []  # rows given back (reset)
+        self._deferred: list[int] | None = None  # rows given back while the arrays move
         self._fresh = 0  # rows from here on were never taken
         self._ready = 0  # rows below this are set (fresh ones BLOCK at a time)
         # One row: vectors, filled and changed flags, write count.
@@ -78,6 +79,9 @@ class Arena:
         return row
 
     def give(self, row: int) -> None:
+        if self._deferred is not None:  # (a memory collected in the middle of _grow)
+            self._deferred.append(row)
+            return
         self._reset(slice(row, row + 1))
         self._free.append(row)
 
@@ -91,12 +95,23 @@ class Arena:
         self.writes[rows] = 0
 
     def _grow(self) -> None:
-        rows = 2 * len(self.writes)
-        for name in _ARRAYS:
-            old = self.__dict__.pop(name)
-            shape, dtype = (rows, *old.shape[1:]), old.dtype
-            del old  # (our reference: without it the mapping could not move)
-            setattr(self, name, self._mapped(name, shape, dtype))
+        """Double every array, ``writes`` last: its length is the capacity, so if growing
+        fails (no memory) part way, the arena goes on at its old capacity."""
+        rows, self._deferred = 2 * len(self.writes), []
+        try:
+            for name in _ARRAYS:
+                old = self.__dict__.pop(name)
+                before, dtype = old.shape, old.dtype
+                del old  # (our reference: without it the mapping could not move)
+                try:
+                    setattr(self, name, self._mapped(name, (rows, *before[1:]), dtype))
+                except BaseException:  # the old mapping is unchanged: keep it
+                    setattr(self, name, self._view(name, before, dtype))
+                    raise
+        finally:
+            deferred, self._deferred = self._deferred, None
+            for row in deferred:
+                self.give(row)
 
     def _mapped(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """The array `name` over a private anonymous mapping of this shape: zeros, and pages
@@ -115,6 +130,9 @@ class Arena:
                 self._maps[name] = fresh
         else:
             self._maps[name] = _anonymous(size)
+        return self._view(name, shape, dtype)
+
+    def _view(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         return np.frombuffer(self._maps[name], dtype, int(np.prod(shape))).reshape(shape)
 
 
@@ -122,10 +140,14 @@ _ARRAYS = ("vectors", "filled", "changed", "writes")
 
 
 def _anonymous(size: int) -> mmap.mmap:
-    """Plain 4 KiB pages: numpy asks for transparent huge pages on large arrays, and here
-    taking 100,000 rows then cost 0.06 to 0.6 s from run to run (the kernel compacting memory
-    to find huge pages) against a steady 0.1 s without."""
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
+    """Plain 4 KiB pages (asked for, since a kernel whose transparent huge pages are
+    "always" would give huge ones unasked; the flag stays across mremap): numpy asks for
+    huge pages on large arrays, and here taking 100,000 rows then cost 0.06 to 0.6 s from
+    run to run (the kernel compacting memory to find them) against a steady 0.1 s without."""
+    out = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        out.madvise(mmap.MADV_NOHUGEPAGE)
+    return out
 
 
 def keys(A: np.ndarray, filled: np.ndarray, V: np.ndarray) -> np.ndarray:
@@ -167,7 +189,7 @@ def _rank(
     The memories are read where they are (an arena's arrays: no gathered copy)."""
     memories, slots, dim = A.shape
     n = len(V)
-    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.ascontiguousarray(rows, np.int64)
     A = np.ascontiguousarray(A, np.float32)
     filled = np.ascontiguousarray(filled, np.bool_)
     V = np.ascontiguousarray(V, np.float32)
@@ -209,7 +231,9 @@ class DenseSlots:
         self.row = arena.take()
 
     def __del__(self) -> None:
-        self.arena.give(self.row)
+        row = getattr(self, "row", None)
+        if row is not None:  # (None: take() failed, the arena could not grow)
+            self.arena.give(row)
 
     @property
     def slots(self) -> int:

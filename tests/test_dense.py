@@ -178,6 +178,56 @@ def test_arena_rows_are_given_back_clean_and_the_arena_grows(rng):
     np.testing.assert_array_equal(fresh.matrix(), model.params["memory_init"])
 
 
+def test_an_arena_that_cannot_grow_keeps_its_rows_and_grows_later(monkeypatch, rng):
+    """Out of memory in the middle of growing (a view held, so the rows must be copied into
+    a new mapping that cannot be had): take() raises, every row is still there, and once
+    memory is back the arena grows. A row given back while the arrays move (a memory
+    collected meanwhile) is reset and reused afterwards."""
+    import memnet.dense as dense
+
+    model = make_model(5, slots=10)
+    engine = Engine(model)
+    arena = engine.arena()
+    memories = [engine.new_memory() for _ in range(len(arena.writes))]  # full
+    for kind, value in random_events(engine, rng, 20, p_write=1.0):
+        engine.apply(memories[3], as_event(engine, kind, value))
+        engine.apply(memories[5], as_event(engine, kind, value))  # (its row comes back clean)
+    kept, rows = memories[3].matrix().copy(), len(arena.writes)
+    anonymous, calls = dense._anonymous, []
+
+    def failing(size):
+        calls.append(size)
+        if len(calls) == 1:  # vectors grew in place; filled's copy cannot be had
+            raise MemoryError
+        return anonymous(size)
+
+    view = arena.filled[3]  # (forces the copying path for filled)
+    monkeypatch.setattr(dense, "_anonymous", failing)
+    with pytest.raises(MemoryError):
+        engine.new_memory()
+    assert len(arena.writes) == rows and arena.in_use() == rows
+    np.testing.assert_array_equal(memories[3].matrix(), kept)
+    del view
+    monkeypatch.setattr(dense, "_anonymous", anonymous)
+    doomed = [memories.pop(5)]
+    given = doomed[0].search.row
+
+    def collect_during_growth(name, shape, dtype, grown=dense.Arena._mapped):
+        if name == "filled":
+            assert arena._deferred is not None
+            doomed.clear()  # the memory's last reference goes while the arrays move
+        return grown(arena, name, shape, dtype)
+
+    monkeypatch.setattr(arena, "_mapped", collect_during_growth)
+    fresh = engine.new_memory()
+    assert len(arena.writes) == 2 * rows and fresh.search.row == rows and not doomed
+    np.testing.assert_array_equal(memories[3].matrix(), kept)
+    again = engine.new_memory()
+    assert again.search.row == given
+    np.testing.assert_array_equal(again.matrix(), model.params["memory_init"])
+    assert again.writes == 0 and not again.search.changed.any()
+
+
 def test_threshold_picks_the_path():
     model = make_model(0, input_dim=8, memory_dim=8, output_dim=8, slots=64)  # 512 floats
     assert isinstance(Engine(model, dense_max_floats=512).new_memory(), DenseMemory)
