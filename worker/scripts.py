@@ -117,7 +117,7 @@ local function publish(key, id, msg)
     r = redis.pcall('XADD', key, id, 'msg', msg)
   end
   if type(r) == 'table' and r.err then
-    if string.find(r.err, 'equal or smaller', 1, true) then
+    if string.find(tostring(r.err), 'equal or smaller', 1, true) then
       duplicates = duplicates + 1
       return
     end
@@ -171,7 +171,7 @@ ENSURE_GROUP = (
     + """
 local r = redis.pcall('XGROUP', 'CREATE', KEYS[2], 'memnet', ARGV[2], 'MKSTREAM')
 if type(r) == 'table' and r.err then
-  if string.find(r.err, 'BUSYGROUP', 1, true) then return 0 end
+  if string.find(tostring(r.err), 'BUSYGROUP', 1, true) then return 0 end
   return redis.error_reply(r.err)
 end
 return 1
