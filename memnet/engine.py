@@ -95,6 +95,13 @@ class Engine:
         (DENSE_MAX_FLOATS by default; 0 keeps every memory on the per-memory path)."""
         self.model = model
         self.dense_max_floats = DENSE_MAX_FLOATS if dense_max_floats is None else dense_max_floats
+        cfg = model.config
+        # Whether this engine's memories (new or loaded) are arena rows (memnet/dense.py),
+        # whose memory_bytes never changes.
+        self.small_memories = (
+            cfg.slots <= cfg.index.exact_max_slots
+            and cfg.slots * cfg.memory_dim <= self.dense_max_floats
+        )
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         one_blas_thread()
         self.config = model.config
@@ -135,14 +142,6 @@ class Engine:
         if cfg.slots <= cfg.index.exact_max_slots:
             return Memory(ExactSlots(self.scan_base(), cfg.index.overlay_max))
         return Memory(GraphSlots(self.init_base(), cfg.index))
-
-    @property
-    def small_memories(self) -> bool:
-        """Whether this engine's memories (new or loaded) are arena rows (memnet/dense.py),
-        whose memory_bytes never changes."""
-        cfg = self.config
-        exact = cfg.slots <= cfg.index.exact_max_slots
-        return exact and cfg.slots * cfg.memory_dim <= self.dense_max_floats
 
     def memory_bytes(self, memory: Memory) -> int:
         """About how much RAM a memory holds of its own (shared bases not counted): its
