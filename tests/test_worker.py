@@ -183,6 +183,38 @@ def test_memory_survives_a_restart_and_the_input_is_trimmed(
     assert trimmed >= 1 and len(kept) == 2
 
 
+def test_a_step_sends_no_script_checks_and_reloads_scripts_redis_lost(
+    redis_url, tmp_path, model_file, redis_server
+):
+    """Reads and commits go by sha alone (redis-py would add a SCRIPT EXISTS round trip
+    before every pipeline that calls a Script); scripts Redis lost mid-run (SCRIPT FLUSH, as
+    after a restart) are loaded again and nothing is lost or answered twice."""
+    r = redis_server.client()
+    batch = events(300, MEMORIES, DIMS, np.random.default_rng(4))
+    send(r, PREFIX, PARTITIONS, batch)
+    steps = []
+
+    class Flushing(Worker):
+        def process(self, work):
+            super().process(work)
+            steps.append(len(work))
+            if len(steps) in (2, 5):
+                r.script_flush()
+
+    r.config_resetstat()
+    s = settings(redis_url, tmp_path, model_file)
+    Flushing(s, Engine(load_model(model_file))).run(burst=True)
+    stats = r.info("commandstats")
+    assert len(steps) > 5
+    assert "cmdstat_script|exists" not in stats
+    assert stats["cmdstat_script|load"]["calls"] >= 3 * 9  # every script, after each flush
+    expected = library_answers(Engine(load_model(model_file)), batch)
+    out = outputs(r, PREFIX, PARTITIONS)
+    assert sorted(resp["id"] for _, resp in out) == sorted(expected)
+    for _, response in out:
+        assert_same_answer(response, expected[response["id"]])
+
+
 def test_a_worker_configured_with_another_partition_count_refuses(
     redis_url, tmp_path, model_file, monkeypatch, capsys, redis_server
 ):

@@ -46,20 +46,9 @@ class StreamIO:
         def build(pipe: Any) -> None:
             for part in parts:
                 p = part.number
-                self.scripts.read(
-                    keys=[
-                        self.keys.part(p, "epoch"),
-                        self.keys.inp(p),
-                        self.keys.part(p, "offset"),
-                    ],
-                    args=[
-                        part.epoch,
-                        self.worker_id,
-                        part.read_count(self.batch_size),
-                        part.committed or "",
-                    ],
-                    client=pipe,
-                )
+                keys = [self.keys.part(p, "epoch"), self.keys.inp(p), self.keys.part(p, "offset")]
+                args = [part.epoch, self.worker_id, part.read_count(self.batch_size)]
+                _evalsha(pipe, self.scripts.read, keys, [*args, part.committed or ""])
 
         replies = self._run(build)
         return {
@@ -74,7 +63,7 @@ class StreamIO:
 
         def build(pipe: Any) -> None:
             for keys, args in calls:
-                self.scripts.commit(keys=keys, args=args, client=pipe)
+                _evalsha(pipe, self.scripts.commit, keys, args)
 
         replies = self._run(build)
         return {
@@ -123,6 +112,13 @@ class StreamIO:
         )
         build(pipe)
         return pipe.execute(raise_on_error=False)
+
+
+def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
+    """Queue a script by its sha alone. (Calling the Script object on a pipeline would make
+    redis-py send SCRIPT EXISTS for it, a round trip of its own, before every pipeline: two
+    more per step. A script Redis lost comes back as NoScriptError; _run loads it again.)"""
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
 class _Sequential:
