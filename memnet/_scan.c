@@ -735,6 +735,39 @@ done:
     return result;
 }
 
+/* finite_f32(v, length): True if v is a C-contiguous float32 vector of `length` values, all
+ * finite, whose squared norm is clearly below float32's limit (summed in double: each square
+ * of a float32 is exact there; the sum is below 1e38, so float32's sum, in any order, cannot
+ * reach FLT_MAX ~3.4e38). False otherwise, including near the limit: the caller's full check
+ * (numpy) then decides, as it always did. memnet/vectors.py's fast path. */
+static PyObject *py_finite_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "finite_f32(v, length)");
+        return NULL;
+    }
+    const Py_ssize_t length = PyLong_AsSsize_t(args[1]);
+    if (length == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Clear(); /* not a contiguous buffer: not the fast path's case */
+        Py_RETURN_FALSE;
+    }
+    int ok = b.ndim == 1 && b.shape[0] == length && b.itemsize == 4 && b.format &&
+             (strcmp(b.format, "f") == 0 || strcmp(b.format, "<f") == 0 ||
+              strcmp(b.format, "=f") == 0);
+    if (ok) {
+        const float *v = b.buf;
+        double sum = 0.0;
+        for (Py_ssize_t i = 0; i < length; i++)
+            sum += (double)v[i] * (double)v[i];
+        ok = sum < 1e38; /* false for NaN and inf too */
+    }
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(ok);
+}
+
 static PyObject *py_best_isa(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(best_isa());
@@ -750,6 +783,9 @@ static PyMethodDef methods[] = {
     {"rank", py_rank, METH_VARARGS,
      "rank(A, full, rows, V, out, n, memories, slots, dim, k, nearest): the nearest slot or\n"
      "the k nearest slots of memory rows[i] of A for V[i] (memnet/dense.py)"},
+    {"finite_f32", (PyCFunction)(void (*)(void))py_finite_f32, METH_FASTCALL,
+     "finite_f32(v, length): v is a contiguous float32 vector [length], finite, with a\n"
+     "squared norm below 1e38 (False near float32's limit: check it fully then)"},
     {"best_isa", py_best_isa, METH_NOARGS,
      "The fastest path this CPU runs: 3 AVX-512 VNNI, 2 AVX2, 1 portable C."},
     {NULL, NULL, 0, NULL},

@@ -226,6 +226,8 @@ def _shift(slots: int) -> int:
 class DenseSlots:
     """One memory's row of an arena, with the search structures' interface."""
 
+    __slots__ = ("arena", "row")
+
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
         self.row = arena.take()
@@ -279,11 +281,11 @@ class DenseSlots:
 class DenseMemory(Memory):
     """A memory whose slots are an arena row; its write count lives in the arena too."""
 
+    __slots__ = ()  # (``writes`` is the property below, kept in the arena)
     search: DenseSlots
 
     def __init__(self, slots: DenseSlots) -> None:  # (a fresh row: no writes to set)
         self.search = slots
-        self._hints = None
 
     @property  # type: ignore[override]
     def writes(self) -> int:

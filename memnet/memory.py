@@ -19,6 +19,10 @@ class Memory:
     ``writes`` numbers the writes, so a generalizer that appends can tell slot ages from it.
     """
 
+    # A partition holds up to millions of memories: no __dict__ per memory (less RAM, and
+    # fewer objects for Python's collector to walk).
+    __slots__ = ("search", "writes")
+
     def __init__(self, slots: ExactSlots | GraphSlots | DenseSlots, writes: int = 0) -> None:
         self.search = slots
         self.writes = writes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from memnet._scan import finite_f32
 
 from memnet.errors import InvalidInput
 from memnet.vectors import as_vector
@@ -63,12 +64,24 @@ def test_other_arrays_take_the_full_checks():
     assert outcome("12345678") == "x must be a vector of numbers, got str"
 
 
-def test_vdot_and_dot_agree_on_float32_vectors():
-    """The fast path's premise: np.vdot uses the same dot routine as np.dot."""
+def test_the_fast_check_says_true_only_where_the_full_one_accepts():
+    """_scan.finite_f32 (the fast path) sums the squares in double and answers True only
+    below 1e38: then numpy's float32 product is finite in any summation order. Near and
+    beyond the limit it answers False (the full checks decide); ordinary vectors take it."""
     rng = np.random.default_rng(1)
+    taken = 0
     with np.errstate(over="ignore"):
         for n in (1, 3, 8, 17, 64, 1000):
-            for scale in (1.0, 1e19, 2e19):
+            for scale in (1.0, 1e3, 1e18, 9e18, 1.2e19, 2e19, 1e30):
                 v = (rng.standard_normal(n) * scale / np.sqrt(n)).astype(F32)
-                assert np.vdot(v, v) == np.dot(v, v) or not np.isfinite(np.dot(v, v))
-                assert np.isfinite(np.vdot(v, v)) == np.isfinite(np.dot(v, v))
+                fast = finite_f32(v, n)
+                exact = float(np.dot(v.astype(np.float64), v.astype(np.float64)))
+                assert fast == (exact < 1e38)
+                if fast:
+                    assert np.isfinite(np.dot(v, v)) and np.isfinite(v).all()
+                taken += fast
+    assert taken >= 6 * 3  # the ordinary scales took the fast path
+    v = np.ones(8, F32)
+    assert finite_f32(v, 8) and not finite_f32(v, 7) and not finite_f32(v[::2], 4)
+    assert not finite_f32(v.astype(np.float64), 8) and not finite_f32(v.astype(">f4"), 8)
+    assert not finite_f32(b"\0" * 32, 8) and not finite_f32([1.0] * 8, 8)
