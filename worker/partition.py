@@ -243,8 +243,10 @@ class Partition:
                 after = None  # entries come in id order: every later one is new too
             raw = fields.get(b"msg")
             try:
-                message = protocol.decode(raw, self.number, self.partitions, self.max_message_bytes)
-                if message.op == "query" and not queries:
+                message = protocol.decode(
+                    raw, self.number, self.partitions, self.max_message_bytes, queries
+                )
+                if message is None:  # a query, left out
                     continue
                 event = None if message.op == "delete" else self._event(message)
             except BadMessage as e:

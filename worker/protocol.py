@@ -122,13 +122,18 @@ def vector(value: Any, field: str) -> Any:
     )
 
 
-def decode(raw: bytes | None, partition: int, partitions: int, max_bytes: int) -> Message:
-    """Check one entry's ``msg`` field; raises BadMessage with the reason."""
+def decode(
+    raw: bytes | None, partition: int, partitions: int, max_bytes: int, queries: bool = True
+) -> Message | None:
+    """Check one entry's ``msg`` field; raises BadMessage with the reason. queries=False:
+    None for a query, unchecked (a rebuild, which changes memories and answers nothing)."""
     if raw is None:
         raise BadMessage("entry has no 'msg' field")
     data = unpack(raw, max_bytes)
     if not isinstance(data, dict):
         raise BadMessage(f"message must be a msgpack map, got {type(data).__name__}")
+    if not queries and data.get("op") == "query":
+        return None
     query_id = data.get("id")
     memory = data.get("memory")
     if not isinstance(query_id, str):
