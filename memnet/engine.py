@@ -297,17 +297,20 @@ class Engine:
         """O then R for every query of the batch in one jitted call, and their results."""
         at, V, S = np.concatenate(p.at), np.concatenate(p.V), np.concatenate(p.slots)
         y, w = self._answer(self._jax, V, np.concatenate(p.cand), S >= 0, np.concatenate(p.ages))
-        finite = np.isfinite(y).all(axis=1)
-        full = (S >= 0).all(axis=1)
+        finite = np.isfinite(y).all(axis=1).tolist()
+        full = (S >= 0).all(axis=1).tolist()
         describe = self.response.describe
-        for r, j in enumerate(at.tolist()):
-            if not finite[r]:
+        # (list(array) makes every row's view in one call: cheaper than indexing row by row)
+        for j, yr, Sr, wr, ok, all_kept in zip(
+            at.tolist(), list(y), list(S), list(w), finite, full, strict=True
+        ):
+            if not ok:
                 results[j] = Rejected("the response is not finite")
-            elif full[r]:
-                results[j] = Answer(y[r], S[r], w[r], describe(y[r]))
+            elif all_kept:
+                results[j] = Answer(yr, Sr, wr, describe(yr))
             else:
-                keep = S[r] >= 0
-                results[j] = Answer(y[r], S[r][keep], w[r][keep], describe(y[r]))
+                keep = Sr >= 0
+                results[j] = Answer(yr, Sr[keep], wr[keep], describe(yr))
 
     def _scan_ahead(
         self, items: Sequence[tuple[Memory, Event]], E: np.ndarray, live: list[int]
