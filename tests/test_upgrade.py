@@ -3,6 +3,9 @@ deploy with the old model's workers handing over to the new one's, exactly once.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -20,7 +23,7 @@ from tests.streams import (
 )
 from worker.archive import Archive
 from worker.connection import text
-from worker.ownership import store_at
+from worker.ownership import model_prefix, store_at
 from worker.protocol import Keys, parse_id, partition_of
 from worker.status import gather, render
 from worker.upgrade import deploy, rebuild
@@ -135,3 +138,50 @@ def test_only_the_served_or_deploying_model_may_start_and_a_rollback_is_a_deploy
     assert {text(r.get(Keys(PREFIX).part(p, "deploying"))) for p in range(PARTITIONS)} == {
         load_model(model_file).fingerprint
     }
+
+
+def test_a_rebuild_on_several_processes_computes_what_one_process_does(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """--jobs 2: this process and a spawned one take the partitions, each rebuilt once;
+    every memory's state in the snapshots equals a one-process run's."""
+    r = redis_server.client()
+    model_b = tmp_path / "b.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=78), model_b)
+    s = worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS,
+                        snapshot_every_entries=40, batch_size=20)  # fmt: skip
+    send(r, PREFIX, PARTITIONS, events(1200, NAMES, DIMS, np.random.default_rng(5)))
+    Worker(s, Engine(load_model(model_file))).run(burst=True)
+    assert any(r.exists(Keys(PREFIX).part(p, "trimmed")) for p in range(PARTITIONS))
+    fingerprint = load_model(model_b).fingerprint
+
+    def blobs():
+        dirs = [tmp_path / "snap" / model_prefix(p, fingerprint) for p in range(PARTITIONS)]
+        found = {p: sorted(members(d / "blobs")) for p, d in enumerate(dirs)}
+        for d in dirs:
+            shutil.rmtree(d)  # (the next run starts from nothing)
+        return found
+
+    several = rebuild(s, model_b, jobs=2)
+    by_several = blobs()
+    one = rebuild(s, model_b, jobs=1)
+    assert [d["partition"] for d in several] == list(range(PARTITIONS))
+    assert [(d["entries"], d["position"]) for d in several] == [
+        (d["entries"], d["position"]) for d in one
+    ]
+    assert sum(d["entries"] for d in one) == 1200
+    assert by_several == blobs() and all(by_several.values())
+
+
+def members(blobs):
+    """(name, header, data) of every memory blob in the packs under blobs (a pack is
+    memory blobs end to end; their headers' key order is not fixed, so compared parsed)."""
+    for path in blobs.iterdir():
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            n = int.from_bytes(data[at : at + 8], "little")
+            header = json.loads(data[at + 8 : at + 8 + n])
+            end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+            body = data[at + 8 + n : at + 8 + n + end]
+            yield header["__metadata__"]["name"], sorted(header.items()), body
+            at += 8 + n + end

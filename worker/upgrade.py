@@ -142,18 +142,33 @@ def _chunks(entries: Iterator[Any]) -> Iterator[list[Any]]:
 
 
 def rebuild(settings: Settings, model: Path, jobs: int) -> list[dict]:
-    """Every partition, ``jobs`` at a time (one process each: they share nothing)."""
+    """Every partition, ``jobs`` at a time: this process and jobs - 1 others (they share
+    nothing). The others take partitions from the first up once they have started (a
+    spawned process imports JAX and compiles: seconds); this process starts at once, from
+    the last partition down, taking each that no other has started, until none is left."""
     from worker.worker import collect_less  # (as a worker does: a rebuild is its data path)
 
     partitions = list(range(settings.partitions))
-    if jobs <= 1:
-        collect_less(settings.gc_threshold)
+    collect_less(settings.gc_threshold)
+    if jobs <= 1 or len(partitions) == 1:
         return [rebuild_partition(settings, model, p) for p in partitions]
     context = multiprocessing.get_context("spawn")  # (JAX and threads: no fork)
     gc_setting = (settings.gc_threshold,)
-    with ProcessPoolExecutor(jobs, context, initializer=collect_less, initargs=gc_setting) as pool:
-        runs = [pool.submit(rebuild_partition, settings, model, p) for p in partitions]
-        return [run.result() for run in runs]
+    done: dict[int, dict] = {}
+    pool = ProcessPoolExecutor(
+        min(jobs, len(partitions)) - 1, context, initializer=collect_less, initargs=gc_setting
+    )
+    try:
+        runs = {p: pool.submit(rebuild_partition, settings, model, p) for p in partitions}
+        for p in reversed(partitions):
+            if runs[p].cancel():  # (True only if no other process has started it)
+                done[p] = rebuild_partition(settings, model, p)
+        for p, run in runs.items():
+            if p not in done:
+                done[p] = run.result()
+    finally:  # (on a failure, what has not started is not started)
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [done[p] for p in partitions]
 
 
 def deploy(settings: Settings, model: Path, jobs: int) -> dict:
