@@ -6,7 +6,10 @@ A private redis-server; one worker (in-process, burst mode, the `memnet worker` 
 N events of the "many small memories" workload (a 64-slot, 8-dim model, M memories, half
 writes, half queries in memory space) with snapshots every 2,000 entries, so most of the input
 is trimmed into the archive; then `rebuild` computes a second model's snapshots over the whole
-history (archive + Redis), with --jobs 1 and 2. Prints events/s of each and the ratios.
+history (archive + Redis), with --jobs 1 and 2. Prints events/s of each and the ratios. As on
+one machine running `memnet worker` then `memnet rebuild`, both keep compiled functions in
+the cache directory (a fresh one per run): the worker compiles them (its warm-up is in its
+time), the rebuild finds those of the same shapes there.
 
     .venv/bin/python scripts/bench_rebuild.py                    # 100,000 events
     .venv/bin/python scripts/bench_rebuild.py --events 20000 --memories 2000
@@ -25,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from memnet import ModelConfig, random_model, save_model
+from memnet.batching import keep_compilations
 from worker.protocol import Keys, pack, partition_of
 from worker.servers import RedisServer
 from worker.settings import Settings
@@ -81,6 +85,7 @@ def run(server: RedisServer, work: Path, n: int, memories: int) -> dict:
     for e in workload(n, memories):
         pipe.xadd(keys.inp(partition_of(e["memory"], PARTITIONS)), {"msg": pack(e)})
     pipe.execute()
+    keep_compilations(settings.cache_dir)  # as `memnet worker` does (serve); the rebuild too
     worker = Worker(settings)
     began = time.perf_counter()
     worker.run(burst=True)

@@ -157,7 +157,7 @@ HELP = {
     "AWS_REGION; AWS_ALLOW_HTTP=true for plain http)",
     "resident_mb": "RAM for memories per worker; least recently used ones beyond it leave "
     "RAM once in a snapshot and are fetched from it on their next event",
-    "cache_dir": "this machine's cache (the shared graph of large memories)",
+    "cache_dir": "this machine's cache (the shared graph of large memories, compiled functions)",
     "archive": "1: input entries are archived in the snapshot store before Redis trims them "
     "(what memnet rebuild runs a new model over); 0: not",
     "archive_days": "archived input older than this many days is deleted (0: kept forever; a "

@@ -146,18 +146,14 @@ def rebuild(settings: Settings, model: Path, jobs: int) -> list[dict]:
     nothing). The others take partitions from the first up once they have started (a
     spawned process imports JAX and compiles: seconds); this process starts at once, from
     the last partition down, taking each that no other has started, until none is left."""
-    from worker.worker import collect_less  # (as a worker does: a rebuild is its data path)
-
     partitions = list(range(settings.partitions))
-    collect_less(settings.gc_threshold)
+    _process_start(settings)
     if jobs <= 1 or len(partitions) == 1:
         return [rebuild_partition(settings, model, p) for p in partitions]
     context = multiprocessing.get_context("spawn")  # (JAX and threads: no fork)
-    gc_setting = (settings.gc_threshold,)
     done: dict[int, dict] = {}
-    pool = ProcessPoolExecutor(
-        min(jobs, len(partitions)) - 1, context, initializer=collect_less, initargs=gc_setting
-    )
+    others = min(jobs, len(partitions)) - 1
+    pool = ProcessPoolExecutor(others, context, initializer=_process_start, initargs=(settings,))
     try:
         runs = {p: pool.submit(rebuild_partition, settings, model, p) for p in partitions}
         for p in reversed(partitions):
@@ -169,6 +165,16 @@ def rebuild(settings: Settings, model: Path, jobs: int) -> list[dict]:
     finally:  # (on a failure, what has not started is not started)
         pool.shutdown(wait=True, cancel_futures=True)
     return [done[p] for p in partitions]
+
+
+def _process_start(settings: Settings) -> None:
+    """As a worker starts (a rebuild is its data path): its collector's pace, and the
+    compiled functions this machine's workers keep (memnet.batching.keep_compilations)."""
+    from memnet.batching import keep_compilations
+    from worker.worker import collect_less
+
+    collect_less(settings.gc_threshold)
+    keep_compilations(settings.cache_dir)
 
 
 def deploy(settings: Settings, model: Path, jobs: int) -> dict:

@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from memnet import Engine, SnapshotError, load_model, quantized
+from memnet.batching import keep_compilations
 from memnet.errors import SnapshotAborted, StaleSnapshot
 from worker import metrics
 from worker.connection import Client, connect, is_cluster
@@ -464,6 +465,7 @@ def serve(
 ) -> None:
     """Run a worker with signal handling (the ``memnet worker`` command); ``on_worker`` is
     given the worker once it exists (the health server reads its progress)."""
+    keep_compilations(settings.cache_dir)  # (a restart or takeover then warms up faster)
     backoff = Backoff(base_s=0.1, cap_s=5.0)
     while True:
         try:
