@@ -224,18 +224,15 @@ def _shift(slots: int) -> int:
 
 
 class DenseSlots:
-    """One memory's row of an arena, with the search structures' interface."""
+    """One memory's row of an arena, with the search structures' interface: a view, made
+    by each read of ``DenseMemory.search`` (the row is the memory's: it goes back to the
+    arena when the memory goes, not when a view does)."""
 
     __slots__ = ("arena", "row")
 
-    def __init__(self, arena: Arena) -> None:
+    def __init__(self, arena: Arena, row: int) -> None:
         self.arena = arena
-        self.row = arena.take()
-
-    def __del__(self) -> None:
-        row = getattr(self, "row", None)
-        if row is not None:  # (None: take() failed, the arena could not grow)
-            self.arena.give(row)
+        self.row = row
 
     @property
     def slots(self) -> int:
@@ -279,18 +276,33 @@ class DenseSlots:
 
 
 class DenseMemory(Memory):
-    """A memory whose slots are an arena row; its write count lives in the arena too."""
+    """A memory whose slots are an arena row; its write count lives in the arena too.
 
-    __slots__ = ()  # (``writes`` is the property below, kept in the arena)
-    search: DenseSlots
+    One object per memory, holding its row (its search structure, ``search``, is a view
+    made on demand): a partition may hold millions of memories, and each object more is one
+    more for Python's collector to walk in its full collections (with two objects per
+    memory, a quarter of the in-process time of scripts/bench_small.py's workload went to
+    them)."""
 
-    def __init__(self, slots: DenseSlots) -> None:  # (a fresh row: no writes to set)
-        self.search = slots
+    __slots__ = ("arena", "row")  # (Memory's "search" and "writes" are the properties below)
+
+    def __init__(self, arena: Arena) -> None:  # (a fresh row: no writes to set)
+        self.arena = arena
+        self.row = arena.take()
+
+    def __del__(self) -> None:
+        row = getattr(self, "row", None)
+        if row is not None:  # (None: take() failed, the arena could not grow)
+            self.arena.give(row)
+
+    @property  # type: ignore[override]
+    def search(self) -> DenseSlots:
+        return DenseSlots(self.arena, self.row)
 
     @property  # type: ignore[override]
     def writes(self) -> int:
-        return int(self.search.arena.writes[self.search.row])
+        return int(self.arena.writes[self.row])
 
     @writes.setter
     def writes(self, value: int) -> None:
-        self.search.arena.writes[self.search.row] = value
+        self.arena.writes[self.row] = value

@@ -138,7 +138,7 @@ class Engine:
         """A memory holding a copy of memory_init (slots start empty for appending G)."""
         cfg = self.config
         if self.small_memories:
-            return DenseMemory(DenseSlots(self.arena()))
+            return DenseMemory(self.arena())
         if cfg.slots <= cfg.index.exact_max_slots:
             return Memory(ExactSlots(self.scan_base(), cfg.index.overlay_max))
         return Memory(GraphSlots(self.init_base(), cfg.index))
@@ -276,7 +276,7 @@ class Engine:
         and searches for its queries with one topk, on the arena's rows in place."""
         arena, k, g = self.arena(), self.config.k, self.generalizer
         at = js.tolist()  # (a list is indexed by Python ints much faster than by numpy's)
-        rows = np.array([items[j][0].search.row for j in at], np.int64)
+        rows = np.array([items[j][0].row for j in at], np.int64)
         writes = np.array([isinstance(items[j][1], Write) for j in at], bool)
         for wave in _waves(rows):
             r, w = rows[wave], writes[wave]
