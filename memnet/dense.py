@@ -280,9 +280,7 @@ class DenseMemory(Memory):
 
     One object per memory, holding its row (its search structure, ``search``, is a view
     made on demand): a partition may hold millions of memories, and each object more is one
-    more for Python's collector to walk in its full collections (with two objects per
-    memory, a quarter of the in-process time of scripts/bench_small.py's workload went to
-    them)."""
+    more for Python's collector to walk in its full collections, and more RAM."""
 
     __slots__ = ("arena", "row")  # (Memory's "search" and "writes" are the properties below)
 
