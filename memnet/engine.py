@@ -43,24 +43,54 @@ from memnet.model import Model
 from memnet.search import ExactSlots, GraphSlots
 from memnet.vectors import as_vector
 
+# Events and answers are made once per event: their __init__ sets the fields through the
+# slots' descriptors, where a frozen dataclass's own goes through object.__setattr__ for
+# each field, a slower call. They stay frozen (assignment raises FrozenInstanceError).
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Write:
     row: np.ndarray  # the encoder's prepared input
 
+    def __init__(self, row: np.ndarray) -> None:
+        _WRITE_ROW(self, row)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Query:
     row: np.ndarray | None = None  # input space: v = I(x)
     q: np.ndarray | None = None  # memory space: v = q
 
+    def __init__(self, row: np.ndarray | None = None, q: np.ndarray | None = None) -> None:
+        _QUERY_ROW(self, row)
+        _QUERY_Q(self, q)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Answer:
     y: np.ndarray  # [Y]
     slots: np.ndarray  # [k] retrieved slots, nearest first
     weights: np.ndarray  # [k] attention weights
     extra: dict[str, Any] = field(default_factory=dict)  # response fields such as "answer"
+
+    def __init__(
+        self,
+        y: np.ndarray,
+        slots: np.ndarray,
+        weights: np.ndarray,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        _ANSWER_Y(self, y)
+        _ANSWER_SLOTS(self, slots)
+        _ANSWER_WEIGHTS(self, weights)
+        _ANSWER_EXTRA(self, {} if extra is None else extra)
+
+
+_WRITE_ROW = Write.row.__set__  # type: ignore[attr-defined]
+_QUERY_ROW, _QUERY_Q = Query.row.__set__, Query.q.__set__  # type: ignore[attr-defined]
+_ANSWER_Y, _ANSWER_SLOTS = Answer.y.__set__, Answer.slots.__set__  # type: ignore[attr-defined]
+_ANSWER_WEIGHTS = Answer.weights.__set__  # type: ignore[attr-defined]
+_ANSWER_EXTRA = Answer.extra.__set__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)

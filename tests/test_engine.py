@@ -225,3 +225,20 @@ def test_a_memory_is_searchable_directly_after_process(generalizer, rng):
     expected = np.argsort(dist, axis=1, kind="stable")[:, :2]
     got = memory.topk(V, 2)
     np.testing.assert_array_equal(np.where(got >= 0, got, expected), expected)
+
+
+def test_events_and_answers_are_frozen_values():
+    """Their __init__ is written out (engine.py): they still compare by value, refuse
+    assignment, and each Answer gets its own extra."""
+    import dataclasses
+
+    from memnet.engine import Answer, Query, Write
+
+    v = np.arange(4, dtype=np.float32)
+    assert Write(v).row is v and Query(q=v).q is v and Query(row=v).q is None
+    assert Query(q=v) == Query(None, v) and dataclasses.replace(Query(q=v), row=v).row is v
+    a, b = Answer(v, v, v), Answer(v, v, v)
+    assert a.extra == {} and a.extra is not b.extra and Answer(v, v, v, {"x": 1}).extra == {"x": 1}
+    for value, field in ((Write(v), "row"), (Query(q=v), "q"), (a, "y")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, field, None)
