@@ -7,6 +7,16 @@ from memnet import ModelConfig, random_model, save_model
 
 pytest_plugins = ["tests.fixtures_s3"]
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _machine_cache(tmp_path_factory):
+    """Workers and rebuilds the tests start (in this process or as processes) keep their
+    compiled functions in a directory of this session, not in the checkout's var/cache."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MEMNET_CACHE_DIR", str(tmp_path_factory.mktemp("machine-cache")))
+        yield
+
+
 # The small model the worker tests serve (exact search, fast to compile).
 WORKER_MODEL = ModelConfig(input_dim=8, memory_dim=8, output_dim=3, hidden=16, slots=64, top_k=5)
 

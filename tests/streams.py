@@ -24,6 +24,7 @@ def worker_settings(
         "redis_url": redis_url,
         "model": model_file,
         "snapshot_dir": tmp_path / "snap",
+        "cache_dir": tmp_path / "cache",  # (a rebuild keeps compilations there, not in var/)
         "partitions": partitions,
         "prefix": prefix,
         "batch_size": 7,
