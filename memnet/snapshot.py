@@ -86,6 +86,7 @@ log = logging.getLogger(__name__)
 MAX_DEPTH = 32  # deltas between full indexes at most
 MIN_FULL_CHANGES = 1024  # a full index before this many changes only at MAX_DEPTH
 PACK_BYTES = 4 << 20  # memories packed to a blob until it holds this many bytes
+LOOKUP_CHUNK = 1000  # changed memories whose previous entries are read from the view at once
 SWEEP_GRACE_S = 3600.0  # an unreferenced blob younger than this may be a writer's in flight
 
 # A memory going into a pack: (name, its blob, write count, its own graph base if any).
@@ -489,16 +490,18 @@ class SnapshotStore:
     ) -> tuple[dict[str, Any], tuple[str, bytes]]:
         dropped: set[str] = set()
         leaving: dict[str, int] = {}  # pack -> how many of its memories this snapshot moves
-        for name in (*changes, *removed):
-            old = self.view.get(name)
-            if old is not None:
+        names, known = [*changes, *removed], 0  # (known: how many the view already holds)
+        for at in range(0, len(names), LOOKUP_CHUNK):  # (a chunk's entries at a time in RAM)
+            olds = self.view.get_many(names[at : at + LOOKUP_CHUNK])
+            known += len(olds)
+            for name, old in olds.items():
                 dropped |= old.blobs() - (changes[name].blobs() if name in changes else set())
                 if old.part is not None:
                     leaving[old.key] = leaving.get(old.key, 0) + 1
         for key, n in leaving.items():  # a pack goes only with the last memory it holds
             if n < self.view.users(key):
                 dropped.discard(key)
-        count = len(self.view) - len(removed) + sum(n not in self.view for n in changes)
+        count = len(self.view) + len(changes) - known  # (removed ones are all known)
         pbody = parent[1] if parent else None
         since = (pbody["since_full"] if pbody else 0) + len(changes) + len(removed)
         full = (

@@ -49,6 +49,15 @@ class View:
         row = self._db.execute("SELECT entry FROM view WHERE name = ?", (name,)).fetchone()
         return None if row is None else Entry.from_json(json.loads(row[0]))
 
+    def get_many(self, names: Iterable[str]) -> dict[str, Entry]:
+        """name -> Entry of those of names the view holds, in one query (a snapshot looks up
+        every memory it changes: one query each cost ~20 us)."""
+        rows = self._db.execute(
+            "SELECT name, entry FROM view WHERE name IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(names)),),
+        ).fetchall()
+        return {name: Entry.from_json(json.loads(raw)) for name, raw in rows}
+
     def __iter__(self) -> Iterator[str]:
         return (name for name, _ in self.items())
 

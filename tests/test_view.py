@@ -107,3 +107,15 @@ def test_blob_sizes_name_each_blob_once_with_its_size():
     assert len(got) == len(expected)
     for key, _, name in got:
         assert key in listed[name].blobs()
+
+
+def test_get_many_gives_what_get_gives_for_each_name_it_holds():
+    rng = np.random.default_rng(7)
+    view = View()
+    held = entries(rng, 60)
+    held.update({name: Entry(f"p/blobs/{i}", 10, i) for i, name in enumerate(NAMES)})
+    view.update(held)
+    asked = [*held, "absent", "m9999", *NAMES]  # (names twice, and names not held)
+    found = view.get_many(asked)
+    assert found == {name: view.get(name) for name in held} == held
+    assert view.get_many([]) == {} and view.get_many(["absent"]) == {}
