@@ -19,6 +19,7 @@ numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -51,6 +52,7 @@ RATIOS = [
     ("A e2e 2 workers / 1 worker", "A.e2e_2w", "A.e2e_1w", 1.6),
     ("A bare loop: hiredis / redis-py's parser", "A.bare", "A.bare_python_parser", None),
     ("A in-process default / today", "A.inproc_default", "A.inproc_today", 10.0),
+    ("A the same, the worker's collector", "A.inproc_default_gc", "A.inproc_today_gc", None),
     ("B e2e 1 worker / seed per-event", "B.e2e_1w", "B.seed_per_event", 50.0),
 ]
 STARTED = time.monotonic()
@@ -184,7 +186,32 @@ def workload_a(args: argparse.Namespace, tmp: Path) -> dict:
         "e2e_2w": measure("memnet e2e, 2 workers", run_e2e, path, tmp, 2, SIZES_A, n, m),
         "inproc_today": measure("in-process today", in_process, path, 0, n, m),
         "inproc_default": measure("in-process default", in_process, path, None, n, m),
+        **worker_collector(
+            today=lambda: measure("in-process today, worker's GC", in_process, path, 0, n, m),
+            default=lambda: measure(
+                "in-process default, worker's GC", in_process, path, None, n, m
+            ),
+        ),
     }
+
+
+def worker_collector(**runs: Callable[[], float]) -> dict[str, float]:
+    """Each run under the garbage collector settings a worker serves with (start-up objects
+    frozen, young collections every MEMNET_GC_THRESHOLD allocations: worker.collect_less),
+    then Python's defaults again. Not the target's measure (that is Engine.process under
+    Python's defaults, as a library user runs it); what the engine costs inside a worker."""
+    from worker.settings import Settings
+    from worker.worker import collect_less
+
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    collect_less(Settings.gc_threshold)  # (the default setting)
+    try:
+        return {f"inproc_{name}_gc": run() for name, run in runs.items()}
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def workload_b(args: argparse.Namespace, tmp: Path) -> dict:
