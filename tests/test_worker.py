@@ -20,9 +20,11 @@ from tests.streams import (
     stream,
     worker_settings,
 )
+from worker import streams
 from worker.cli import main as cli
 from worker.ownership import model_prefix
 from worker.protocol import Keys, pack, partition_of
+from worker.scripts import READ
 from worker.worker import Worker
 
 PREFIX = "t"
@@ -181,6 +183,42 @@ def test_memory_survives_a_restart_and_the_input_is_trimmed(
     prefix = model_prefix(0, load_model(model_file).fingerprint)
     kept = SnapshotStore(tmp_path / "snap", None, keep=2, prefix=prefix).positions()
     assert trimmed >= 1 and len(kept) == 2
+
+
+def test_a_read_that_missed_its_script_is_sent_again_alone(
+    redis_url, tmp_path, model_file, redis_server, monkeypatch
+):
+    """A read of one partition that did not find its script (one node of a cluster lost
+    its scripts, or a SCRIPT FLUSH landed between two calls of a pipeline) is sent again
+    alone: the reads of the pipeline that ran took their entries from the group, and read
+    again with ">" they would skip them. Every query is answered once, as the library does."""
+    r = redis_server.client()
+    batch = events(300, MEMORIES, DIMS, np.random.default_rng(5))
+    send(r, PREFIX, PARTITIONS, batch)
+    real, reads = streams._evalsha, []
+
+    def evalsha(pipe, script, keys, args):
+        if script.script == READ:
+            reads.append(keys[1])
+            if len(reads) in (4, 12, 13):  # (the first read pipelines: 8 calls each)
+                pipe.evalsha("0" * 40, len(keys), *keys, *args)  # a script Redis lacks
+                return
+        real(pipe, script, keys, args)
+
+    monkeypatch.setattr(streams, "_evalsha", evalsha)
+    r.config_resetstat()
+    Worker(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file))).run(
+        burst=True
+    )
+    assert r.info("commandstats")["cmdstat_evalsha"]["failed_calls"] == 3
+    assert reads[8] == reads[3] and reads[17] == reads[11] and reads[18] == reads[12]
+    expected = library_answers(Engine(load_model(model_file)), batch)
+    out = outputs(r, PREFIX, PARTITIONS)
+    assert sorted(resp["id"] for _, resp in out) == sorted(expected)
+    for _, response in out:
+        assert_same_answer(response, expected[response["id"]])
+    keys = Keys(PREFIX)
+    assert all(r.xpending(keys.inp(p), "memnet")["pending"] == 0 for p in range(PARTITIONS))
 
 
 def test_a_step_sends_no_script_checks_and_reloads_scripts_redis_lost(

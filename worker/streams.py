@@ -14,6 +14,7 @@ from worker.protocol import Keys
 from worker.scripts import Scripts
 
 Entries = list[tuple[str, dict[bytes, Any]]]
+Call = tuple[Any, list[str], list[Any]]  # (a registered script, its keys, its arguments)
 
 
 class StreamIO:
@@ -43,14 +44,13 @@ class StreamIO:
     def read(self, parts: list[Partition]) -> dict[Partition, Entries | Exception]:
         """New entries of each partition (">"), or the partition's fault (Fenced, Lost, ...)."""
 
-        def build(pipe: Any) -> None:
-            for part in parts:
-                p = part.number
-                keys = [self.keys.part(p, "epoch"), self.keys.inp(p), self.keys.part(p, "offset")]
-                args = [part.epoch, self.worker_id, part.read_count(self.batch_size)]
-                _evalsha(pipe, self.scripts.read, keys, [*args, part.committed or ""])
-
-        replies = self._run(build)
+        calls = []
+        for part in parts:
+            p = part.number
+            keys = [self.keys.part(p, "epoch"), self.keys.inp(p), self.keys.part(p, "offset")]
+            args = [part.epoch, self.worker_id, part.read_count(self.batch_size)]
+            calls.append((self.scripts.read, keys, [*args, part.committed or ""]))
+        replies = self._run(calls)
         return {
             part: reply if isinstance(reply, Exception) else entries(reply)
             for part, reply in zip(parts, replies, strict=True)
@@ -59,13 +59,11 @@ class StreamIO:
     def commit(self, batches: dict[Partition, Batch]) -> dict[Partition, Exception | None]:
         """Publish, dead-letter, ack and record the offset of each batch (idempotent); None
         where it landed, else the partition's fault."""
-        calls = [self._commit_call(part, batch) for part, batch in batches.items()]
-
-        def build(pipe: Any) -> None:
-            for keys, args in calls:
-                _evalsha(pipe, self.scripts.commit, keys, args)
-
-        replies = self._run(build)
+        calls = [
+            (self.scripts.commit, *self._commit_call(part, batch))
+            for part, batch in batches.items()
+        ]
+        replies = self._run(calls)
         return {
             part: reply if isinstance(reply, Exception) else None
             for part, reply in zip(batches, replies, strict=True)
@@ -94,24 +92,29 @@ class StreamIO:
         ]
         return keys, args
 
-    def _run(self, build: Any) -> list[Any]:
-        """Run a pipeline built by build(pipe); per-command errors come back as Fenced, Lost
-        or the error itself. Scripts Redis lost (it restarted) are loaded again and the
-        pipeline re-run: a script that was not found did not run."""
-        replies = self._once(build)
-        if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+    def _run(self, calls: list[Call]) -> list[Any]:
+        """Run the script calls in one pipeline; per-call errors come back as Fenced, Lost or
+        the error itself. Scripts Redis lost (a restart, SCRIPT FLUSH, one node of a
+        cluster) are loaded again and only the calls that did not find theirs are sent
+        again: a script that was not found did not run, and one that ran must not run twice
+        (a read already took its entries from the group: read again, they would be skipped)."""
+        replies = self._once(calls)
+        missed = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+        if missed:
             self.scripts.load()
-            replies = self._once(build)
+            for i, reply in zip(missed, self._once([calls[i] for i in missed]), strict=True):
+                replies[i] = reply
         return [as_fault(r) for r in replies]
 
-    def _once(self, build: Any) -> list[Any]:
+    def _once(self, calls: list[Call]) -> list[Any]:
         pipe = (
             _Sequential(self.client)
             if is_cluster(self.client)
             else self.client.pipeline(transaction=False)
         )
-        build(pipe)
-        return pipe.execute(raise_on_error=False)
+        for script, keys, args in calls:
+            _evalsha(pipe, script, keys, args)
+        return list(pipe.execute(raise_on_error=False))
 
 
 def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
