@@ -10,6 +10,7 @@ grouped (tests/test_engine.py checks it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import platform
@@ -58,9 +59,11 @@ def keep_compilations(directory: str | Path) -> Path | None:
     JAX keys an entry on the computation, its compile options and JAX's version; the CPU is
     added here (its model and feature flags), since compiled code targets the CPU that
     compiled it and a directory may be shared. The same compiled code computes the same
-    bits, so results do not depend on the cache (tests/test_compilations.py). An entry that
-    cannot be read (cut short by a kill while written) is compiled instead, with JAX's
-    warning. A directory that cannot be made leaves compilations unkept (logged). Call it
+    bits, so results do not depend on the cache (tests/test_compilations.py). JAX writes an
+    entry in place and never replaces one, so an entry cut short (its process killed while
+    writing it) would be compiled again, with JAX's warning, by every later process:
+    such entries are removed here (drop_torn_entries) and the next compilation writes them
+    whole. A directory that cannot be made leaves compilations unkept (logged). Call it
     before the first compilation: it sets JAX's configuration for the whole process (a
     library user decides for theirs)."""
     path = Path(directory) / "xla" / _cpu_signature()
@@ -69,10 +72,35 @@ def keep_compilations(directory: str | Path) -> Path | None:
     except OSError as e:
         log.warning("compiled functions are not kept (%s): each process compiles them", e)
         return None
+    drop_torn_entries(path)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # (ours are ~0.2 s)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def drop_torn_entries(path: Path) -> int:
+    """Remove the entries of JAX's compilation cache in path that do not decompress (cut
+    short while written); how many. An entry being written by another process right now
+    may be removed too: it is then compiled again, and written again, by a later process.
+    Entries are KiBs compressed (tens for a large function): checking costs milliseconds."""
+    try:  # (JAX's own codec for its entries: zstd when installed, else zlib)
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:  # another JAX: entries are left as they are
+        return 0
+    dropped = 0
+    for entry in sorted(path.glob("*-cache")):
+        try:
+            decompress_executable(entry.read_bytes())
+        except OSError:
+            continue  # (removed meanwhile, or unreadable: JAX will say so)
+        except Exception:  # zlib.error or zstd's ZstdError: cut short
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                dropped += 1
+    if dropped:
+        log.warning("removed %d compiled function(s) cut short in %s", dropped, path)
+    return dropped
 
 
 def _cpu_signature() -> str:

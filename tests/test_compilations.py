@@ -77,3 +77,20 @@ def test_a_cache_directory_that_cannot_be_made_leaves_compilations_unkept(tmp_pa
     blocker.write_text("")
     assert keep_compilations(blocker / "cache") is None  # (a file where a directory goes)
     assert "compiled functions are not kept" in caplog.text
+
+
+def test_an_entry_cut_short_is_compiled_again_once_and_then_loaded(tmp_path):
+    """A process killed while JAX wrote an entry leaves it cut short; JAX never replaces an
+    entry, so without keep_compilations' check every later process would compile it again."""
+    model = tmp_path / "m.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=4), model)
+    cache = tmp_path / "cache"
+    cold, _ = run(cache, model, tmp_path / "cold.npy")
+    kept = sorted((cache / "xla").rglob("*-cache"), key=lambda p: p.stat().st_size)
+    torn = kept[-1]
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # (as a kill leaves it)
+    _, (hits, misses) = run(cache, model, tmp_path / "again.npy")
+    assert misses == 1 and hits == len(kept) - 1  # that one compiled again, and written whole
+    warm, (hits, misses) = run(cache, model, tmp_path / "warm.npy")
+    assert misses == 0 and hits == len(kept)
+    assert warm.tobytes() == cold.tobytes()
