@@ -185,3 +185,126 @@ def members(blobs):
             body = data[at + 8 + n : at + 8 + n + end]
             yield header["__metadata__"]["name"], sorted(header.items()), body
             at += 8 + n + end
+
+
+# ---- the history a rebuild reads: whole, once, in order, never past the committed offset ----
+
+
+def _stream_of(r, keys, n):
+    for i in range(1, n + 1):
+        r.xadd(keys.inp(0), {"msg": f"entry {i}".encode()}, id=f"{i}-0")
+
+
+def _archive_and_trim(r, keys, archive, point):
+    """What a serving worker does (Ownership.trim): archive below point, then trim there."""
+    last = archive.last()
+    got = r.xrange(keys.inp(0), "-" if last is None else "(" + last, "(" + point)
+    archive.append([(text(i), f[b"msg"]) for i, f in got])
+    r.xtrim(keys.inp(0), minid=point, approximate=False)  # (exact, as the TRIM script)
+    r.set(keys.part(0, "trimmed"), point)
+
+
+def test_a_rebuild_reads_what_a_serving_worker_archives_and_trims_while_it_reads(
+    redis_url, redis_server, tmp_path
+):
+    from types import SimpleNamespace
+
+    from worker.upgrade import _history
+
+    r, keys = redis_server.client(), Keys(PREFIX)
+    archive = Archive(store_at(f"file://{tmp_path / 'store'}"), 0)
+    _stream_of(r, keys, 30)
+    r.set(keys.part(0, "offset"), "30-0")  # (every entry committed)
+    _archive_and_trim(r, keys, archive, "11-0")
+    history = _history(r, SimpleNamespace(prefix=PREFIX), 0, None, archive)
+    seen = [next(history)[0] for _ in range(10)]  # the archive as it was: 1..10
+    _archive_and_trim(r, keys, archive, "21-0")  # meanwhile: 11..20 archived, then trimmed
+    seen += [entry_id for entry_id, _ in history]
+    assert seen == [f"{i}-0" for i in range(1, 31)]
+
+
+def test_a_rebuild_stops_at_the_committed_offset(redis_url, redis_server, tmp_path):
+    """A deploy's new workers skip what is before their snapshot as applied: the old
+    model's workers must have answered it (they may lag behind the input, or be stopped)."""
+    from types import SimpleNamespace
+
+    from worker.upgrade import _history
+
+    r, keys = redis_server.client(), Keys(PREFIX)
+    archive = Archive(store_at(f"file://{tmp_path / 'store'}"), 0)
+    settings = SimpleNamespace(prefix=PREFIX)
+    _stream_of(r, keys, 30)
+    assert list(_history(r, settings, 0, None, archive)) == []  # nothing committed yet
+    r.set(keys.part(0, "offset"), "17-0")
+    assert [i for i, _ in _history(r, settings, 0, "4-0", archive)] == [
+        f"{i}-0" for i in range(5, 18)
+    ]
+
+
+def test_a_rebuild_refuses_a_history_with_a_hole_after_its_snapshots(
+    redis_url, redis_server, tmp_path
+):
+    from types import SimpleNamespace
+
+    from worker.upgrade import UpgradeError, _check_history
+
+    r, keys = redis_server.client(), Keys(PREFIX)
+    archive = Archive(store_at(f"file://{tmp_path / 'store'}"), 0)
+    settings = SimpleNamespace(prefix=PREFIX)
+    archive.append([(f"{i}-0", b"x") for i in range(1, 31)])
+    _check_history(r, settings, 0, None, archive)  # whole: no error
+    archive.store.put(archive.prefix + "PRUNED", b"20-0")  # (what retention records)
+    for position in (None, "5-0", "19-0"):
+        with pytest.raises(UpgradeError, match="pruned up to 20-0"):
+            _check_history(r, settings, 0, position, archive)
+    _check_history(r, settings, 0, "20-0", archive)  # (nothing needed was pruned)
+    r.set(keys.part(0, "unarchived"), "25-0")
+    with pytest.raises(UpgradeError, match="MEMNET_ARCHIVE=0 trimmed its input up to 25-0"):
+        _check_history(r, settings, 0, "20-0", archive)
+    _check_history(r, settings, 0, "25-0", archive)
+
+
+def test_a_worker_that_trims_without_archiving_says_so_and_a_rebuild_refuses(
+    redis_url, redis_server, tmp_path, model_file
+):
+    r = redis_server.client()
+    s = worker_settings(redis_url, tmp_path, model_file, PREFIX, 1, archive=False,
+                        snapshot_every_entries=20)  # fmt: skip
+    send(r, PREFIX, 1, events(100, NAMES, DIMS, np.random.default_rng(5)))
+    Worker(s, Engine(load_model(model_file))).run(burst=True)
+    unarchived = r.get(Keys(PREFIX).part(0, "unarchived"))
+    assert unarchived is not None and unarchived == r.get(Keys(PREFIX).part(0, "trimmed"))
+    model_b = tmp_path / "b.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=78), model_b)
+    with pytest.raises(Exception, match="MEMNET_ARCHIVE=0 trimmed its input"):
+        rebuild(s, model_b, 1)
+
+
+def test_a_deploy_while_the_old_model_lags_leaves_every_query_answered_once(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """The old model's workers stopped with a backlog: a deploy must not skip it."""
+    r = redis_server.client()
+    model_b = tmp_path / "b.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=79), model_b)
+    rng = np.random.default_rng(43)
+    served = events(200, NAMES, DIMS, rng)
+    backlog = [{**e, "id": "late-" + e["id"]} if "id" in e else e
+               for e in events(200, NAMES, DIMS, rng)]  # fmt: skip
+
+    def settings(model):
+        return worker_settings(redis_url, tmp_path, model, PREFIX, PARTITIONS,
+                               snapshot_every_entries=20)  # fmt: skip
+
+    send(r, PREFIX, PARTITIONS, served)
+    Worker(settings(model_file), Engine(load_model(model_file))).run(burst=True)
+    send(r, PREFIX, PARTITIONS, backlog)  # no worker of A runs any more
+    assert deploy(settings(model_file), model_b, jobs=1)["switched"]
+    Worker(settings(model_b), Engine(load_model(model_b))).run(burst=True)
+    ids = [m["id"] for _, m in outputs(r, PREFIX, PARTITIONS)]
+    by_b = library_answers(Engine(load_model(model_b)), served + backlog)
+    queries = {e["id"] for e in served + backlog if e["op"] == "query"}
+    assert len(ids) == len(set(ids)) and set(ids) == queries  # every query answered, once
+    for _, response in outputs(r, PREFIX, PARTITIONS):
+        if response["id"] in {e.get("id") for e in backlog}:
+            assert_same_answer(response, by_b[response["id"]])  # B over the whole history

@@ -429,6 +429,8 @@ class Ownership:
         with self.contained(part):
             if self.s.archive:
                 self.archive(part, point)
+            else:  # (before trimming: `memnet rebuild` then refuses a history with a hole)
+                self.client.set(self.keys.part(p, "unarchived"), point)
             keys = [self.keys.part(p, k) for k in ("epoch", "in", "trimmed", "deploying")]
             fenced(self.scripts.trim, keys=keys, args=[part.epoch, point, self.model])
 

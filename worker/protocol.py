@@ -7,6 +7,8 @@ Keys (``{p}`` is the partition number in a Redis Cluster hash tag):
   <prefix>:{p}:out       responses, each at the stream id of its query (or delete with an id)
   <prefix>:{p}:dead      dead letters, each at the stream id of its input entry
   <prefix>:{p}:lease|epoch|offset|trimmed    ownership and bookkeeping
+  <prefix>:{p}:unarchived                     the last trim point of a worker with
+                         MEMNET_ARCHIVE=0 (memnet rebuild refuses the history before it)
   <prefix>:{p}:model|switch|deploying         the model serving it, where it switched last,
                          and the model being deployed (worker/upgrade.py)
 A memory named ``name`` lives in partition ``crc32(utf8(name)) mod partitions``.

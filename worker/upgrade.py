@@ -4,11 +4,13 @@ rebuild: for each partition, NEW's snapshots are computed by running the partiti
 input history -- the archive (worker/archive.py), then what Redis still holds -- through
 NEW's engine in this process: batched, no round trip per event, resumable (it continues
 from NEW's newest snapshot), one process per partition up to ``--jobs``. The serving model
-is not disturbed. It ends with NEW's snapshots at the live end of each input.
+is not disturbed. It ends with NEW's snapshots at the last entry each partition had
+committed when the rebuild read its Redis stream (never past it: see _history), and refuses
+a history with a hole (entries pruned from the archive, or trimmed without archiving).
 
 deploy: switches the deployment to NEW. It marks each partition ``deploying`` (from then
 on only NEW's workers may trim its input), records NEW as ``deploying`` in PREFIX:meta,
-catches NEW's snapshots up with the input once more, then makes NEW the served model
+catches NEW's snapshots up with the committed input once more, then makes NEW the served model
 (PREFIX:meta ``model``, dimensions, components). The old model's workers then hand their
 partitions over and take none; NEW's workers take them, load NEW's snapshot and replay the
 tail. Exactly once across the switch: entries the old model had committed were answered by
@@ -88,19 +90,31 @@ def _engine(model: Path) -> Any:
 
 
 def _check_history(client: Any, settings: Settings, p: int, position: Any, archive: Any) -> None:
+    """Refuse a history with a hole after ``position`` (NEW's newest snapshot, None: from
+    the start): entries retention deleted from the archive, or that a worker trimmed from
+    Redis without archiving them (MEMNET_ARCHIVE=0, or a memnet before 0.2)."""
     from worker.connection import text
-    from worker.protocol import Keys
+    from worker.protocol import Keys, parse_id
 
-    if position is not None:
-        return
+    def after_position(entry_id: str) -> bool:  # (an entry the rebuild needs was there)
+        return position is None or parse_id(entry_id) > parse_id(position)
+
     pruned = archive.pruned()
-    if pruned is not None:
+    if pruned is not None and after_position(pruned):
         raise UpgradeError(
-            f"partition {p}: the archive was pruned up to {pruned} (MEMNET_ARCHIVE_DAYS); a "
-            "rebuild needs the whole input history"
+            f"partition {p}: the archive was pruned up to {pruned} (MEMNET_ARCHIVE_DAYS), "
+            f"after {position or 'the start'}, where this model's snapshots end; a rebuild "
+            "needs the whole input history after it"
         )
-    trimmed = client.get(Keys(settings.prefix).part(p, "trimmed"))
-    if trimmed is not None and archive.last() is None:
+    keys = Keys(settings.prefix)
+    unarchived, trimmed = client.mget(keys.part(p, "unarchived"), keys.part(p, "trimmed"))
+    if unarchived is not None and after_position(text(unarchived)):
+        raise UpgradeError(
+            f"partition {p}: a worker with MEMNET_ARCHIVE=0 trimmed its input up to "
+            f"{text(unarchived)}, after {position or 'the start'}, where this model's "
+            "snapshots end; a rebuild needs the whole input history after it"
+        )
+    if position is None and trimmed is not None and archive.last() is None:
         raise UpgradeError(
             f"partition {p}: its input was trimmed up to {text(trimmed)} without an archive "
             "(MEMNET_ARCHIVE=0, or a memnet before 0.2); a rebuild needs the whole history"
@@ -110,24 +124,69 @@ def _check_history(client: Any, settings: Settings, p: int, position: Any, archi
 def _history(
     client: Any, settings: Settings, p: int, after: str | None, archive: Any
 ) -> Iterator[tuple[str, dict[bytes, Any]]]:
-    """The partition's entries after ``after``: the archive's, then Redis's, each once."""
-    from worker.connection import text
-    from worker.protocol import Keys, parse_id
+    """The partition's entries after ``after``, each once and in order, up to the last one
+    committed (applied and answered) when Redis is first read: the archive's, then Redis's.
 
-    last = after
-    for entry_id, raw in archive.read(after):
-        last = entry_id
-        yield entry_id, {b"msg": raw}
-    key = Keys(settings.prefix).inp(p)
-    while True:
-        got = client.xrange(key, "-" if last is None else "(" + last, "+", count=10_000)
+    Not past the committed offset: a deploy's new workers start from NEW's snapshot, and
+    skip the entries before its position as applied; the old model's workers must have
+    answered them (past the offset, they may lag or be stopped). While this reads, serving
+    workers may archive and trim more: each page of Redis comes with its trim point in one
+    transaction, and when that point passed what was read, the entries below it are read
+    from the archive first (a worker archives before it trims)."""
+    from worker.connection import text
+    from worker.protocol import Keys
+
+    keys, at = Keys(settings.prefix), _Position(after)
+    yield from at.take((i, raw_fields(raw)) for i, raw in archive.read(after))
+    end = archived_to = None  # the committed offset (read with the first page); the trim
+    while True:  # point up to which the archive was read
+        pipe = client.pipeline(transaction=True)  # (MULTI: offset, trim point and page agree)
+        pipe.mget(keys.part(p, "offset"), keys.part(p, "trimmed"))
+        pipe.xrange(keys.inp(p), "-" if at.last is None else "(" + at.last, end or "+", 10_000)
+        (committed, trimmed), got = pipe.execute()
+        end = end or (None if committed is None else text(committed))
+        if end is None:
+            return  # nothing committed yet: NEW's workers apply everything
+        trimmed = None if trimmed is None else text(trimmed)
+        if trimmed not in (None, archived_to) and at.before(trimmed):
+            archived_to = trimmed  # entries of (last, trimmed) were archived, then trimmed
+            yield from at.take(((i, raw_fields(raw)) for i, raw in archive.read(at.last)), end)
+            continue  # (and read the page again after them)
         if not got:
             return
-        for entry_id, fields in got:
-            entry_id = text(entry_id)
-            if last is None or parse_id(entry_id) > parse_id(last):
-                last = entry_id
+        yield from at.take(((text(i), fields) for i, fields in got), end)
+        if not at.before(end):
+            return
+
+
+class _Position:
+    """The last entry a history gave (None: none yet)."""
+
+    def __init__(self, last: str | None) -> None:
+        self.last = last
+
+    def before(self, entry_id: str) -> bool:
+        from worker.protocol import parse_id
+
+        return self.last is None or parse_id(entry_id) > parse_id(self.last)
+
+    def take(
+        self, entries: Iterator[tuple[str, dict[bytes, Any]]], end: str | None = None
+    ) -> Iterator[tuple[str, dict[bytes, Any]]]:
+        """The entries after the last one given, up to end (all if None), in order."""
+        from worker.protocol import parse_id
+
+        for entry_id, fields in entries:
+            if end is not None and parse_id(entry_id) > parse_id(end):
+                return
+            if self.before(entry_id):
+                self.last = entry_id
                 yield entry_id, fields
+
+
+def raw_fields(raw: bytes) -> dict[bytes, Any]:
+    """An archived entry as Redis's fields."""
+    return {b"msg": raw}
 
 
 def _chunks(entries: Iterator[Any]) -> Iterator[list[Any]]:
