@@ -280,6 +280,16 @@ def test_a_worker_that_trims_without_archiving_says_so_and_a_rebuild_refuses(
         rebuild(s, model_b, 1)
 
 
+def test_archived_ids_of_any_width_are_read_in_stream_order(tmp_path):
+    """Ids a producer gives (XADD with an id) may be wider than those Redis makes."""
+    archive = Archive(store_at(f"file://{tmp_path / 'store'}"), 0)
+    archive.append([("99999999999999-0", b"c"), ("99999999999999-10000000000", b"d")])
+    archive.append([("5-0", b"a"), ("5-9999999999", b"b")])
+    assert archive.last() == "99999999999999-10000000000"
+    assert [raw for _, raw in archive.read(None)] == [b"a", b"b", b"c", b"d"]
+    assert [raw for _, raw in archive.read("5-9999999999")] == [b"c", b"d"]
+
+
 def test_a_deploy_while_the_old_model_lags_leaves_every_query_answered_once(
     redis_url, redis_server, tmp_path, model_file
 ):

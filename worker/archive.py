@@ -3,9 +3,10 @@ Redis trims it, so that a new model can be run over the whole history (``memnet 
 
 A segment is ``archive/pP/<first id>_<last id>_<sha256>.mpz``: zlib-compressed msgpack of
 ``[[entry id, msg bytes], ...]`` in stream order, exactly the entries Redis held (bad input
-included: a rebuild dead-letters it again, silently). Ids in names are zero-padded, so the
-names sort in stream order. Appending is idempotent: a segment written twice (a crash
-between archiving and trimming) repeats entries a reader skips by id.
+included: a rebuild dead-letters it again, silently). Ids in names are zero-padded (13 and
+10 digits, wider where an id is), and segments are read in the order of their ids.
+Appending is idempotent: a segment written twice (a crash between archiving and trimming)
+repeats entries a reader skips by id.
 
 Retention: MEMNET_ARCHIVE_DAYS (0: forever) deletes segments whose last entry is older;
 ``archive/pP/PRUNED`` then records up to which entry, and a rebuild refuses to start from
@@ -29,7 +30,9 @@ from memnet.errors import SnapshotError
 from memnet.store import NotFound, Store
 from worker.protocol import parse_id
 
-_SEGMENT = re.compile(r"^(\d{13}-\d{10})_(\d{13}-\d{10})_([0-9a-f]{64})\.mpz$")
+# (ids Redis makes have 13 digits of ms and seq below 10^10; an id a producer gives may be
+# wider, up to 20 digits each: its name is longer, and segments() sorts by id, not name)
+_SEGMENT = re.compile(r"^(\d{13,20}-\d{10,20})_(\d{13,20}-\d{10,20})_([0-9a-f]{64})\.mpz$")
 
 
 @dataclass(frozen=True)
