@@ -16,7 +16,7 @@ EXTRAS_train := train
 .PHONY: demo test lint train
 .PRECIOUS: $(VENV)/.installed-%
 
-$(VENV)/.installed-%: pyproject.toml setup.py memnet/_scan.c
+$(VENV)/.installed-%: pyproject.toml setup.py memnet/_scan.c memnet/_rows.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS_$*)]'
 	touch $@

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from memnet import _scan
+from memnet import _rows, _scan
 from memnet.exact import Hint
 from memnet.memory import Memory
 
@@ -275,32 +275,37 @@ class DenseSlots:
         a.changed[self.row, slots] = True
 
 
-class DenseMemory(Memory):
-    """A memory whose slots are an arena row; its write count lives in the arena too.
+# A memory whose slots are an arena row; its write count lives in the arena too. One object
+# per memory, holding its arena and row (its search structure, ``search``, is a view made on
+# demand), of a type made in C (memnet/_rows.c): a partition may hold millions of memories,
+# and objects of a class defined here would all be tracked by Python's cyclic collector,
+# walked by each full collection, and their creation would trigger full collections
+# (scripts/bench_small.py's in-process run: three, a fifth of its time). DenseMemory(arena)
+# takes a row; the memory gives it back when it is freed.
+DenseMemory = _rows.DenseMemory
 
-    One object per memory, holding its row (its search structure, ``search``, is a view
-    made on demand): a partition may hold millions of memories, and each object more is one
-    more for Python's collector to walk in its full collections, and more RAM."""
 
-    __slots__ = ("arena", "row")  # (Memory's "search" and "writes" are the properties below)
+def _search(memory: Any) -> DenseSlots:
+    return DenseSlots(memory.arena, memory.row)
 
-    def __init__(self, arena: Arena) -> None:  # (a fresh row: no writes to set)
-        self.arena = arena
-        self.row = arena.take()
 
-    def __del__(self) -> None:
-        row = getattr(self, "row", None)
-        if row is not None:  # (None: take() failed, the arena could not grow)
-            self.arena.give(row)
+def _writes(memory: Any) -> int:
+    return int(memory.arena.writes[memory.row])
 
-    @property  # type: ignore[override]
-    def search(self) -> DenseSlots:
-        return DenseSlots(self.arena, self.row)
 
-    @property  # type: ignore[override]
-    def writes(self) -> int:
-        return int(self.arena.writes[self.row])
+def _set_writes(memory: Any, value: int) -> None:
+    memory.arena.writes[memory.row] = value
 
-    @writes.setter
-    def writes(self, value: int) -> None:
-        self.arena.writes[self.row] = value
+
+def _complete(cls: type) -> None:
+    """Give the C type Memory's interface: Memory's methods, which read ``search`` and
+    ``writes``, and those two as properties of the row; isinstance(m, Memory) holds."""
+    for name, value in vars(Memory).items():
+        if not name.startswith("__") and name not in Memory.__slots__:
+            setattr(cls, name, value)
+    cls.search = property(_search)  # type: ignore[attr-defined]
+    cls.writes = property(_writes, _set_writes)  # type: ignore[attr-defined]
+    Memory.register(cls)
+
+
+_complete(DenseMemory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABCMeta
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,14 +14,15 @@ if TYPE_CHECKING:
     from memnet.dense import DenseSlots
 
 
-class Memory:
+class Memory(metaclass=ABCMeta):  # noqa: B024 (abstract only to register DenseMemory)
     """Slot vectors [S, M] behind a search structure, plus the count of writes applied.
 
     ``writes`` numbers the writes, so a generalizer that appends can tell slot ages from it.
     """
 
     # A partition holds up to millions of memories: no __dict__ per memory (less RAM, and
-    # fewer objects for Python's collector to walk).
+    # fewer objects for Python's collector to walk). Small memories are of another type,
+    # registered as a Memory (memnet/dense.py: DenseMemory).
     __slots__ = ("search", "writes")
 
     def __init__(self, slots: ExactSlots | GraphSlots | DenseSlots, writes: int = 0) -> None:
