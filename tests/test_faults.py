@@ -23,7 +23,7 @@ from tests.streams import (
 )
 from worker.faults import Fenced
 from worker.local import WorkerProcess
-from worker.protocol import Keys, partition_of
+from worker.protocol import Keys, parse_id, partition_of
 from worker.scripts import fenced
 from worker.servers import RedisServer
 from worker.worker import Worker
@@ -163,6 +163,41 @@ def test_missing_snapshots_with_trimmed_input_are_refused_not_guessed(
     with caplog.at_level(logging.ERROR):
         run_burst(redis_url, tmp_path, model_file)
     assert caplog.text.count("cannot be rebuilt exactly: no usable snapshot") == PARTITIONS
+    assert len(outputs(r, PREFIX, PARTITIONS)) == answered  # no answers from a wrong memory
+
+
+def test_a_fallback_below_the_trimmed_input_is_refused_not_served(
+    redis_url, redis_server, tmp_path, model_file, caplog
+):
+    """Snapshots the kept ones build on are kept too, but the input is trimmed at the oldest
+    kept one: when every kept snapshot is damaged, the store's fallback to such an ancestor
+    would replay from an entry whose successors are gone."""
+    r = redis_server.client()
+    rng = np.random.default_rng(23)
+    first = {}  # one memory of each partition, written in the first run only: the packs of
+    for name in MEMORIES:  # the first snapshot stay (a pack goes with its last memory)
+        first.setdefault(partition_of(name, PARTITIONS), name)
+    later = [name for name in MEMORIES if name not in first.values()]
+    batch = events(150, MEMORIES, DIMS, rng) + events(600, later, DIMS, rng)
+    for start in range(0, 600, 150):  # a snapshot at each hand-over; trims at the next run
+        send(r, PREFIX, PARTITIONS, batch[start : start + 150])
+        run_burst(redis_url, tmp_path, model_file)
+    root, fingerprint = tmp_path / "snap", load_model(model_file).fingerprint[:16]
+    for p in range(PARTITIONS):
+        manifests = sorted((root / f"p{p}" / fingerprint / "manifests").glob("snap-*.json"))
+        assert len(manifests) >= 3  # two kept (snapshots_kept) and the full one they need
+        for newer in manifests[1:]:  # damage all but that one (their index blobs)
+            index = root / json.loads(newer.read_text())["manifest"]["index"]["key"]
+            index.write_bytes(index.read_bytes()[:-3] + b"###")
+        oldest = json.loads(manifests[0].read_text())["manifest"]["position"]
+        assert parse_id(oldest) < parse_id(r.get(Keys(PREFIX).part(p, "trimmed")).decode())
+    send(r, PREFIX, PARTITIONS, batch[600:])
+    answered = len(outputs(r, PREFIX, PARTITIONS))
+    with caplog.at_level(logging.ERROR):
+        run_burst(redis_url, tmp_path, model_file)
+    assert caplog.text.count("cannot be rebuilt exactly: its newest usable snapshot") == (
+        PARTITIONS
+    )
     assert len(outputs(r, PREFIX, PARTITIONS)) == answered  # no answers from a wrong memory
 
 

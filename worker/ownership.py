@@ -322,9 +322,9 @@ class Ownership:
             refused = None
         except SnapshotError as e:
             refused = str(e)
-        if part.position is not None:
-            return True
         trimmed = self.client.get(self.keys.part(part.number, "trimmed"))
+        if part.position is not None:
+            return self._after_trim(part, trimmed)
         if trimmed is not None:
             log.error(
                 "partition %d cannot be rebuilt exactly: no usable snapshot (%s) and the "
@@ -340,6 +340,23 @@ class Ownership:
                 "partition %d: %s; replaying its whole history instead", part.number, refused
             )
         return True
+
+    def _after_trim(self, part: Partition, trimmed: bytes | None) -> bool:
+        """Whether the input still holds every entry after the loaded snapshot: the input
+        is trimmed at the oldest kept snapshot's position, and when the newer ones are
+        refused (damaged), the store falls back to an older one its chains keep."""
+        if trimmed is None or parse_id(part.position) >= parse_id(text(trimmed)):  # type: ignore[arg-type]
+            return True
+        log.error(
+            "partition %d cannot be rebuilt exactly: its newest usable snapshot is at entry "
+            "%s, but the input was trimmed up to %s (the newer snapshots were refused: see "
+            "above). Restore a good snapshot into %s.",
+            part.number,
+            part.position,
+            text(trimmed),
+            f"{self.s.store_url}/{model_prefix(part.number, self.engine.model.fingerprint)}",
+        )
+        return False
 
     def ensure_group(self, part: Partition, at: str) -> None:
         """Create the consumer group at ``at`` unless it exists (fenced)."""
