@@ -529,6 +529,7 @@ class SnapshotStore:
             "serial": info.serial,
             "created": time.time(),
             "parent": None if full or parent is None else parent[0].name,
+            "after": None if parent is None else parent[0].name,  # (its lineage: _lineage)
             "depth": 0 if full else pbody["depth"] + 1,  # type: ignore[index]
             "since_full": 0 if full else since,
             "count": count,
@@ -552,7 +553,10 @@ class SnapshotStore:
                 needed.add(key)
                 body = self._body(key)
         garbage: list[str] = []
+        lineage = self._lineage(found)
         for info in found:
+            if info.key not in lineage:  # (a branch off it: what it dropped, ours may use)
+                continue
             if info <= oldest and (self._gc_mark is None or info > self._gc_mark):
                 try:
                     garbage += self._body(info.key)["dropped"]
@@ -569,6 +573,26 @@ class SnapshotStore:
         self._gc_mark = oldest
         if full:
             self._sweep(kept, needed)
+
+    def _lineage(self, found: list[SnapshotInfo]) -> set[str]:
+        """The manifests this writer's newest snapshot descends from (itself included),
+        through each one's "after": the snapshot it was made on, full or not. A snapshot off
+        that line (published, then refused by a later owner that went on from an older
+        one: a quarantined blob, a stale writer, a publication reported failed) dropped
+        blobs of memories it changed that this line still references: its "dropped" list
+        must not be deleted. Manifests of memnet 0.2 have no "after": their line ends at
+        their last full index (what was dropped before it is left to _sweep)."""
+        present, line = {i.key for i in found}, set()
+        key = self.head[0].key if self.head is not None else None
+        while key in present and key not in line:
+            line.add(key)
+            try:
+                body = self._body(key)
+            except SnapshotError:
+                break
+            after = body.get("after", body["parent"])
+            key = None if after is None else self.prefix + "manifests/" + after + ".json"
+        return line
 
     def _sweep(self, kept: list[SnapshotInfo], needed: set[str]) -> None:
         referenced = {key for key, _, _ in self.view.blob_sizes()}

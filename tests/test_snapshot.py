@@ -632,3 +632,28 @@ def test_unreferenced_blobs_are_swept_at_a_full_index_after_a_grace(tmp_path, mo
     for info, _ in store.manifests():
         assert info.key in files(tmp_path)
     assert_same_memories(loaded.memories, memories)
+
+
+def test_what_a_refused_branch_dropped_stays_for_the_line_that_went_on_without_it(tmp_path):
+    """A published snapshot C that a later owner refuses (here a blob of it quarantined as
+    corrupt) is a branch: the new owner goes on from C's parent P, whose blobs C dropped
+    for the memories it changed. When C becomes the oldest kept, those must stay."""
+    engine = engine_for()
+    first = SnapshotStore(tmp_path, engine)
+    memories = many(engine, 2)  # ("m00000", "m00001", in one pack)
+    first.save(memories, "1-0", epoch=1)
+    first.save(change(memories, ["m00000"], 2.0), "2-0", epoch=1)  # P
+    before_c = {name: (m.matrix(), m.writes) for name, m in memories.items()}
+    first.save(change(memories, ["m00000"], 3.0), "3-0", epoch=1)  # C: drops P's m00000
+    first._quarantine(first.view.get("m00000").key)  # (found corrupt by a later fetch)
+    second = SnapshotStore(tmp_path, engine)
+    loaded = second.load()
+    assert loaded.position == "2-0" and len(loaded.refused) == 1  # on from P
+    other = second.fetch(["m00001"])
+    for position in ("4-0", "5-0"):  # C becomes the oldest of the three kept
+        second.save(change(other, ["m00001"], float(position[0])), position, epoch=2)
+    again = SnapshotStore(tmp_path, engine)
+    assert again.load().position == "5-0"
+    got = again.fetch(["m00000"])["m00000"]  # P's m00000, which the line still uses
+    np.testing.assert_array_equal(got.matrix(), before_c["m00000"][0])
+    assert got.writes == before_c["m00000"][1]
