@@ -61,11 +61,22 @@ class GraphBase:
         self.vectors[slots] = vectors
         self.filled[slots] = True
         if self._norms is not None:
-            norms, top = squared_norms(vectors, None)
-            self._norms[slots] = norms
-            self.max_norm = max(self.max_norm, top)
+            self._norms[slots] = squared_norms(vectors, None)[0]
+            self.max_norm = self._largest_norm()
         self.index.add_items(vectors, slots, num_threads=1)
         self.id = uuid.uuid4().hex
+
+    def _largest_norm(self) -> float:
+        """The largest norm of the filled rows, exactly as squared_norms computes it from
+        the vectors (so a base read back from a snapshot has the same: the search routes
+        queries by it, GraphSlots._route). The rows of the largest float32 squared norm hold
+        the largest float64 one (rounding to float32 never reverses an order): only they
+        are summed again."""
+        finite = self._norms[np.isfinite(self._norms)]  # type: ignore[index]
+        if not len(finite):
+            return 0.0
+        rows = np.flatnonzero(self._norms == finite.max())
+        return squared_norms(self.vectors[rows], None)[1]
 
     @classmethod
     def build(

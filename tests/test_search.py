@@ -221,3 +221,19 @@ def test_the_initial_graph_cache_is_shared_and_verified(tmp_path, rng):
     graph_file.write_bytes(bytes(data))
     with pytest.raises(SnapshotError, match="damaged index cache"):
         Engine(model, cache_dir=tmp_path).init_base()
+
+
+def test_a_graph_base_knows_the_largest_norm_of_its_rows_as_they_are_not_as_they_were(rng):
+    """The search routes a query by it (GraphSlots._route): a base read back from a
+    snapshot computes it from its rows, so the one that served must have the same."""
+    from memnet.distance import squared_norms
+
+    cfg = IndexConfig(exact_max_slots=16, overlay_max=4)
+    vectors = rng.standard_normal((64, 8)).astype(np.float32)
+    vectors[7] *= 10  # slot 7 the largest, then shrunk, then others grow and shrink
+    base = GraphBase.build(vectors.copy(), np.ones(64, bool), cfg, "init")
+    base.norms()
+    for slots, scale in (([7], 0.0), ([3, 9], 5.0), ([3], 0.1), ([9, 20], 1.0)):
+        rows = rng.standard_normal((len(slots), 8)).astype(np.float32) * np.float32(scale)
+        base.update(np.array(slots), rows)
+        assert base.max_norm == squared_norms(base.vectors, base.filled)[1]  # bit for bit
