@@ -57,6 +57,7 @@ class Arena:
         self._free: list[int] = []  # rows given back (reset)
         self._deferred: list[int] | None = None  # rows given back while the arrays move
         self._fresh = 0  # rows from here on were never taken
+        self._populate = hasattr(mmap, "MAP_ANONYMOUS")  # (MADV_POPULATE_WRITE: _set_fresh)
         self._ready = 0  # rows below this are set (fresh ones BLOCK at a time)
         # One row: vectors, filled and changed flags, write count.
         self.row_bytes = init.size * 4 + 2 * len(init) + 8
@@ -74,9 +75,26 @@ class Arena:
         row = self._fresh
         if row == self._ready:
             self._ready = min(row + self.BLOCK, len(self.writes))
-            self._reset(slice(row, self._ready))
+            self._set_fresh(row, self._ready)
         self._fresh += 1
         return row
+
+    def _set_fresh(self, start: int, stop: int) -> None:
+        """Rows never taken hold zeros (a fresh mapping, or the part mremap added): set
+        memory_init and the filled flags, leaving the zero flags and counts untouched (their
+        pages are faulted in when first written). The vectors' pages are faulted in with
+        one madvise(MADV_POPULATE_WRITE) (Linux 5.14) instead of a fault per page: 30 of
+        ~100 ms for 100,000 new 64 x 8 memories here (a timeit outside the repository)."""
+        if self._populate:
+            per_row = self.vectors.strides[0]
+            first = start * per_row // mmap.PAGESIZE * mmap.PAGESIZE
+            try:
+                self._maps["vectors"].madvise(_POPULATE_WRITE, first, stop * per_row - first)
+            except (OSError, ValueError):  # an older kernel: faulted in page by page
+                self._populate = False
+        self.vectors[start:stop] = self.init
+        if self.starts_filled:
+            self.filled[start:stop] = True
 
     def give(self, row: int) -> None:
         if self._deferred is not None:  # (a memory collected in the middle of _grow)
@@ -137,6 +155,7 @@ class Arena:
 
 
 _ARRAYS = ("vectors", "filled", "changed", "writes")
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # (Linux's value; Python 3.13 names it)
 
 
 def _anonymous(size: int) -> mmap.mmap:
