@@ -86,6 +86,21 @@ def test_entries_already_applied_are_acknowledged_not_applied_again(model_file, 
     assert first.dead + again.dead == whole.dead
 
 
+def test_a_batch_wholly_applied_before_never_moves_the_position_back(model_file, tmp_path):
+    """After Redis lost data (a restart from an older RDB, a lagging replica) the group
+    delivers entries a restored snapshot already covers: skipped, they must not pull the
+    applied position back below the snapshot's, or later ones below it apply twice."""
+    rng = np.random.default_rng(8)
+    entries = mixed_entries(rng, 3000, 90, names(3))
+    part = partition(model_file, tmp_path)
+    apply(part, entries)  # (the restored state: applied up to the last entry)
+    position = part.position
+    for chunk in (entries[:30], entries[30:60], entries[60:]):  # delivered again
+        again = apply(part, chunk)
+        assert again.counts["skipped"] == len(chunk) and again.responses == again.dead == []
+        assert part.position == position
+
+
 def test_memories_in_the_snapshot_store_are_fetched_as_before(model_file, tmp_path):
     rng = np.random.default_rng(7)
     memories = names(5)

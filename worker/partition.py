@@ -297,7 +297,10 @@ class Partition:
         for outputs, made_before in zip((batch.responses, batch.dead), before, strict=True):
             if made_before:
                 outputs.sort(key=lambda r: parse_id(r[0]))
-        self.position = batch.last_id
+        # Never back: after Redis lost data the group may deliver entries the restored
+        # snapshot covers; prepare skips them, and later ones must still be seen as applied.
+        if self.position is None or parse_id(batch.last_id) > parse_id(self.position):
+            self.position = batch.last_id
         self.seen = max(self.seen or batch.last_id, batch.last_id, key=parse_id)
         self.since_snapshot += pending.entries
         self.uncommitted = True
