@@ -238,6 +238,42 @@ def test_redact_hides_only_the_password():
     assert redact("rediss://:s3cret@h/0") == "rediss://:***@h/0"
     assert redact("redis://u:pw@h:bad/0") == "redis://u:***@h:bad/0"
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
+    # a password with "/" or "@" not percent-encoded, and redis-py's query parameter
+    assert redact("redis://default:s3/cr@t@h:6379/0") == "redis://default:***@h:6379/0"
+    assert (
+        redact("unix:///run/r.sock?db=0&password=s3cret") == "unix:///run/r.sock?db=0&password=***"
+    )
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        (
+            {"REDIS_URL": "redis://:s3cret@h/0?socket_timeout=abc"},
+            "REDIS_URL has a bad option",
+        ),
+        ({"REDIS_URL": "rediss://:s3cret@h/0?ssl_cert_reqs=bogus"}, "REDIS_URL has a bad option"),
+        ({"REDIS_URL": "redis://default:s3/cret@h:6379/0"}, "REDIS_URL has a bad port"),
+        ({"MEMNET_SNAPSHOT_URL": "file://var/snapshots"}, "MEMNET_SNAPSHOT_URL must be a path"),
+        ({"MEMNET_SNAPSHOT_EVERY_S": "nan"}, "MEMNET_SNAPSHOT_EVERY_S must be a finite number"),
+        ({"MEMNET_STOP_SNAPSHOT_S": "inf"}, "MEMNET_STOP_SNAPSHOT_S must be a finite number"),
+        ({"PORT": "abc"}, "PORT must be a number"),
+    ],
+)
+def test_a_bad_setting_stops_with_its_name_and_no_password(env, named):
+    with pytest.raises(SettingsError, match=named) as error:
+        Settings.from_env(env)
+    assert "s3cret" not in str(error.value) and "cret" not in str(error.value)
+    done = run("status", env=env)
+    assert done.returncode == 2 and named in one_line(done) and "cret" not in done.stderr
+
+
+def test_a_file_that_cannot_be_written_stops_with_its_path(tmp_path):
+    (tmp_path / "missing").write_text("")  # (a file where a directory should be)
+    out = tmp_path / "missing" / "m.safetensors"
+    done = run("init", "--input-dim", "4", "--memory-dim", "4", "--output-dim", "2",
+               "--slots", "8", str(out))  # fmt: skip
+    assert done.returncode == 2 and "missing" in one_line(done)
 
 
 def test_metrics_port_in_use_names_the_setting(tmp_path, model_file):

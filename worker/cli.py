@@ -295,6 +295,8 @@ def _failure(e: Exception) -> tuple[int, str] | None:
         return 2, str(e)
     if isinstance(e, UNAVAILABLE):
         return 3, f"cannot reach Redis: {e}"
+    if isinstance(e, OSError) and e.filename is not None:  # a file the command was given
+        return 2, f"{e.strerror or e}: {e.filename}"
     return None
 
 

@@ -9,13 +9,17 @@ the variable.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+import redis
 
 
 class SettingsError(ValueError):
@@ -67,7 +71,7 @@ class Settings:
             name = ENV_NAMES[f.name]
             raw = env.get(name)
             if f.name == "metrics_port" and raw is None:
-                raw = env.get("PORT")
+                name, raw = "PORT", env.get("PORT")  # (honcho's and Heroku's)
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(name, f.name, raw)
@@ -76,18 +80,7 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        url = urlsplit(self.redis_url)
-        if url.scheme not in ("redis", "rediss", "unix"):
-            raise SettingsError(
-                f"REDIS_URL must start with redis://, rediss:// or unix://, "
-                f"got {redact(self.redis_url)!r}"
-            )
-        try:
-            url.port  # noqa: B018 (parsing it is the check: a non-number or out of range)
-        except ValueError as e:
-            raise SettingsError(
-                f"REDIS_URL has a bad port ({e}): {redact(self.redis_url)!r}"
-            ) from None
+        self._check_redis_url()
         if not self.prefix or any(c in self.prefix for c in "{} \n"):
             raise SettingsError(
                 f"MEMNET_PREFIX must be non-empty without braces or spaces, got {self.prefix!r}"
@@ -106,8 +99,10 @@ class Settings:
             )
         store = urlsplit(self.snapshot_url)
         if self.snapshot_url and (
-            store.scheme not in ("", "file", "s3") or (store.scheme == "s3" and not store.netloc)
-        ):
+            store.scheme not in ("", "file", "s3")
+            or (store.scheme == "s3" and not store.netloc)
+            or (store.scheme == "file" and store.netloc not in ("", "localhost"))
+        ):  # (file://var/x would name the path /x on a host "var")
             raise SettingsError(
                 "MEMNET_SNAPSHOT_URL must be a path, file:///PATH or s3://BUCKET[/PREFIX], "
                 f"got {self.snapshot_url!r}"
@@ -116,6 +111,26 @@ class Settings:
             raise SettingsError(f"MEMNET_LEASE_MS must be at least 300, got {self.lease_ms}")
         if self.gc_threshold < 1:
             raise SettingsError(f"MEMNET_GC_THRESHOLD must be at least 1, got {self.gc_threshold}")
+
+    def _check_redis_url(self) -> None:
+        url = urlsplit(self.redis_url)
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, "
+                f"got {redact(self.redis_url)!r}"
+            )
+        try:
+            url.port  # noqa: B018 (parsing it is the check: a non-number or out of range)
+        except ValueError as e:
+            raise SettingsError(
+                f"REDIS_URL has a bad port ({e}): {redact(self.redis_url)!r}"
+            ) from None
+        try:  # its options (?socket_timeout=...): redis-py checks them making a connection
+            redis.ConnectionPool.from_url(self.redis_url).make_connection()  # (no I/O)
+        except (ValueError, TypeError, redis.RedisError) as e:
+            raise SettingsError(
+                f"REDIS_URL has a bad option ({redact(str(e))}): {redact(self.redis_url)!r}"
+            ) from None
 
 
 ENV_NAMES = {
@@ -242,6 +257,8 @@ def _parse(name: str, key: str, raw: str) -> object:
         value: float = float(raw) if key in floats else int(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):  # (nan would compare False with every bound and deadline)
+        raise SettingsError(f"{name} must be a finite number, got {raw!r}")
     if (key in _POSITIVE and value < 1) or value < 0 or (key == "metrics_port" and value > 65535):
         raise SettingsError(f"{name} is out of range: {raw!r}")
     return value
@@ -252,11 +269,15 @@ def default_worker_id() -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and messages (read from the text
-    as written, so a URL with a bad port is redacted too)."""
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """The URL with any password replaced by ***, for logs and messages: the one of
+    ``user:password@`` (read from the text as written, up to the last "@": a password may
+    hold "/", "?", "#" or "@" not percent-encoded, and a URL with a bad port is redacted
+    too) and a ``password=`` query parameter (redis-py's way for unix sockets)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        url = f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
+    return _PASSWORD_PARAMETER.sub(r"\1***", url)
+
+
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
