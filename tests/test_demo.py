@@ -51,3 +51,15 @@ def test_demo_uses_redis_url_and_cleans_up(redis_url, redis_server):
     out = run_demo({**os.environ, "REDIS_URL": redis_url})
     assert "Redis: REDIS_URL" in out
     assert redis_server.client().keys("memnet-demo-*") == []
+
+
+def test_local_workers_never_use_the_callers_snapshot_store(tmp_path, monkeypatch):
+    """memnet demo and eval-babi run in a shell that may export a deployment's settings:
+    their workers must not snapshot or archive into its store."""
+    from worker.local import worker_env
+    from worker.settings import Settings
+
+    monkeypatch.setenv("MEMNET_SNAPSHOT_URL", "s3://production/memnet")
+    monkeypatch.setenv("PORT", "9100")
+    env = worker_env("redis://127.0.0.1:1/0", tmp_path / "m.safetensors", "demo", tmp_path, 8)
+    assert Settings.from_env(env).store_url == str(tmp_path / "snapshots-demo")

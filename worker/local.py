@@ -102,12 +102,10 @@ def owners(client: redis.Redis, prefix: str, partitions: int) -> list[str | None
     return [v.decode() if v is not None else None for v in values]
 
 
-@contextlib.contextmanager
-def local_workers(
-    url: str, model: Path, prefix: str, workdir: Path, count: int = 2, partitions: int = 8
-) -> Iterator[MemnetClient]:
-    """``count`` worker processes serving model under prefix; yields a client once they
-    hold every partition; stops them (SIGTERM) and deletes the prefix's keys after."""
+def worker_env(url: str, model: Path, prefix: str, workdir: Path, partitions: int) -> dict:
+    """The environment of a local worker: this one's, with its own Redis, model, prefix and
+    snapshot directory; never the caller's deployment's store (MEMNET_SNAPSHOT_URL: a demo
+    must not snapshot or archive into it) nor its metrics port."""
     env = {
         **os.environ,
         "REDIS_URL": url,
@@ -118,8 +116,18 @@ def local_workers(
         "MEMNET_LEASE_MS": "2000",
         "MEMNET_LOG_LEVEL": "WARNING",
     }
-    env.pop("MEMNET_METRICS_PORT", None)
-    env.pop("PORT", None)
+    for name in ("MEMNET_METRICS_PORT", "PORT", "MEMNET_SNAPSHOT_URL"):
+        env.pop(name, None)
+    return env
+
+
+@contextlib.contextmanager
+def local_workers(
+    url: str, model: Path, prefix: str, workdir: Path, count: int = 2, partitions: int = 8
+) -> Iterator[MemnetClient]:
+    """``count`` worker processes serving model under prefix; yields a client once they
+    hold every partition; stops them (SIGTERM) and deletes the prefix's keys after."""
+    env = worker_env(url, model, prefix, workdir, partitions)
     workers = [
         subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env)
         for _ in range(count)
