@@ -67,8 +67,8 @@ def classify(error: BaseException) -> Kind:
             return Kind.LOST
         if message.startswith("NOGROUP"):
             return Kind.NOGROUP
-        if message.startswith("NOPERM"):
-            return Kind.PERMISSION
+        if message.startswith("NOPERM") or "can't run this command" in message:
+            return Kind.PERMISSION  # (the second: a command a script called, Redis 7)
     return Kind.OTHER
 
 

@@ -210,6 +210,42 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
+# KEYS: a stream, a string, a sorted set (probe keys, removed)  ->  {command, error, ...}
+# Each command the scripts above call, called once the way they call it: Redis checks a
+# script's commands against the user's ACL rules only when it runs them, so a missing right
+# would otherwise surface at the first trim or handover (worker.probe_rights).
+PROBE = """
+local refused = {}
+local function try(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then
+    local e = tostring(r.err)
+    if string.find(e, 'NOPERM', 1, true) or string.find(e, "can't run this command", 1, true) then
+      table.insert(refused, (...))
+      table.insert(refused, e)
+    end
+  end
+end
+try('XADD', KEYS[1], 'MAXLEN', '~', 10, '*', 'msg', 'probe')
+try('XGROUP', 'CREATE', KEYS[1], 'memnet', '0', 'MKSTREAM')
+try('XREADGROUP', 'GROUP', 'memnet', 'probe', 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+try('XACK', KEYS[1], 'memnet', '0-1')
+try('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+try('XINFO', 'CONSUMERS', KEYS[1], 'memnet')
+try('XGROUP', 'DELCONSUMER', KEYS[1], 'memnet', 'probe')
+try('XTRIM', KEYS[1], 'MINID', '0')
+try('SET', KEYS[2], '1', 'PX', 60000)
+try('GET', KEYS[2])
+try('INCR', KEYS[2])
+try('ZADD', KEYS[3], 0, 'probe')
+try('ZRANGE', KEYS[3], 0, -1)
+try('ZREM', KEYS[3], 'probe')
+try('ZREMRANGEBYSCORE', KEYS[3], '-inf', 0)
+try('DEL', KEYS[1], KEYS[2], KEYS[3])
+return refused
+"""
+
+
 class Scripts:
     """The scripts registered on one client (EVALSHA, loading them again when needed)."""
 

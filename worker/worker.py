@@ -33,7 +33,7 @@ from memnet import Engine, SnapshotError, load_model, quantized
 from memnet.batching import keep_compilations
 from memnet.errors import SnapshotAborted, StaleSnapshot
 from worker import metrics
-from worker.connection import Client, connect, is_cluster
+from worker.connection import Client, connect, is_cluster, text
 from worker.dead import log_dead_letters
 from worker.faults import UNAVAILABLE, Backoff, Kind, Throttled, classify
 from worker.leases import LeaseKeeper
@@ -42,7 +42,7 @@ from worker.ownership import Ownership
 from worker.partition import Batch, Partition
 from worker.permissions import acl_rules
 from worker.protocol import Keys
-from worker.scripts import Scripts
+from worker.scripts import PROBE, Scripts
 from worker.settings import Settings, SettingsError, redact
 from worker.streams import Entries
 
@@ -455,6 +455,13 @@ def probe_rights(client: Client, keys: Keys) -> None:
         raise
     except redis.ResponseError:
         pass  # "no such key": the expected answer
+    probes = [probe, keys.part(0, "probe-string"), keys.part(0, "probe-zset")]
+    refused = text(client.eval(PROBE, len(probes), *probes))  # (the scripts' commands)
+    if refused:
+        raise redis.exceptions.NoPermissionError(
+            f"this user has no permissions to run the '{refused[0].lower()}' command, which "
+            f"the worker's scripts use ({refused[1]})"
+        )
 
 
 def serve(
