@@ -318,3 +318,27 @@ def test_a_deploy_while_the_old_model_lags_leaves_every_query_answered_once(
     for _, response in outputs(r, PREFIX, PARTITIONS):
         if response["id"] in {e.get("id") for e in backlog}:
             assert_same_answer(response, by_b[response["id"]])  # B over the whole history
+
+
+def test_a_deploy_that_cannot_finish_is_called_off_and_the_old_model_serves_on(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """A model whose input does not fit what producers send refuses every write: not
+    deployed, and the partitions' deploying marks go back, so the old workers trim again."""
+    from dataclasses import replace
+
+    from worker.upgrade import UpgradeError
+
+    r = redis_server.client()
+    wider = tmp_path / "wider.safetensors"
+    save_model(random_model(replace(WORKER_MODEL, input_dim=WORKER_MODEL.input_dim + 1), 80),
+               wider)  # fmt: skip
+    s = worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS)
+    send(r, PREFIX, PARTITIONS, events(200, NAMES, DIMS, np.random.default_rng(44)))
+    Worker(s, Engine(load_model(model_file))).run(burst=True)
+    served = load_model(model_file).fingerprint
+    with pytest.raises(UpgradeError, match=r"refuses every write.*called off"):
+        deploy(s, wider, jobs=1)
+    assert text(r.hget(Keys(PREFIX).meta, "model")) == served
+    assert text(r.hget(Keys(PREFIX).meta, "deploying")) == served
+    assert {text(r.get(Keys(PREFIX).part(p, "deploying"))) for p in range(PARTITIONS)} == {served}

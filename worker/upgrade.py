@@ -63,11 +63,12 @@ def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = Fal
     part.epoch = store.newest_epoch()  # continue its snapshots, never behind them
     archive = Archive(store_at(settings.store_url), p)
     _check_history(client, settings, p, part.position, archive)
-    started, done = time.perf_counter(), 0
+    started, done, writes, refused = time.perf_counter(), 0, 0, 0
     bar = tqdm(desc=f"partition {p}", unit=" entries", position=p, disable=quiet, leave=True)
     for chunk in _chunks(_history(client, settings, p, part.position, archive)):
         pending = part.prepare(chunk, queries=False)  # (they change no memory)
-        part.finish(pending, engine.process(pending.items))
+        counts = part.finish(pending, engine.process(pending.items)).counts
+        writes, refused = writes + counts["write"], refused + counts["dead"]
         part.uncommitted = False
         done += len(chunk)
         bar.update(len(chunk))
@@ -77,7 +78,8 @@ def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = Fal
         part.snapshot()
     bar.close()
     took = time.perf_counter() - started
-    return {"partition": p, "entries": done, "seconds": took, "position": part.position}
+    return {"partition": p, "entries": done, "seconds": took, "position": part.position,
+            "writes": writes, "refused": refused}  # fmt: skip
 
 
 @functools.cache
@@ -258,10 +260,41 @@ def deploy(settings: Settings, model: Path, jobs: int) -> dict:
     pipe.execute()
     if old == new.fingerprint:  # (also how an interrupted deploy is called off)
         return {"model": new.fingerprint, "previous": old, "switched": False, "rebuilt": []}
-    rebuilt = rebuild(settings, model, jobs)  # caught up: nothing can be trimmed meanwhile
+    try:
+        rebuilt = rebuild(settings, model, jobs)  # caught up: nothing can be trimmed meanwhile
+        _check_fits(rebuilt, new.fingerprint)
+    except UpgradeError as e:  # called off: the old model's workers may trim again
+        _call_off(client, keys, settings.partitions, old)
+        raise UpgradeError(f"{e}; deploy called off, model {str(old)[:12]} serves on") from None
+    except BaseException:
+        _call_off(client, keys, settings.partitions, old)
+        raise
     fields = {k: v for k, v in record(settings, new).items() if k not in ("partitions", "protocol")}
     client.hset(keys.meta, mapping={**fields, "previous": old or ""})
     return {"model": new.fingerprint, "previous": old, "switched": True, "rebuilt": rebuilt}
+
+
+def _check_fits(rebuilt: list[dict], fingerprint: str) -> None:
+    """Refuse a model that takes none of the history's writes (its input dimensions or
+    encoder do not fit what producers send): its memories would all be empty."""
+    refused = sum(d.get("refused", 0) for d in rebuilt)
+    if refused and not sum(d.get("writes", 0) for d in rebuilt):
+        raise UpgradeError(
+            f"model {fingerprint[:12]} refuses every write of the input history ({refused:,} "
+            "entries: its input does not fit what producers send, see its dead letters with "
+            "a worker of it); not deployed"
+        )
+
+
+def _call_off(client: Any, keys: Any, partitions: int, old: str | None) -> None:
+    """Undo a deploy's marks: the served model's workers trim again (deploying = served)."""
+    if old is None:
+        return
+    pipe = client.pipeline(transaction=False)
+    for p in range(partitions):
+        pipe.set(keys.part(p, "deploying"), old)
+    pipe.hset(keys.meta, "deploying", old)
+    pipe.execute()
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -329,7 +362,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def _report(done: list[dict], seconds: float) -> None:
     entries = sum(d["entries"] for d in done)
+    refused = sum(d.get("refused", 0) for d in done)
     print(
         f"{entries:,} entries over {len(done)} partitions in {seconds:.1f} s "
         f"({entries / max(seconds, 1e-9):,.0f} entries/s)"
+        + (f"; {refused:,} refused by this model (bad input for it)" if refused else "")
     )
