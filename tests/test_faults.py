@@ -376,3 +376,21 @@ def test_workers_run_unchanged_on_a_redis_cluster(cluster, tmp_path, model_file)
         assert_all_answered_once(r, batch, model_file)
     finally:
         assert all(w.stop() == 0 for w in workers)
+
+
+def test_a_partition_handed_over_stops_showing_its_lag_here(redis_url, redis_server, tmp_path,
+                                                            model_file):  # fmt: skip
+    """memnet_partition_lag is per partition: only its owner exports it (summed over
+    workers, or alerted on, a partition that moved would count twice or stay firing)."""
+    from worker import metrics
+
+    def shown():
+        return {s.labels["partition"] for s in metrics.LAG.collect()[0].samples}
+
+    w = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    w.keeper.tick()
+    assert shown() >= {str(p) for p in range(PARTITIONS)}
+    w.owner.hand_over(0)
+    w.keeper.tick()
+    assert "0" not in shown() and {"1", "2", "3"} <= shown()
+    w.shutdown()

@@ -10,6 +10,7 @@ thread re-asserts the deployment's record (worker/meta.py) each round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -60,6 +61,7 @@ class LeaseKeeper(threading.Thread):
         self.on_lost = on_lost
         self.last_progress = last_progress
         self.stall_s = stall_s
+        self._lag_shown: set[int] = set()  # partitions whose lag this worker exports
         self.meta = meta(client)
         self.members: list[str] = []
         self.throttled = Throttled(log)
@@ -98,7 +100,12 @@ class LeaseKeeper(threading.Thread):
             self.leave()
             live = self.client.zrangebyscore(self.keys.workers, now, "+inf")
         self.members = sorted(text(live))
-        for p, epoch in self.owned().items():
+        owned = self.owned()
+        for p in self._lag_shown - set(owned):  # (another worker shows it now)
+            with contextlib.suppress(KeyError):
+                metrics.LAG.remove(str(p))
+        self._lag_shown = set(owned)
+        for p, epoch in owned.items():
             keys = [self.keys.part(p, "epoch"), self.keys.part(p, "lease")]
             with self.holding(p, epoch) as held:  # not released meanwhile
                 if not held:
