@@ -258,6 +258,7 @@ def test_redact_hides_only_the_password():
         ({"MEMNET_SNAPSHOT_EVERY_S": "nan"}, "MEMNET_SNAPSHOT_EVERY_S must be a finite number"),
         ({"MEMNET_STOP_SNAPSHOT_S": "inf"}, "MEMNET_STOP_SNAPSHOT_S must be a finite number"),
         ({"PORT": "abc"}, "PORT must be a number"),
+        ({"MEMNET_SNAPSHOTS_KEPT": "1"}, "MEMNET_SNAPSHOTS_KEPT must be at least 2"),
     ],
 )
 def test_a_bad_setting_stops_with_its_name_and_no_password(env, named):

@@ -257,7 +257,7 @@ def test_healthz_follows_the_loop_and_metrics_are_served(caplog):
         progress[0] = time.monotonic() - 5
         code, body = get(port, "/healthz")
         assert code == 503 and body.startswith("worker loop stalled: last pass 5.")
-        assert body.endswith("(limit 2 s, the lease period)\n")
+        assert body.endswith("(limit 2 s, after which its leases are not renewed)\n")
         progress[0] = None
         assert get(port, "/healthz")[0] == 503
         code, body = get(port, "/metrics")

@@ -330,7 +330,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                 settings.metrics_host,
                 settings.metrics_port,
                 lambda: running[0].last_progress() if running else None,
-                within_s=settings.lease_ms / 1000,
+                within_s=settings.stall_s,  # (when the lease keeper gives up too)
             )
         except OSError as e:  # the port is taken, or the host is not this machine's
             raise SettingsError(str(e)) from None

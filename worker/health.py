@@ -56,7 +56,7 @@ class HealthServer(ThreadingHTTPServer):
             return 200, "ok"
         return 503, (
             f"worker loop stalled: last pass {age:.1f} s ago (limit {self.within_s:g} s, "
-            "the lease period)"
+            "after which its leases are not renewed)"
         )
 
 

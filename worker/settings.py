@@ -19,8 +19,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import redis
-
 
 class SettingsError(ValueError):
     """A setting is missing or wrong; the message names the environment variable."""
@@ -62,6 +60,13 @@ class Settings:
     @property
     def renew_every_s(self) -> float:
         return self.lease_ms / 3000
+
+    @property
+    def stall_s(self) -> float:
+        """How long the worker loop may go without a pass before the lease keeper stops
+        renewing (its peers then take its partitions) and /healthz says 503: one step of
+        large memories may take seconds."""
+        return max(30.0, 10 * self.lease_ms / 1000)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -111,6 +116,11 @@ class Settings:
             raise SettingsError(f"MEMNET_LEASE_MS must be at least 300, got {self.lease_ms}")
         if self.gc_threshold < 1:
             raise SettingsError(f"MEMNET_GC_THRESHOLD must be at least 1, got {self.gc_threshold}")
+        if self.snapshots_kept < 2:  # (the input is trimmed below the oldest kept one)
+            raise SettingsError(
+                f"MEMNET_SNAPSHOTS_KEPT must be at least 2 (a damaged snapshot is replaced by "
+                f"the one before it, replaying the input since), got {self.snapshots_kept}"
+            )
 
     def _check_redis_url(self) -> None:
         url = urlsplit(self.redis_url)
@@ -125,9 +135,13 @@ class Settings:
             raise SettingsError(
                 f"REDIS_URL has a bad port ({e}): {redact(self.redis_url)!r}"
             ) from None
+        import redis  # (here: the operator commands import settings, and no redis)
+
         try:  # its options (?socket_timeout=...): redis-py checks them making a connection
             redis.ConnectionPool.from_url(self.redis_url).make_connection()  # (no I/O)
-        except (ValueError, TypeError, redis.RedisError) as e:
+        except TypeError:
+            pass  # an option only RedisCluster takes (?read_from_replicas=...)
+        except (ValueError, redis.RedisError) as e:
             raise SettingsError(
                 f"REDIS_URL has a bad option ({redact(str(e))}): {redact(self.redis_url)!r}"
             ) from None
