@@ -63,8 +63,8 @@ static void row_dealloc(Row *self)
         if (!given)
             PyErr_WriteUnraisable(self->arena);
         Py_XDECREF(given);
-        PyErr_Restore(type_, value, traceback);
         Py_CLEAR(self->arena);
+        PyErr_Restore(type_, value, traceback);
     }
     type->tp_free(self);
     Py_DECREF(type); /* (an object of a heap type holds a reference to it) */

@@ -213,7 +213,8 @@ def test_no_snapshot_but_full_history_replays_everything_once(
     )
     while crashed.step():  # answers everything, then dies before any snapshot
         pass
-    assert not (tmp_path / "snap").exists() and not r.exists(Keys(PREFIX).part(0, "trimmed"))
+    assert not list((tmp_path / "snap").glob("p*/*/manifests/*"))  # (no snapshot)
+    assert not r.exists(Keys(PREFIX).part(0, "trimmed"))
     time.sleep(0.8)
     send(r, PREFIX, PARTITIONS, batch[150:])
     run_burst(redis_url, tmp_path, model_file)
@@ -394,3 +395,17 @@ def test_a_partition_handed_over_stops_showing_its_lag_here(redis_url, redis_ser
     w.keeper.tick()
     assert "0" not in shown() and {"1", "2", "3"} <= shown()
     w.shutdown()
+
+
+def test_a_snapshot_store_serves_one_deployment(redis_url, redis_server, tmp_path, model_file):
+    """Its keys do not name MEMNET_PREFIX: a second deployment pointed at it would load the
+    first one's snapshots and mix their input archives."""
+    from worker.settings import SettingsError
+
+    first = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    first.shutdown()
+    other = worker_settings(redis_url, tmp_path, model_file, "other", PARTITIONS)
+    with pytest.raises(SettingsError, match=f"holds the deployment MEMNET_PREFIX={PREFIX}, not"):
+        Worker(other, Engine(load_model(model_file)))._start_up()
+    again = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    again.shutdown()  # (its own deployment: accepted)

@@ -239,6 +239,27 @@ def test_a_rebuild_stops_at_the_committed_offset(redis_url, redis_server, tmp_pa
     assert [i for i, _ in _history(r, settings, 0, "4-0", archive)] == [
         f"{i}-0" for i in range(5, 18)
     ]
+    r.delete(keys.part(0, "offset"))  # (deleted by hand): a trim point was committed
+    r.set(keys.part(0, "trimmed"), "9-0")
+    assert [i for i, _ in _history(r, settings, 0, "4-0", archive)][-1] == "9-0"
+
+
+def test_a_rebuild_refuses_entries_trimmed_unarchived_while_it_reads(
+    redis_url, redis_server, tmp_path
+):
+    from types import SimpleNamespace
+
+    from worker.upgrade import UpgradeError, _history
+
+    r, keys = redis_server.client(), Keys(PREFIX)
+    archive = Archive(store_at(f"file://{tmp_path / 'store'}"), 0)
+    _stream_of(r, keys, 30_000)  # (three pages)
+    r.set(keys.part(0, "offset"), "30000-0")
+    history = _history(r, SimpleNamespace(prefix=PREFIX), 0, None, archive)
+    assert [next(history)[0] for _ in range(10)][-1] == "10-0"
+    r.set(keys.part(0, "unarchived"), "20001-0")  # a worker with MEMNET_ARCHIVE=0 trims
+    with pytest.raises(UpgradeError, match="MEMNET_ARCHIVE=0 trimmed its input up to 20001-0"):
+        list(history)
 
 
 def test_a_rebuild_refuses_a_history_with_a_hole_after_its_snapshots(

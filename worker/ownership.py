@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ from worker.leases import fair_share
 from worker.partition import Batch, Partition
 from worker.protocol import GROUP, Keys, parse_id
 from worker.scripts import Scripts, fenced
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 from worker.streams import Entries, StreamIO
 
 log = logging.getLogger(__name__)
@@ -446,10 +447,10 @@ class Ownership:
         with self.contained(part):
             if self.s.archive:
                 self.archive(part, point)
-            else:  # (before trimming: `memnet rebuild` then refuses a history with a hole)
-                self.client.set(self.keys.part(p, "unarchived"), point)
-            keys = [self.keys.part(p, k) for k in ("epoch", "in", "trimmed", "deploying")]
-            fenced(self.scripts.trim, keys=keys, args=[part.epoch, point, self.model])
+            names = ("epoch", "in", "trimmed", "deploying", "unarchived")
+            keys = [self.keys.part(p, k) for k in names]
+            archived = "1" if self.s.archive else "0"  # (else memnet rebuild refuses the hole)
+            fenced(self.scripts.trim, keys=keys, args=[part.epoch, point, self.model, archived])
 
     def archive(self, part: Partition, point: str) -> None:
         """Append the entries before point not yet archived to the partition's archive."""
@@ -501,3 +502,31 @@ def model_prefix(p: int, fingerprint: str) -> str:
 def store_at(url: str) -> Store:
     """One store client per URL and process (an S3 client keeps its connections)."""
     return memnet.store.open_store(url)
+
+
+DEPLOYMENT = "deployment.json"  # at the store's root: the deployment it belongs to
+
+
+def claim_store(settings: Settings) -> None:
+    """The snapshot store belongs to one deployment (MEMNET_PREFIX): its keys (pP/MODEL/,
+    archive/pP/) do not name the prefix, so two deployments pointed at one store would load
+    each other's snapshots and mix their input archives. The first worker records its
+    prefix there; a worker, rebuild or deploy of another prefix is refused (SettingsError).
+    A store that cannot be reached now is not checked (snapshots retry on their own)."""
+    claim = json.dumps({"prefix": settings.prefix})
+    try:
+        store = store_at(settings.store_url)
+        try:
+            store.create(DEPLOYMENT, claim.encode())
+            return
+        except memnet.store.AlreadyExists:
+            owner = json.loads(store.get(DEPLOYMENT)).get("prefix")
+    except Exception as e:  # (unreachable, or a client that cannot be made yet)
+        log.warning("could not check the snapshot store's deployment (%s)", e)
+        return
+    if owner != settings.prefix:
+        raise SettingsError(
+            f"MEMNET_SNAPSHOT_URL: the store {settings.store_url} holds the deployment "
+            f"MEMNET_PREFIX={owner}, not {settings.prefix} (its snapshots and input archive "
+            "would be mixed up with this one's): give each deployment its own store"
+        )

@@ -43,6 +43,7 @@ class Batch:
     dead: list[tuple[str, bytes]] = field(default_factory=list)
     acks: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
+    refused_writes: int = 0  # well-formed writes this model cannot take (its input or encoding)
 
 
 @dataclass
@@ -241,7 +242,7 @@ class Partition:
                     batch.counts["skipped"] += 1  # applied before (redelivered): never twice
                     continue
                 after = None  # entries come in id order: every later one is new too
-            raw = fields.get(b"msg")
+            raw, message = fields.get(b"msg"), None
             try:
                 message = protocol.decode(
                     raw, self.number, self.partitions, self.max_message_bytes, queries
@@ -250,6 +251,8 @@ class Partition:
                     continue
                 event = None if message.op == "delete" else self._event(message)
             except BadMessage as e:
+                if message is not None and message.op == "write":  # (decoded: the model's)
+                    batch.refused_writes += 1
                 self._reject(batch, entry_id, e.reason, raw, e.query_id, e.memory)
                 continue
             decoded.append((entry_id, message, raw, event))
@@ -329,6 +332,7 @@ class Partition:
         result: Answer | Rejected | None,
     ) -> None:
         if isinstance(result, Rejected):
+            batch.refused_writes += message.op == "write"
             self._reject(batch, entry_id, result.reason, raw, message.query_id, message.memory)
             return
         batch.counts[message.op] += 1

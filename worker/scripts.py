@@ -151,8 +151,10 @@ return {published, duplicates}
 """
 )
 
-# KEYS: epoch, in, trimmed, deploying  ARGV: epoch, min id, model  ->  entries removed, or -1:
-# a deploy to another model is under way (memnet deploy), which needs the input kept
+# KEYS: epoch, in, trimmed, deploying, unarchived  ARGV: epoch, min id, model, archived (1/0)
+# ->  entries removed, or -1: a deploy to another model is under way (memnet deploy), which
+# needs the input kept. Unarchived: the entries below min id were not archived (memnet
+# rebuild refuses a history with that hole).
 TRIM = (
     _CHECK
     + """
@@ -160,6 +162,7 @@ local deploying = redis.call('GET', KEYS[4])
 if deploying and deploying ~= ARGV[3] then return -1 end
 local removed = redis.call('XTRIM', KEYS[2], 'MINID', ARGV[2])
 redis.call('SET', KEYS[3], ARGV[2])
+if ARGV[4] == '0' then redis.call('SET', KEYS[5], ARGV[2]) end
 return removed
 """
 )

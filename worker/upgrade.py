@@ -67,8 +67,8 @@ def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = Fal
     bar = tqdm(desc=f"partition {p}", unit=" entries", position=p, disable=quiet, leave=True)
     for chunk in _chunks(_history(client, settings, p, part.position, archive)):
         pending = part.prepare(chunk, queries=False)  # (they change no memory)
-        counts = part.finish(pending, engine.process(pending.items)).counts
-        writes, refused = writes + counts["write"], refused + counts["dead"]
+        batch = part.finish(pending, engine.process(pending.items))
+        writes, refused = writes + batch.counts["write"], refused + batch.refused_writes
         part.uncommitted = False
         done += len(chunk)
         bar.update(len(chunk))
@@ -143,13 +143,18 @@ def _history(
     end = archived_to = None  # the committed offset (read with the first page); the trim
     while True:  # point up to which the archive was read
         pipe = client.pipeline(transaction=True)  # (MULTI: offset, trim point and page agree)
-        pipe.mget(keys.part(p, "offset"), keys.part(p, "trimmed"))
+        pipe.mget(*(keys.part(p, name) for name in ("offset", "trimmed", "unarchived")))
         pipe.xrange(keys.inp(p), "-" if at.last is None else "(" + at.last, end or "+", 10_000)
-        (committed, trimmed), got = pipe.execute()
-        end = end or (None if committed is None else text(committed))
+        (committed, trimmed, unarchived), got = pipe.execute()
+        committed, trimmed, unarchived = text(committed), text(trimmed), text(unarchived)
+        if unarchived is not None and at.before(unarchived):
+            raise UpgradeError(
+                f"partition {p}: a worker with MEMNET_ARCHIVE=0 trimmed its input up to "
+                f"{unarchived} while this rebuild read it; a rebuild needs the whole history"
+            )
+        end = end or committed or trimmed  # (a trim point was committed: a snapshot's)
         if end is None:
             return  # nothing committed yet: NEW's workers apply everything
-        trimmed = None if trimmed is None else text(trimmed)
         if trimmed not in (None, archived_to) and at.before(trimmed):
             archived_to = trimmed  # entries of (last, trimmed) were archived, then trimmed
             yield from at.take(((i, raw_fields(raw)) for i, raw in archive.read(at.last)), end)
@@ -207,6 +212,9 @@ def rebuild(settings: Settings, model: Path, jobs: int) -> list[dict]:
     nothing). The others take partitions from the first up once they have started (a
     spawned process imports JAX and compiles: seconds); this process starts at once, from
     the last partition down, taking each that no other has started, until none is left."""
+    from worker.ownership import claim_store
+
+    claim_store(settings)
     partitions = list(range(settings.partitions))
     _process_start(settings)
     if jobs <= 1 or len(partitions) == 1:
@@ -275,14 +283,15 @@ def deploy(settings: Settings, model: Path, jobs: int) -> dict:
 
 
 def _check_fits(rebuilt: list[dict], fingerprint: str) -> None:
-    """Refuse a model that takes none of the history's writes (its input dimensions or
-    encoder do not fit what producers send): its memories would all be empty."""
+    """Refuse a model that takes none of the history's writes it read (its input
+    dimensions or encoder do not fit what producers send): its memories would all be empty.
+    Writes only: malformed entries are refused by every model."""
     refused = sum(d.get("refused", 0) for d in rebuilt)
     if refused and not sum(d.get("writes", 0) for d in rebuilt):
         raise UpgradeError(
-            f"model {fingerprint[:12]} refuses every write of the input history ({refused:,} "
-            "entries: its input does not fit what producers send, see its dead letters with "
-            "a worker of it); not deployed"
+            f"model {fingerprint[:12]} refuses every write of the input history it read "
+            f"({refused:,}: their input does not fit it; a worker of it would dead-letter "
+            "them with the reason); not deployed"
         )
 
 
@@ -366,5 +375,9 @@ def _report(done: list[dict], seconds: float) -> None:
     print(
         f"{entries:,} entries over {len(done)} partitions in {seconds:.1f} s "
         f"({entries / max(seconds, 1e-9):,.0f} entries/s)"
-        + (f"; {refused:,} refused by this model (bad input for it)" if refused else "")
+        + (
+            f"; {refused:,} writes refused by this model (their input does not fit it)"
+            if refused
+            else ""
+        )
     )

@@ -38,7 +38,7 @@ from worker.dead import log_dead_letters
 from worker.faults import UNAVAILABLE, Backoff, Kind, Throttled, classify
 from worker.leases import LeaseKeeper
 from worker.meta import Meta, record
-from worker.ownership import Ownership
+from worker.ownership import Ownership, claim_store
 from worker.partition import Batch, Partition
 from worker.permissions import acl_rules
 from worker.protocol import Keys
@@ -90,7 +90,7 @@ class Worker:
             self.owner.holding,
             self.owner.mark_lost,
             lambda: self._progress,
-            stall_s=max(30.0, 10 * settings.lease_ms / 1000),
+            stall_s=settings.stall_s,
             meta=lambda client: Meta(client, self.keys, values, model_name),
         )
 
@@ -147,6 +147,7 @@ class Worker:
         self.scripts.load()
         self.keeper.scripts.load()
         probe_rights(self.client, self.keys)
+        claim_store(self.s)
         self.meta.check_at_start(self.keeper.others_alive, wait_s=2 * self.s.lease_ms / 1000)
         self.keeper.meta.active = self.meta.active
         self.follow_model()
