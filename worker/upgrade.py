@@ -183,11 +183,14 @@ class _Position:
         """The entries after the last one given, up to end (all if None), in order."""
         from worker.protocol import parse_id
 
+        stop = None if end is None else parse_id(end)
+        floor = None if self.last is None else parse_id(self.last)
         for entry_id, fields in entries:
-            if end is not None and parse_id(entry_id) > parse_id(end):
+            at = parse_id(entry_id)  # (once per entry: a rebuild reads millions)
+            if stop is not None and at > stop:
                 return
-            if self.before(entry_id):
-                self.last = entry_id
+            if floor is None or at > floor:
+                floor, self.last = at, entry_id
                 yield entry_id, fields
 
 
