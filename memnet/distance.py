@@ -32,3 +32,15 @@ def squared_norms(vectors: np.ndarray, filled: np.ndarray | None) -> tuple[np.nd
         norms[~filled] = np.inf
     finite = norms[np.isfinite(norms)]
     return norms.astype(np.float32), float(np.sqrt(finite.max())) if len(finite) else 0.0
+
+
+# The spacing of float32's subnormals, 2^-149: below 2^-126 a float32 result's rounding
+# error is absolute, up to half of it, however small the result (gradual underflow), so
+# relative error bounds alone fail for vectors of tiny norm (|v| ~ 1e-21: squares ~ 1e-42).
+SUBNORMAL = 2.0**-149
+
+
+def underflow(operations: float) -> float:
+    """An absolute bound on what underflow adds to a float32 computation of that many
+    roundings (each within SUBNORMAL / 2; counted generously by the callers)."""
+    return operations * SUBNORMAL

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memnet import quantized
-from memnet.distance import rank, sqdist, squared_norms
+from memnet.distance import rank, sqdist, squared_norms, underflow
 from memnet.overlay import Overlay
 from memnet.quantized import Quantized
 
@@ -126,9 +126,14 @@ def slack(V: np.ndarray, max_norm: float) -> np.ndarray:
     2 |m| |v|)): within (M + 2) u (|m| + |v|)^2 too. Together (M + 2) eps (|m| + |v|)^2,
     first order; the factor 4 is headroom for the second-order terms (gamma_n = n u /
     (1 - n u), under 1.01 n u while n u < 0.01) and for the float arithmetic that applies the
-    margin (2 slack) to estimates, which itself rounds. quantized.py's bound reuses it."""
+    margin (2 slack) to estimates, which itself rounds. quantized.py's bound reuses it.
+
+    Plus underflow's absolute part (distance.underflow): sqdist's 3M roundings and the
+    estimate's 2M + 3, each within half a subnormal spacing whatever the magnitudes: it
+    decides only for vectors of norm ~1e-20 and less."""
     v_norm = np.sqrt((V.astype(np.float64) ** 2).sum(axis=1))
-    return 4 * (V.shape[1] + 2) * _EPS * (max_norm + v_norm) ** 2
+    M = V.shape[1]
+    return 4 * (M + 2) * _EPS * (max_norm + v_norm) ** 2 + underflow(6 * M + 8)
 
 
 def scan(base: ScanBase, V: np.ndarray, want: int, exclude: np.ndarray | None = None) -> list[Hint]:

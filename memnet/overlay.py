@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memnet.distance import sqdist
+from memnet.distance import sqdist, underflow
 
 
 class Overlay:
@@ -71,20 +71,25 @@ class Overlay:
         (|v| - max_norm)^2 away."""
         if self._n < k:
             return False
-        v_norm = float(np.sqrt(np.dot(v.astype(np.float64), v)))
-        if v_norm <= max_norm:
+        # |v| rounded down and max_norm up: both are float64 sums of float32 squares (in
+        # different orders: np.dot here, squared_norms' pairwise sum there), each within
+        # M 2^-53 of the exact norm; 1e-12 covers that up to 10^3 dims with room. Without it
+        # a base row equal to v (distance 0, as an overlay slot holding v) could be ruled out
+        # when the two sums round apart: the tie would go to the higher slot.
+        v_norm = float(np.sqrt(np.dot(v.astype(np.float64), v))) * (1 - 1e-12)
+        if v_norm <= max_norm * (1 + 1e-12):
             return False
         if d_ov is None:
             d_ov = sqdist(self.items()[1], v)
-        floor = (v_norm - max_norm) ** 2
+        floor = (v_norm - max_norm * (1 + 1e-12)) ** 2
         # A base row's float32 sqdist sums M positive terms, each within 3u of its exact
         # (m_i - v_i)^2 (u = 2^-24), and their sum within (M - 1) u more: at least
-        # (1 - (M + 2) u) |m - v|^2 >= (1 - (M + 2) u) floor. 1e-4 covers (M + 2) u up to
-        # 1,600 dims, twice over at 800, and the float64 norms' rounding (~1e-16 |v| on
-        # |v| - max_norm) unless |v| exceeds max_norm by under 1e-12 of it; larger dims
-        # take (M + 2) eps.
+        # (1 - (M + 2) u) |m - v|^2 - underflow(3 M) >= (1 - (M + 2) u) floor - underflow(3 M)
+        # (underflow: distance.underflow, for tiny vectors). 1e-4 covers (M + 2) u up to
+        # 1,600 dims, twice over at 800; larger dims take (M + 2) eps.
         tol = max(1e-4, (len(v) + 2) * float(np.finfo(np.float32).eps))
-        return bool(np.partition(d_ov, k - 1)[k - 1] < floor * (1 - tol))
+        least = floor * (1 - tol) - underflow(3 * len(v) + 2)
+        return bool(np.partition(d_ov, k - 1)[k - 1] < least)
 
     def clear(self) -> None:
         self.at[self._slots[: self._n]] = 0

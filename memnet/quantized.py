@@ -31,6 +31,13 @@ Every norm and error here is computed in float64 and rounded up (``_UP``), so ea
 upper bound; the float64 arithmetic of the selection (``_scan.select``; each operation
 relative 2^-53) is far inside F's headroom.
 
+**Underflow.** Below 2^-126 float32 rounds with an absolute error (up to half the subnormal
+spacing 2^-149), not a relative one: for rows and queries of norm ~1e-21 and less the
+relative terms above are smaller than that, and rows that tie with the kept ones were
+pruned. F adds the absolute part: D's 3M roundings, n_m's and est's three, and fl(-2 s_m
+s_v), whose absolute error is multiplied by c_m·c_v (at most 127^2 M):
+(127^2 M + 6 M + 16) 2^-149, about 1e-39 at M = 64: it decides only for such tiny vectors.
+
 **The selection** (``_scan.select``, per query). Blocks: with U(g) = min est + B_g and
 L(g) = min est - B_g over a block g of 16 rows (B_g the bound with the block's largest |m|
 and e_m), the block's smallest-estimate row has Δ <= U(g); ``want`` distinct blocks with
@@ -56,6 +63,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memnet import _scan
+from memnet.distance import underflow
 
 LANES = 16  # rows per block (one AVX-512 register of int32 lanes), the unit of selection
 PAD = 256  # rows are padded to a multiple: the selection tests 16 blocks at a time
@@ -231,6 +239,7 @@ class Quantized:
         kernel = (self.codes, self.rowsum, self.coef, norms, q, qscale)
         _scan.minima(*kernel, minima, blocks, m4 // 4, len(V), offset, _path)
         F = 4 * (self.dim + 2) * _EPS * (max_norm + self.E.max() + v_norm + e_v) ** 2
+        F += underflow(127 * 127 * m4 + 6 * m4 + 16)  # (module docstring: underflow)
         params = np.stack((e_v, v_norm + e_v, F), axis=1)  # |v^| <= |v| + e_v
         bounds = (self.R, self.E, self.extremes, self.row_norm, self.row_err, params)
         cuts = np.empty(len(V))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from memnet import _scan, quantized
-from memnet.distance import rank, sqdist
+from memnet.distance import rank, sqdist, underflow
 from memnet.exact import ExactSlots, ScanBase, scan
 from memnet.quantized import LANES, Quantized, quantize
 
@@ -98,14 +98,20 @@ def adversarial(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     elif kind == "clusters":  # rows closer to a query than a quantization step: int8 misorders
         V = X[:20] * np.float32(4)
         X = np.repeat(V, 75, axis=0) + np.float32(3e-3) * rng.standard_normal((S, M), np.float32)
+    elif kind == "subnormal":  # squares below float32's smallest normal: absolute rounding
+        X, V = X * np.float32(1e-21), V * np.float32(1e-21)
+    elif kind == "underflow ties":  # every distance underflows to 0: ties to the lower slot
+        X = np.full((S, M), 2.5e-23, np.float32)
+        X[S // 2 :] = np.float32(1e-23)
+        V = np.zeros((4, M), np.float32)
     elif kind == "mixed norms":
         X *= np.float32(10.0) ** rng.integers(-6, 7, (S, 1)).astype(np.float32)
         V *= np.float32(10.0) ** rng.integers(-3, 4, (len(V), 1)).astype(np.float32)
     return X, V
 
 
-KINDS = ["random", "ties", "near ties", "clusters", "huge", "tiny", "one big component",
-         "mixed norms"]  # fmt: skip
+KINDS = ["random", "ties", "near ties", "clusters", "huge", "tiny", "subnormal",
+         "underflow ties", "one big component", "mixed norms"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -120,6 +126,8 @@ def test_the_bound_holds_row_by_row(kind: str) -> None:
         v2 = (V.astype(np.float64) ** 2).sum(axis=1)
         D = np.stack([sqdist(X, v) for v in V]).astype(np.float64)
         F = 4 * (X.shape[1] + 2) * EPS * (base.max_norm + qz.E.max() + v_norm + e_v) ** 2
+        m4 = -(-X.shape[1] // 4) * 4
+        F += underflow(127 * 127 * m4 + 6 * m4 + 16)
         norm, err = qz.row_norm[None, : len(X)], qz.row_err[None, : len(X)]
         bound = 2 * (norm * e_v[:, None] + err * (v_norm + e_v)[:, None]) + F[:, None]
         finite = np.isfinite(D)

@@ -237,3 +237,23 @@ def test_a_graph_base_knows_the_largest_norm_of_its_rows_as_they_are_not_as_they
         rows = rng.standard_normal((len(slots), 8)).astype(np.float32) * np.float32(scale)
         base.update(np.array(slots), rows)
         assert base.max_norm == squared_norms(base.vectors, base.filled)[1]  # bit for bit
+
+
+def test_an_overlay_slot_never_takes_the_tie_of_a_base_row_equal_to_the_query(rng):
+    """rules_out_base compares |v| (np.dot) with max_norm (squared_norms' pairwise sum):
+    for one float32 vector the two float64 sums may round apart by an ulp, and a base row
+    equal to v (distance 0) must still win the tie against the overlay's copy of it."""
+    from memnet.distance import rank, sqdist
+
+    M = 64
+    for _ in range(10_000):  # a vector whose two norms round apart
+        x = rng.standard_normal(M).astype(np.float32)
+        if np.sqrt(np.dot(x.astype(np.float64), x)) > np.sqrt((x.astype(np.float64) ** 2).sum()):
+            break
+    X = (rng.standard_normal((8, M)) * 0.1).astype(np.float32)
+    X[0] = x  # the base's largest norm
+    slots = ExactSlots.over(X)
+    slots.set(5, x)  # the same vector again, in the overlay
+    truth = rank(np.arange(8), sqdist(slots.vectors(np.arange(8)), x), 1)
+    assert slots.nearest(x) == truth[0] == 0
+    np.testing.assert_array_equal(slots.topk(x[None], 1)[0], truth)
