@@ -409,3 +409,39 @@ def test_a_snapshot_store_serves_one_deployment(redis_url, redis_server, tmp_pat
         Worker(other, Engine(load_model(model_file)))._start_up()
     again = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
     again.shutdown()  # (its own deployment: accepted)
+
+
+def test_an_engine_failure_that_comes_back_stays_with_its_partition(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """A bug the engine hits on one partition's input (not bad input: that is dead-lettered
+    before the engine) reloads the partitions of the failed call; after that each goes alone
+    for a while, so the others are not reloaded again while it fails again and again."""
+    from tests.streams import Running
+
+    r = redis_server.client()
+    engine = Engine(load_model(model_file))
+    real = engine.process
+
+    def process(items):  # a bug reached by one input
+        hit = [getattr(e, "row", None) is not None and e.row[0] == 1234.5 for _, e in items]
+        if any(hit):
+            failures.append(all(hit))  # (True: the call held the poisoned partition alone)
+            raise RuntimeError("a bug in the engine")
+        return real(items)
+
+    failures = []
+
+    engine.process = process
+    poisoned = next(name for name in MEMORIES if partition_of(name, PARTITIONS) == 0)
+    others = [name for name in MEMORIES if partition_of(name, PARTITIONS) != 0]
+    batch = events(200, others, DIMS, np.random.default_rng(24))
+    poison = {"op": "write", "memory": poisoned, "x": [1234.5] * DIMS[0]}
+    send(r, PREFIX, PARTITIONS, [poison, *batch])
+    worker = Running(Worker(settings(redis_url, tmp_path, model_file, lease_ms=2000), engine))
+    queries = sum(e["op"] == "query" for e in batch)
+    try:
+        wait_for(lambda: len(outputs(r, PREFIX, PARTITIONS)) >= queries, 30, "the others' answers")
+    finally:
+        worker.stop()
+    assert len(failures) >= 2 and all(failures[1:])  # after the first, it failed alone

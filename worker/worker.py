@@ -39,7 +39,7 @@ from worker.faults import UNAVAILABLE, Backoff, Kind, Throttled, classify
 from worker.leases import LeaseKeeper
 from worker.meta import Meta, record
 from worker.ownership import Ownership, claim_store
-from worker.partition import Batch, Partition
+from worker.partition import Batch, Partition, Pending
 from worker.permissions import acl_rules
 from worker.protocol import Keys
 from worker.scripts import PROBE, Scripts
@@ -47,6 +47,8 @@ from worker.settings import Settings, SettingsError, redact
 from worker.streams import Entries
 
 log = logging.getLogger(__name__)
+
+ALONE_S = 60.0  # after an engine failure, each partition's batch goes alone this long
 
 
 class Worker:
@@ -77,6 +79,7 @@ class Worker:
         self.stopping = threading.Event()
         self._stop_at: float | None = None
         self._progress = time.monotonic()
+        self._alone_until = 0.0  # (Worker.process: after an engine failure)
         self._started = time.monotonic()
         self._next_cycle = 0.0
         self.backoff = Backoff(base_s=0.1, cap_s=5.0)
@@ -254,16 +257,8 @@ class Worker:
             except Exception as e:
                 metrics.ERRORS.labels("prepare").inc()
                 self.owner.contain(part, e)
-        try:
-            results = self.engine.process([it for p in pending.values() for it in p.items])
-            batches, at = {}, 0
-            for part, p in pending.items():
-                batches[part] = part.finish(p, results[at : at + len(p.items)])
-                at += len(p.items)
-        except Exception as e:  # a bug, not bad input (that is dead-lettered): reload them
-            metrics.ERRORS.labels("process").inc()
-            for part in pending:
-                self.owner.contain(part, e)
+        batches = self.apply(pending)
+        if not batches:
             return
         committed = self.commit_all(batches)
         for part, batch in batches.items():
@@ -275,6 +270,29 @@ class Worker:
                 log_dead_letters(self.throttled, part.number, batch.dead)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         self.resident_gauges()
+
+    def apply(self, pending: dict[Partition, Pending]) -> dict[Partition, Batch]:
+        """The engine's results for every partition's pending batch, as the batches to
+        commit. One engine call for all of them. A failure there is a bug, not bad input
+        (that is dead-lettered): the partitions of the call are reloaded (contained), and for
+        ALONE_S each partition's batch then goes in a call of its own, so a failure that
+        comes back stays with its partition (the same results: batching never changes
+        them)."""
+        batches: dict[Partition, Batch] = {}
+        alone = time.monotonic() < self._alone_until
+        for group in [{p: q} for p, q in pending.items()] if alone else [pending]:
+            try:
+                results = self.engine.process([it for q in group.values() for it in q.items])
+                at = 0
+                for part, q in group.items():
+                    batches[part] = part.finish(q, results[at : at + len(q.items)])
+                    at += len(q.items)
+            except Exception as e:
+                metrics.ERRORS.labels("process").inc()
+                self._alone_until = time.monotonic() + ALONE_S
+                for part in group:
+                    self.owner.contain(part, e)
+        return batches
 
     def resident_gauges(self) -> None:
         parts = list(self.parts.values())
