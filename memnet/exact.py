@@ -142,8 +142,9 @@ def scan(base: ScanBase, V: np.ndarray, want: int, exclude: np.ndarray | None = 
 
     Pass 1, the candidate pass: the groups of 16 rows that can hold a row within the margin
     of the want-th best, from int8 estimates with a proven error bound (memnet/quantized.py;
-    on the "blas" path, from float32 matrix products). Pass 2, per vector: those groups'
-    rows estimated in float32, and the rows within the margin of the want-th best kept.
+    on the "blas" path, and for more than quantized.MAX_DIM dims, from float32 matrix
+    products). Pass 2, per vector: those groups' rows estimated in float32, and the rows
+    within the margin of the want-th best kept.
     """
     skip = None
     if exclude is not None and len(exclude):
@@ -152,7 +153,7 @@ def scan(base: ScanBase, V: np.ndarray, want: int, exclude: np.ndarray | None = 
     margin = 2 * slack(V, base.max_norm)
     if not np.all(margin < _SAFE):  # estimates could overflow float32: no pruning
         return _every_row(base, V, want, exclude, margin)
-    if quantized.path() != "blas":
+    if quantized.path() != "blas" and V.shape[1] <= quantized.MAX_DIM:
         qi, rows, upper, cuts = base.quantized().candidates(V, want, base.max_norm, skip)
         starts = np.searchsorted(qi, np.arange(len(V) + 1))
         return [

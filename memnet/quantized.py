@@ -18,7 +18,8 @@ Quantization: m·v - m^·v^ = m·(v - v^) + (m - m^)·v^, so by Cauchy-Schwarz
 |2 m·v - 2 m^·v^| <= 2 (|m| e_v + e_m |v^|). Rounding (u = eps / 2): D is within
 (M + 2) u |m - v|^2 of |m - v|^2 (``exact.slack``); n_m is within u |m|^2 of |m|^2; the three
 roundings of est are within 3 u (n_m + 2 |m^| |v^|); c_m·c_v is exact in int32
-(|c_m·c_v| <= 127^2 M, below 2^31), and so is its conversion to float while it is below 2^24
+(|c_m·c_v| <= 127^2 M, below 2^31; MAX_DIM bounds M, wider vectors never come here), and
+so is its conversion to float while it is below 2^24
 (M < 1040; above, one more u). With |m^| <= |m| + e_m and |v^| <= |v| + e_v these sum to at
 most (M + 7) u X^2 (first order), X = N + E + |v| + e_v, N >= every |m| and E >= every e_m;
 the bound takes ``exact.slack``'s form for it,
@@ -74,6 +75,10 @@ BEST = _scan.best_isa()
 _EPS = float(np.finfo(np.float32).eps)
 _UP = 1 + 1e-9  # float64 norms and errors rounded up (their relative error is < M 2^-53)
 _SLICE = 65536  # rows quantized at a time: no float64 copy of a whole large base
+# The kernel sums c_m·(c_v + offset) in int32, each term up to 127 * 255: no int32 ever
+# overflows while 127 * 255 * dims (rounded up to 4) < 2^31. Wider vectors take the float32
+# candidate pass (exact.scan), whatever the path.
+MAX_DIM = (2**31 - 1) // (127 * 255) // 4 * 4
 _MINIMA_FLOATS = 1 << 22  # a chunk's [queries, blocks] minima, 16 MiB: at 1M rows 64 queries
 
 # Without AVX2 the portable C path (x86-64's baseline instructions) is slower than the float32
