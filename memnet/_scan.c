@@ -324,10 +324,25 @@ static int best_isa(void)
     return 1;
 }
 
+/* a * b for counts from Python; -1 when either is negative (or -1) or the product overflows,
+ * which check() then refuses: no size computed from bad arguments can wrap around. */
+static Py_ssize_t product(Py_ssize_t a, Py_ssize_t b)
+{
+    Py_ssize_t r;
+    if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r))
+        return -1;
+    return r;
+}
+
 /* A buffer argument of at least `items` elements of `size` bytes, C-contiguous. */
 static int check(Py_buffer *b, Py_ssize_t items, Py_ssize_t size, const char *name)
 {
-    if (b->len < items * size || b->itemsize != size) {
+    const Py_ssize_t bytes = product(items, size);
+    if (bytes < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: a count is negative or too large", name);
+        return -1;
+    }
+    if (b->len < bytes || b->itemsize != size) {
         PyErr_Format(PyExc_ValueError, "%s: need %zd items of %zd bytes, got %zd bytes of %zd",
                      name, items, size, b->len, b->itemsize);
         return -1;
@@ -343,7 +358,7 @@ static PyObject *py_minima(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*w*nnnii", &codes, &rowsum, &coef, &norm, &q,
                           &qscale, &out, &blocks, &dim4, &nq, &offset, &isa))
         return NULL;
-    const Py_ssize_t rows = blocks * LANES;
+    const Py_ssize_t rows = product(blocks, LANES), width = product(dim4, 4);
     PyObject *result = NULL;
     if (isa == 0)
         isa = best_isa();
@@ -351,10 +366,10 @@ static PyObject *py_minima(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "path %d is not available on this CPU", isa);
         goto done;
     }
-    if (check(&codes, rows * dim4 * 4, 1, "codes") || check(&rowsum, rows, 4, "rowsum") ||
+    if (check(&codes, product(rows, width), 1, "codes") || check(&rowsum, rows, 4, "rowsum") ||
         check(&coef, rows, 4, "coef") || check(&norm, rows, 4, "norm") ||
-        check(&q, nq * dim4 * 4, 1, "q") || check(&qscale, nq, 4, "qscale") ||
-        check(&out, nq * blocks, 4, "out"))
+        check(&q, product(nq, width), 1, "q") || check(&qscale, nq, 4, "qscale") ||
+        check(&out, product(nq, blocks), 4, "out"))
         goto done;
     Scan s = {codes.buf, rowsum.buf, coef.buf, norm.buf, q.buf, qscale.buf, out.buf,
               blocks, dim4, nq, offset};
@@ -540,21 +555,23 @@ static PyObject *py_select(PyObject *self, PyObject *args)
                           &b[12], &b[13], &b[14], &b[15], &blocks, &dim4, &nq, &want, &offset,
                           &isa))
         return NULL;
-    const Py_ssize_t rows = blocks * LANES, groups = blocks;
+    const Py_ssize_t rows = product(blocks, LANES), groups = blocks, width = product(dim4, 4);
     PyObject *result = NULL;
     double *top = NULL;
     Cand *buf = NULL;
     Py_ssize_t size = 0, found = 0;
-    if (want < 1) {
-        PyErr_SetString(PyExc_ValueError, "want must be at least 1");
+    if (want < 1 || product(want, sizeof(double)) < 0 || blocks % LANES) {
+        PyErr_SetString(PyExc_ValueError,
+                        "want must be at least 1 (and not huge), blocks a multiple of 16");
         goto done;
     }
-    if (check(&b[0], nq * groups, 4, "minima") || check(&b[1], groups, 8, "R") ||
+    if (check(&b[0], product(nq, groups), 4, "minima") || check(&b[1], groups, 8, "R") ||
         check(&b[2], groups, 8, "E") || check(&b[3], 4, 8, "extremes") ||
         check(&b[4], rows, 8, "row_norm") || check(&b[5], rows, 8, "row_err") ||
-        check(&b[6], nq * 3, 8, "params") || check(&b[7], rows * dim4 * 4, 1, "codes") ||
+        check(&b[6], product(nq, 3), 8, "params") ||
+        check(&b[7], product(rows, width), 1, "codes") ||
         check(&b[8], rows, 4, "rowsum") || check(&b[9], rows, 4, "coef") ||
-        check(&b[10], rows, 4, "norm") || check(&b[11], nq * dim4 * 4, 1, "q") ||
+        check(&b[10], rows, 4, "norm") || check(&b[11], product(nq, width), 1, "q") ||
         check(&b[12], nq, 4, "qscale") || check(&b[13], 0, 4, "pairs") ||
         check(&b[14], b[13].len / 8, 8, "upper") || check(&b[15], nq, 8, "cuts"))
         goto done;
@@ -687,9 +704,9 @@ static PyObject *py_rank(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "rank: need slots, dim, k >= 1 and slots <= 2**30");
         goto done;
     }
-    if (check(&A, memories * slots * dim, 4, "A") || check(&full, memories * slots, 1, "full") ||
-        check(&rows, n, 8, "rows") || check(&V, n * dim, 4, "V") ||
-        check(&out, nearest ? n : n * k, 8, "out"))
+    if (check(&A, product(product(memories, slots), dim), 4, "A") ||
+        check(&full, product(memories, slots), 1, "full") || check(&rows, n, 8, "rows") ||
+        check(&V, product(n, dim), 4, "V") || check(&out, nearest ? n : product(n, k), 8, "out"))
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         const int64_t row = ((const int64_t *)rows.buf)[i];

@@ -200,6 +200,28 @@ def test_the_kernel_refuses_short_buffers_and_paths_the_cpu_lacks() -> None:
         _scan.minima(*args, 16, 1, 1, 128, 1)
     with pytest.raises(ValueError, match="not available"):
         _scan.minima(*args, 16, 1, 1, 128, quantized.BEST + 1)
+    # counts that would make a size wrap around (negative, or a product past 2^63): refused
+    # on every path, before anything is read or written (they crashed the interpreter)
+    for isa in range(1, quantized.BEST + 1):
+        for blocks, dim4, nq in ((1, 1, -1), (2**58, 1, 16), (1, -1, 1)):
+            with pytest.raises(ValueError, match="negative or too large"):
+                _scan.minima(*args, blocks, dim4, nq, 128, isa)
+    A, full = np.zeros((1, 4, 2), np.float32), np.ones((1, 4), bool)
+    rows, V, ranked = np.zeros(1, np.int64), np.zeros((1, 2), np.float32), np.empty(1, np.int64)
+    with pytest.raises(ValueError, match="negative or too large"):
+        _scan.rank(A, full, rows, V, ranked, 1, 1, 4, 2, 2**61, 0)
     for name in set(quantized.PATHS) - set(quantized.available()):
         with pytest.raises(ValueError, match="cannot run"), quantized.use_path(name):
             pass
+
+
+@pytest.mark.parametrize("path", quantized.available())
+def test_vectors_too_wide_for_int32_sums_take_the_float32_pass(path: str) -> None:
+    """The kernel sums int8 products in int32: beyond quantized.MAX_DIM dims they could
+    overflow, and the exact row was lost (a review found it at 140,000 dims)."""
+    M = 140_000
+    v = np.ones(M, np.float32)
+    X = np.stack([v, -v, np.float32(0.5) * v])  # row 0 is v itself
+    with quantized.use_path(path):
+        slots = ExactSlots.over(X.copy())
+        np.testing.assert_array_equal(slots.topk(v[None], 2)[0], brute(X, None, v, 2))
