@@ -234,7 +234,10 @@ class Quantized:
     def _candidates(
         self, V: np.ndarray, q0: int, want: int, max_norm: float, norms: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        qmax, offset = (127, 128) if _path != PATHS["avx2"] else (63, 64)
+        # The path read once: the query codes' range must be the kernel's, even if another
+        # thread calls set_path meanwhile.
+        isa = _path
+        qmax, offset = (127, 128) if isa != PATHS["avx2"] else (63, 64)
         m4 = self.codes.shape[1] * 4
         q = np.full((len(V), m4), offset, np.uint8)
         codes, qscale, e_v, v_norm = quantize(V, qmax)
@@ -242,7 +245,7 @@ class Quantized:
         minima = _scratch(len(V) * len(self.R)).reshape(len(V), len(self.R))
         blocks = len(self.norms) // LANES
         kernel = (self.codes, self.rowsum, self.coef, norms, q, qscale)
-        _scan.minima(*kernel, minima, blocks, m4 // 4, len(V), offset, _path)
+        _scan.minima(*kernel, minima, blocks, m4 // 4, len(V), offset, isa)
         F = 4 * (self.dim + 2) * _EPS * (max_norm + self.E.max() + v_norm + e_v) ** 2
         F += underflow(127 * 127 * m4 + 6 * m4 + 16)  # (module docstring: underflow)
         params = np.stack((e_v, v_norm + e_v, F), axis=1)  # |v^| <= |v| + e_v
@@ -251,7 +254,7 @@ class Quantized:
         size = len(V) * 4 * want
         while True:
             pairs, upper = np.empty((size, 2), np.int32), np.empty(size)
-            found = (pairs, upper, cuts, blocks, m4 // 4, len(V), want, offset, _path)
+            found = (pairs, upper, cuts, blocks, m4 // 4, len(V), want, offset, isa)
             n = _scan.select(minima, *bounds, *kernel, *found)
             if n <= size:
                 return pairs[:n, 0] + np.int64(q0), pairs[:n, 1].astype(np.int64), upper[:n], cuts
