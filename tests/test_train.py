@@ -171,3 +171,41 @@ def test_train_babi_keeps_explicit_settings_under_tenk(monkeypatch, tmp_path, ar
     monkeypatch.setattr("sys.argv", ["train_babi.py", "--out", str(tmp_path), *argv])
     args = train_babi.parse_args()
     assert (args.epochs, args.patience, args.decay_every) == expected
+
+
+def test_age_noise_follows_writes_only_never_empty_slots():
+    """Every write followed by a dummy (share 1): a memory of n statements in 6 slots gets
+    ages 2(n-1) .. 2, 0: the empty slots, never written, add nothing to anyone's age."""
+    from memnet.training.examples import Examples
+    from memnet.training.fit import noisy_ages
+
+    rows, slots = 3, 6
+    age = np.zeros((rows, slots), np.int32)
+    filled = np.zeros((rows, slots), bool)
+    for n in range(1, rows + 1):  # row n-1 holds n statements, oldest first
+        age[n - 1, :n] = np.arange(n - 1, -1, -1)
+        filled[n - 1, :n] = True
+    z = np.zeros((rows, 1), np.int32)
+    batch = Examples(np.zeros((rows, slots, 1), np.int32), filled, age, z, z[:, 0], z)
+    noisy = noisy_ages(batch, 1.0, np.random.default_rng(0))
+    assert noisy.tolist() == [[0] * 6, [2, 0, 0, 0, 0, 0], [4, 2, 0, 0, 0, 0]]
+
+
+def test_validation_loss_counts_each_example_once():
+    """The last, padded batch: its copies of the first examples are marked unknown, so the
+    mean is over the real examples (33 here: the 33rd alone in the second batch)."""
+    from memnet.training.examples import Examples
+    from memnet.training.fit import _score
+
+    n = 33
+    loss = np.zeros(n)
+    loss[32] = 100.0
+
+    def evaluate(p, b):  # as loss_fn: the mean over the known answers
+        known = b.answer >= 0
+        return loss[b.answer[known]].mean(), known
+
+    z = np.zeros((n, 1), np.int32)
+    data = Examples(np.zeros((n, 1, 1), np.int32), z.astype(bool), z, z, np.arange(n), z)
+    mean, accuracy = _score(evaluate, None, data, 32)
+    assert mean == pytest.approx(100.0 / n) and accuracy == 1.0

@@ -151,7 +151,9 @@ def noisy_ages(batch: Examples, share: float, rng: np.random.Generator) -> np.nd
     """Ages as if dummy statements (about ``share`` of the real ones) had been written at
     random points in between: each memory's age grows by the dummies written after it."""
     slots = batch.age.shape[1]
-    dummies = rng.random(batch.age.shape) < share  # one possible dummy after each write
+    # one possible dummy after each write; an empty slot (age 0, as the newest write's) was
+    # never written, so nothing follows it
+    dummies = (rng.random(batch.age.shape) < share) & batch.filled
     # age a (0 = newest) gains the dummies that followed the writes of ages a-1 .. 0
     order = np.argsort(batch.age, axis=1, kind="stable")
     after = np.cumsum(np.take_along_axis(dummies, order, 1), axis=1) - np.take_along_axis(
@@ -163,12 +165,18 @@ def noisy_ages(batch: Examples, share: float, rng: np.random.Generator) -> np.nd
 
 
 def _score(evaluate: Callable, p: dict, data: Examples, batch: int) -> tuple[float, float]:
-    """(mean loss, accuracy) over data, in fixed-size (padded) batches: one compiled shape."""
+    """(mean loss, accuracy) over data, in fixed-size batches: one compiled shape. The last
+    one is padded with copies of the first examples, their answers and supporting facts
+    marked unknown (-1), which the loss leaves out."""
     losses, correct = [], 0
     for i in range(0, data.count(), batch):
         index = np.arange(i, i + batch) % data.count()
         real = min(batch, data.count() - i)
-        value, right = evaluate(p, data.take(index))
+        part = data.take(index)
+        if real < batch:
+            part.answer[real:] = -1
+            part.support[real:] = -1
+        value, right = evaluate(p, part)
         losses.append(float(value) * real)
         correct += int(np.asarray(right)[:real].sum())
     return sum(losses) / data.count(), correct / data.count()
