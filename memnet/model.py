@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from memnet.components import REGISTRY, Component, Encoder, Generalizer, Output, Response
-from memnet.components.base import ParamSpec
+from memnet.components.base import OPTIONS_READ, ParamSpec
 from memnet.config import ConfigValueError, ModelConfig
 from memnet.errors import ModelFileError
 
@@ -34,17 +34,29 @@ class Components:
     @classmethod
     def build(cls, config: ModelConfig) -> Components:
         picked: dict[str, Component] = {}
-        for kind in ("encoder", "generalizer", "output", "response"):
-            name = getattr(config, kind)
-            table = REGISTRY[kind]
-            if name not in table:
-                raise ModelFileError(
-                    f"unknown {kind} {name!r} in model config (known: {', '.join(sorted(table))})"
-                )
-            try:
-                picked[kind] = table[name](config)
-            except (ConfigValueError, ValueError) as e:
-                raise ModelFileError(f"{kind} {name!r}: {e}") from e
+        read: set[str] = set()
+        token = OPTIONS_READ.set(read)
+        try:
+            for kind in ("encoder", "generalizer", "output", "response"):
+                name = getattr(config, kind)
+                table = REGISTRY[kind]
+                if name not in table:
+                    known = ", ".join(sorted(table))
+                    raise ModelFileError(
+                        f"unknown {kind} {name!r} in model config (known: {known})"
+                    )
+                try:
+                    picked[kind] = table[name](config)
+                except (ConfigValueError, ValueError) as e:
+                    raise ModelFileError(f"{kind} {name!r}: {e}") from e
+        finally:
+            OPTIONS_READ.reset(token)
+        unknown = sorted(set(config.options) - read)
+        if unknown:
+            raise ModelFileError(
+                f"model config options {unknown} are not used by its components "
+                f"(they read: {', '.join(sorted(read)) or 'none'})"
+            )
         return cls(**picked)  # type: ignore[arg-type]
 
     def param_specs(self) -> dict[str, ParamSpec]:
@@ -124,7 +136,8 @@ def check_params(
 def _all_finite(array: np.ndarray) -> bool:
     """np.isfinite(array).all() without a full boolean temporary for large tensors."""
     flat = array.reshape(-1)
-    return all(np.isfinite(flat[i : i + 1 << 22]).all() for i in range(0, flat.size, 1 << 22))
+    step = 1 << 22
+    return all(np.isfinite(flat[i : i + step]).all() for i in range(0, flat.size, step))
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> Model:
@@ -141,7 +154,15 @@ def load_model(path: str | os.PathLike[str]) -> Model:
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
-            params = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+            names = list(f.keys())
+            stored = {name: f.get_slice(name).get_dtype() for name in names}
+            other = {name: dtype for name, dtype in stored.items() if dtype != "F32"}
+            if other:  # (before reading: numpy has no type for some, e.g. F8_E4M3)
+                raise ModelFileError(
+                    f"{path}: tensors must be float32 (F32); found "
+                    + ", ".join(f"{name!r} {dtype}" for name, dtype in sorted(other.items()))
+                )
+            params = {name: f.get_tensor(name) for name in names}
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such model file") from None
     except (SafetensorError, OSError, ValueError) as e:
@@ -149,9 +170,11 @@ def load_model(path: str | os.PathLike[str]) -> Model:
     if "config" not in metadata:
         raise ModelFileError(f"{path}: metadata has no 'config' entry (not a memnet model)")
     try:
-        config = ModelConfig.from_json(json.loads(metadata["config"]))
-    except json.JSONDecodeError as e:
+        data = json.loads(metadata["config"])
+    except (ValueError, RecursionError) as e:  # (JSONDecodeError; a number too long, too deep)
         raise ModelFileError(f"{path}: metadata 'config' is not valid JSON ({e})") from None
+    try:
+        config = ModelConfig.from_json(data)
     except (ConfigValueError, TypeError) as e:
         raise ModelFileError(f"{path}: {e}") from None
     try:

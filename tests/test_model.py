@@ -135,7 +135,7 @@ def _nan(p):
         (*tampered(nan=_nan), "tensor 'gate_w' has 1 NaN or infinite values"),
         (
             *tampered(dtype=lambda p: p.update(gate_b=np.zeros(1, np.float64))),
-            "tensor 'gate_b' is float64, expected float32",
+            "tensors must be float32 (F32); found 'gate_b' F64",
         ),
         (
             *tampered(extra=lambda p: p.update(bonus=np.zeros(1, np.float32))),
@@ -153,6 +153,12 @@ def _nan(p):
             "missing ['top_k']",
         ),
         (*tampered(config=lambda c: "{not json"), "'config' is not valid JSON"),
+        (*tampered(config=lambda c: "[" * 100_000), "'config' is not valid JSON"),
+        (*tampered(config=lambda c: "9" * 5000), "'config' is not valid JSON"),
+        (
+            *tampered(config=lambda c: {**c, "options": {"hopz": 7}}),
+            "model config options ['hopz'] are not used by its components (they read: none)",
+        ),
         (*tampered(config=lambda c: None), "metadata has no 'config' entry"),
     ],
 )
@@ -162,6 +168,24 @@ def test_bad_model_files_are_refused_naming_the_problem(tmp_path, params, config
     with pytest.raises(ModelFileError) as e:
         load_model(path)
     assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_tensor_type_numpy_lacks_is_refused_by_its_name(tmp_path):
+    """F8_E4M3 (numpy has no such type): refused from the file's header, not a traceback."""
+    model = make_model(0)
+    header, data = {"__metadata__": {"config": model.config.canonical()}}, b""
+    for name, array in sorted(model.params.items()):
+        raw = array.tobytes() if name != "gate_b" else bytes(array.size)
+        dtype = "F32" if name != "gate_b" else "F8_E4M3"
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}  # fmt: skip
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path / "f8.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    with pytest.raises(ModelFileError, match="found 'gate_b' F8_E4M3"):
+        load_model(path)
 
 
 def test_not_a_model_file(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -78,7 +80,13 @@ def test_text_model_round_trips_with_its_vocabulary(tmp_path):
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"answers": ["a"]}, "output_dim"), ({"hops": 0}, "hops"), ({"vocabulary": "abc"}, "list")],
+    [
+        ({"answers": ["a"]}, "output_dim"),
+        ({"hops": 0}, "hops"),
+        ({"hops": 33}, "'hops' must be at most 32, got 33"),
+        ({"vocabulary": "abc"}, "list"),
+        ({"relative_tme": True}, r"options \['relative_tme'\] are not used"),
+    ],
 )
 def test_bad_text_options_stop_loading_with_the_reason(tmp_path, options, message):
     config = text_config(**options)
@@ -123,3 +131,8 @@ def test_a_text_memory_resumes_from_a_snapshot_with_its_write_order(tmp_path):
     expected, got = engine.apply(straight, q), engine.apply(resumed, q)
     np.testing.assert_array_equal(expected.y, got.y)
     assert expected.slots.tolist() == got.slots.tolist()
+
+
+def test_position_bow_refuses_texts_longer_than_a_batch_can_hold():
+    with pytest.raises(ModelFileError, match=r"input_dim \(the longest text in words\) must be at"):
+        random_model(dataclasses.replace(text_config(), input_dim=10**12))

@@ -13,6 +13,7 @@ A new form of a component is one new module with one registered class.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -154,8 +155,19 @@ def register(cls: type[Component]) -> type[Component]:
 _MISSING = object()
 
 
-def option(config: ModelConfig, key: str, kind: type, default: Any = _MISSING) -> Any:
-    """A component setting from the config's ``options``; ConfigValueError names a bad one."""
+# The option keys read while a model's components are built (Components.build refuses the
+# others: a misspelt option must not fall back to its default unnoticed).
+OPTIONS_READ: ContextVar[set[str] | None] = ContextVar("memnet_options_read", default=None)
+
+
+def option(
+    config: ModelConfig, key: str, kind: type, default: Any = _MISSING, most: int | None = None
+) -> Any:
+    """A component setting from the config's ``options``; ConfigValueError names a bad one.
+    ``most``: the largest value an int option may take."""
+    read = OPTIONS_READ.get()
+    if read is not None:
+        read.add(key)
     if key not in config.options:
         if default is _MISSING:
             raise ConfigValueError(f"model config options need {key!r}")
@@ -163,6 +175,8 @@ def option(config: ModelConfig, key: str, kind: type, default: Any = _MISSING) -
     value = config.options[key]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigValueError(f"model config option {key!r} must be a positive integer")
+    if most is not None and value > most:
+        raise ConfigValueError(f"model config option {key!r} must be at most {most}, got {value}")
     if kind is bool and not isinstance(value, bool):
         raise ConfigValueError(f"model config option {key!r} must be true or false")
     if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):

@@ -31,6 +31,10 @@ from memnet.components.base import Output, Params, ParamSpec, option, register
 from memnet.components.topk_attention import masked_softmax
 from memnet.config import ConfigValueError
 
+# Each hop is unrolled in the compiled functions (compile time and code grow with it);
+# MemN2N uses 3, and no bAbI task needs more than 3 supporting facts.
+MAX_HOPS = 32
+
 
 @register
 class MultiHop(Output):
@@ -41,7 +45,7 @@ class MultiHop(Output):
         if config.memory_dim % 2:
             raise ConfigValueError("multi-hop needs an even memory_dim (key and value halves)")
         self.d = config.memory_dim // 2
-        self.hops = option(config, "hops", int, 3)
+        self.hops = option(config, "hops", int, 3, most=MAX_HOPS)
         self.relative = option(config, "relative_time", bool, False)
 
     def params(self) -> dict[str, ParamSpec]:

@@ -22,6 +22,8 @@ from memnet.components.base import Encoder, Params, ParamSpec, option, register
 from memnet.config import ConfigValueError
 from memnet.text import Vocabulary
 
+MAX_WORDS = 1 << 16  # input_dim: a batch holds [events, input_dim] word ids
+
 
 def position_weights(mask: jax.Array, d: int) -> jax.Array:
     """mask [B, L] (True for words) -> l [B, L, d], counting each text's own length J."""
@@ -39,6 +41,11 @@ class PositionBow(Encoder):
         super().__init__(config)
         if config.memory_dim % 2:
             raise ConfigValueError("position-bow needs an even memory_dim (key and value halves)")
+        if config.input_dim > MAX_WORDS:  # (no tensor's shape bounds it: batches' do)
+            raise ConfigValueError(
+                f"position-bow's input_dim (the longest text in words) must be at most "
+                f"{MAX_WORDS}, got {config.input_dim}"
+            )
         self.vocabulary = Vocabulary(option(config, "vocabulary", list))
         self.d = config.memory_dim // 2
 
