@@ -103,6 +103,9 @@ class Rejected:
 Event = Write | Query
 Result = Answer | Rejected | None
 
+# A write whose G computed a vector that is not finite (huge weights): it changes nothing.
+NOT_FINITE_WRITE = "the write would store non-finite values in memory"
+
 
 MAX_BATCH = 1024  # events per jitted call at most
 MEMORY_OVERHEAD_BYTES = 1200  # Python objects of one memory (measured: ~2.3 KB in all, 64 x 8)
@@ -273,15 +276,20 @@ class Engine:
             live, dense = sorted(live + dense), []
         answers = _Pending()
         if dense:
-            self._dense(items, np.array(dense), E, answers)
+            self._dense(items, np.array(dense), E, answers, results)
         if live:
-            self._per_memory(items, live, E, answers)
+            self._per_memory(items, live, E, answers, results)
         if answers.at:
             self._answer_all(answers, results)
         return results
 
     def _per_memory(
-        self, items: Sequence[tuple[Memory, Event]], live: list[int], E: np.ndarray, out: _Pending
+        self,
+        items: Sequence[tuple[Memory, Event]],
+        live: list[int],
+        E: np.ndarray,
+        out: _Pending,
+        results: list[Result],
     ) -> None:
         """Memories one at a time: writes through G in order, each run of queries on a
         memory searched at once."""
@@ -290,7 +298,8 @@ class Engine:
             for run in _runs(items, order):
                 if isinstance(items[run[0]][1], Write):
                     for j in run:
-                        self.generalizer.write(self._np, memory, E[j], hints.get(j))
+                        if not self.generalizer.write(self._np, memory, E[j], hints.get(j)):
+                            results[j] = Rejected(NOT_FINITE_WRITE)
                     continue
                 V = E[run]  # [R, M]
                 slots = memory.topk(V, self.config.k, [hints.get(j) for j in run])  # [R, K]
@@ -298,7 +307,12 @@ class Engine:
                 out.add(np.array(run), V, slots, cand, self.generalizer.ages(memory, slots))
 
     def _dense(
-        self, items: Sequence[tuple[Memory, Event]], js: np.ndarray, E: np.ndarray, out: _Pending
+        self,
+        items: Sequence[tuple[Memory, Event]],
+        js: np.ndarray,
+        E: np.ndarray,
+        out: _Pending,
+        results: list[Result],
     ) -> None:
         """Small memories many at a time (memnet/dense.py): the events go in waves, the
         n-th event of each memory in wave n, so a wave touches each memory once and the
@@ -311,8 +325,13 @@ class Engine:
         for wave in _waves(rows):
             r, w = rows[wave], writes[wave]
             if w.any():
-                rw = r[w]
-                slot, new = g.write_many(self._np, arena, rw, E[js[wave[w]]])
+                rw, at = r[w], js[wave[w]]
+                slot, new = g.write_many(self._np, arena, rw, E[at])
+                ok = np.isfinite(new).all(axis=1)
+                if not ok.all():  # (a G whose arithmetic overflowed: those rows refused)
+                    for j in at[~ok].tolist():
+                        results[j] = Rejected(NOT_FINITE_WRITE)
+                    rw, slot, new = rw[ok], slot[ok], new[ok]
                 arena.vectors[rw, slot] = new
                 arena.filled[rw, slot] = True
                 arena.changed[rw, slot] = True

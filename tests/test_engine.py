@@ -242,3 +242,46 @@ def test_events_and_answers_are_frozen_values():
     for value, field in ((Write(v), "row"), (Query(q=v), "q"), (a, "y")):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(value, field, None)
+
+
+@pytest.mark.parametrize("dense", [None, 0], ids=["small memories (arena)", "per memory"])
+def test_a_write_G_cannot_store_finitely_is_rejected_and_changes_nothing(dense, rng):
+    """Finite but huge weights: z = i.w1 + m_s.w2 = inf + -inf for a write whose nearest
+    slot is a row of 2s, so its new vector would be NaN. That write is Rejected and its
+    memory unchanged (vectors and write count); a write to another memory in the same
+    batch (nearest a row of 0s: z = +-inf + 0, a finite blend) and a query after are as
+    if it never came."""
+    model = make_model(3)
+    params = {k: np.array(v) for k, v in model.params.items()}
+    m, s = model.config.memory_dim, model.config.slots
+    params["memory_init"][: s // 2], params["memory_init"][s // 2 :] = 2.0, 0.0
+    engine = Engine(type(model).create(model.config, params))
+
+    def nearest_is_twos(x):
+        i = engine._encode(engine._jax, x[None])[0]
+        return i, int(np.argmin(((params["memory_init"] - i) ** 2).sum(1))) < s // 2
+
+    xs = [rng.standard_normal(model.config.input_dim).astype(np.float32) for _ in range(50)]
+    picks = [(x, *nearest_is_twos(x)) for x in xs]
+    x, i = next((x, i) for x, i, twos in picks if twos and np.abs(i).max() > 2)
+    tame = next(x for x, _, twos in picks if not twos)
+    k = int(np.argmax(np.abs(i)))
+    params = {key: np.array(v) for key, v in params.items()}  # (create froze those)
+    params["gate_w"][:] = 0
+    params["gate_w"][k, 0] = 3e38 * np.sign(i[k])  # i.w1 = +inf
+    params["gate_w"][m:, 0] = -3e38  # a row of 2s: -inf; of 0s: 0
+    model = type(model).create(model.config, params)
+    engine = Engine(model, dense_max_floats=dense)
+    bad, other, alone = engine.new_memory(), engine.new_memory(), engine.new_memory()
+    before = bad.matrix().copy()
+    got = engine.process([(bad, engine.write(x)), (other, engine.write(tame)),
+                          (bad, engine.query(x=x))])  # fmt: skip
+    assert got[0] == Rejected("the write would store non-finite values in memory")
+    np.testing.assert_array_equal(bad.matrix(), before)
+    assert bad.writes == 0 and isinstance(got[2], Answer)
+    assert got[1] is None and other.writes == 1
+    engine.apply(alone, engine.write(tame))
+    np.testing.assert_array_equal(other.matrix(), alone.matrix())
+    assert np.isfinite(other.matrix()).all()
+    expected = engine.apply(engine.new_memory(), engine.query(x=x))
+    np.testing.assert_array_equal(got[2].y, expected.y)

@@ -26,8 +26,9 @@ class AppendOnly(Generalizer):
     starts_filled = False
     batched = True
 
-    def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> None:
-        memory.set(memory.writes % memory.slots, i)
+    def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> bool:
+        memory.set(memory.writes % memory.slots, i)  # (i is finite: the engine checked it)
+        return True
 
     def write_many(
         self, p: Params, arena: Arena, rows: np.ndarray, i: np.ndarray

@@ -82,11 +82,12 @@ class Generalizer(Component):
     # Whether write_many() exists: writes to many small memories at once (memnet/dense.py).
     batched: ClassVar[bool] = False
 
-    def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> None:
-        """Apply one write of the encoded input i [M] to memory (numpy, host side). hint:
-        the engine's batched scan of the memory's base for i, if it made one (a G that
-        searches passes it on to memory.nearest; it makes the search faster, never
-        different)."""
+    def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> bool:
+        """Apply one write of the encoded input i [M] to memory (numpy, host side); False,
+        changing nothing, where the vector it would store is not finite (the engine rejects
+        that write). hint: the engine's batched scan of the memory's base for i, if it made
+        one (a G that searches passes it on to memory.nearest; it makes the search faster,
+        never different)."""
         raise NotImplementedError
 
     def write_many(
@@ -95,7 +96,8 @@ class Generalizer(Component):
         """One write to each of N distinct small memories at once: the arena rows [N] that
         hold them (their slots arena.vectors[rows], filled flags and write counts likewise),
         inputs i [N, M] -> (slot written [N], its new vector [N, M]); bit for bit what
-        write() does to each memory alone. Nothing is written here: the engine scatters."""
+        write() does to each memory alone. Nothing is written here: the engine scatters the
+        finite rows and rejects the others, as write() does."""
         raise NotImplementedError
 
     def ages(self, memory: Memory, slots: np.ndarray) -> np.ndarray:

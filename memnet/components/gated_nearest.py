@@ -46,12 +46,17 @@ class GatedNearest(Generalizer):
         m = self.config.memory_dim
         return {"gate_w": ParamSpec((2 * m, 1)), "gate_b": ParamSpec((1,), "zeros")}
 
-    def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> None:
+    def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> bool:
         s = memory.nearest(i, hint)
         m_s = memory.vector(s)  # [M]
-        z = np.dot(np.concatenate((i, m_s)), p["gate_w"][:, 0]) + p["gate_b"][0]
-        g = sigmoid(z)
-        memory.set(s, (np.float32(1) - g) * m_s + g * i)
+        with np.errstate(over="ignore", invalid="ignore"):  # (huge weights: refused below)
+            z = np.dot(np.concatenate((i, m_s)), p["gate_w"][:, 0]) + p["gate_b"][0]
+            g = sigmoid(z)
+            new = (np.float32(1) - g) * m_s + g * i
+        if not np.isfinite(new).all():
+            return False
+        memory.set(s, new)
+        return True
 
     def write_many(
         self, p: Params, arena: Arena, rows: np.ndarray, i: np.ndarray
@@ -60,6 +65,7 @@ class GatedNearest(Generalizer):
         m_s = arena.vectors[rows, s]  # [N, M]
         # np.vecdot takes each row's dot product with the same BLAS call as np.dot above,
         # so z is bit for bit write()'s (a matrix product would sum in another order).
-        z = np.vecdot(np.concatenate((i, m_s), axis=1), p["gate_w"][:, 0]) + p["gate_b"][0]
-        g = sigmoid_many(z)[:, None]  # [N, 1]
-        return s, (np.float32(1) - g) * m_s + g * i
+        with np.errstate(over="ignore", invalid="ignore"):  # (as write())
+            z = np.vecdot(np.concatenate((i, m_s), axis=1), p["gate_w"][:, 0]) + p["gate_b"][0]
+            g = sigmoid_many(z)[:, None]  # [N, 1]
+            return s, (np.float32(1) - g) * m_s + g * i
