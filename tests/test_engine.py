@@ -285,3 +285,27 @@ def test_a_write_G_cannot_store_finitely_is_rejected_and_changes_nothing(dense, 
     assert np.isfinite(other.matrix()).all()
     expected = engine.apply(engine.new_memory(), engine.query(x=x))
     np.testing.assert_array_equal(got[2].y, expected.y)
+
+
+def test_attention_over_kept_slots_only_whatever_their_logits():
+    """Padding (a partly filled memory) takes no weight, even from real logits far below
+    any constant that could stand in for it; otherwise bit for bit the earlier
+    softmax(where(mask, logits, -1e30)); gradients stay finite (training)."""
+    import jax
+    import jax.numpy as jnp
+
+    from memnet.components.topk_attention import masked_softmax
+
+    got = masked_softmax(jnp.array([[-2e30, -3e30, 0.0]]), jnp.array([[True, True, False]]))
+    assert np.asarray(got).tolist() == [[1.0, 0.0, 0.0]]
+    assert np.asarray(masked_softmax(jnp.ones((1, 2)), jnp.zeros((1, 2), bool))).tolist() == [
+        [0.0, 0.0]
+    ]
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((5000, 6)) * 10).astype(np.float32)
+    mask = rng.random((5000, 6)) < 0.7
+    earlier = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1), 0.0)
+    np.testing.assert_array_equal(masked_softmax(logits, mask), earlier)
+    for row, kept in (([1.0, 1e30], [True, False]), ([-100.0, 0.0], [False, False])):
+        grad = jax.grad(lambda x, m=kept: (masked_softmax(x, jnp.array([m])) * 2).sum())
+        assert np.isfinite(grad(jnp.array([row]))).all()

@@ -10,13 +10,19 @@ import jax.numpy as jnp
 
 from memnet.components.base import Output, Params, register
 
-# Added to the logits of padding entries: exp() of it is exactly 0 next to any real logit.
-_MASKED = -1e30
-
 
 def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax over the last axis of [B, K] where mask is True; 0 elsewhere and on empty rows."""
-    a = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
+    """Softmax over the last axis of [B, K] where mask is True; 0 elsewhere and on empty rows.
+
+    jax.nn.softmax over the kept entries only (its ``where``): a constant standing in for
+    padding (-1e30 once) took all the weight from real logits below it, which inputs that
+    pass the checks can reach (norms of ~1e15). The result is bit for bit the earlier one
+    otherwise. Padding entries take the row's largest kept logit, so exp never overflows in
+    them (a NaN there, though masked out, would make gradients NaN); an empty row is taken
+    whole, then zeroed."""
+    keep = mask | ~mask.any(axis=-1, keepdims=True)
+    top = jnp.max(jnp.where(keep, logits, -jnp.inf), axis=-1, keepdims=True)
+    a = jax.nn.softmax(jnp.where(keep, logits, top), axis=-1, where=keep)
     return jnp.where(mask, a, 0.0)
 
 
