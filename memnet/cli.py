@@ -16,6 +16,17 @@ from memnet.config import ConfigValueError, IndexConfig, ModelConfig
 from memnet.training.settings import Settings
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse names the option if not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("init", help="write a model with random weights (as in the reference)")
     p.add_argument("out", help="model file to write (.safetensors)")
@@ -41,19 +52,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     p.add_argument("--data", type=Path, default=DATA, help="a bAbI directory")
     p.add_argument("--out", type=Path, help="model file (default: var/models/qaTASK.safetensors)")
-    p.add_argument("--seeds", type=int, default=3, help="runs; the best on validation is kept")
-    p.add_argument("--dim", type=int, default=64, help="embedding size (memory_dim is twice it)")
-    p.add_argument("--hops", type=int, default=3, help="rounds of attention (O)")
+    p.add_argument("--seeds", type=positive, default=3, help="runs; the best on validation is kept")
+    p.add_argument(
+        "--dim", type=positive, default=64, help="embedding size (memory_dim is twice it)"
+    )
+    p.add_argument("--hops", type=positive, default=3, help="rounds of attention (O)")
     p.add_argument(
         "--relative-time",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="O's hops also score each fact's age relative to what the hop before found",
     )
-    p.add_argument("--epochs", type=int, default=Settings.epochs, help="most epochs per seed")
+    p.add_argument("--epochs", type=positive, default=Settings.epochs, help="most epochs per seed")
     p.add_argument(
         "--patience",
-        type=int,
+        type=positive,
         default=Settings.patience,
         help="epochs without a better validation result before stopping",
     )

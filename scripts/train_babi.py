@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from memnet.babi import BabiError, task_file  # noqa: E402
+from memnet.cli import positive  # noqa: E402
 from memnet.training.settings import Settings  # noqa: E402
 from memnet.training.train import spread, train_task  # noqa: E402
 
@@ -33,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(map(str, range(1, 21))))
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "babi" / "en")
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "babi")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=positive, default=3)
     parser.add_argument("--response", default="answer-mlp", help="the R component")
     parser.add_argument(
         "--relative-time",
@@ -47,11 +48,13 @@ def parse_args() -> argparse.Namespace:
         default=True,
         help="supervise each hop's attention with the supporting facts (strong supervision)",
     )
-    parser.add_argument("--epochs", type=int, default=None, help=f"default {Settings.epochs}")
-    parser.add_argument("--patience", type=int, default=None, help=f"default {Settings.patience}")
+    parser.add_argument("--epochs", type=positive, default=None, help=f"default {Settings.epochs}")
+    parser.add_argument(
+        "--patience", type=positive, default=None, help=f"default {Settings.patience}"
+    )
     parser.add_argument(
         "--decay-every",
-        type=int,
+        type=positive,
         default=Settings.decay_every,
         help="epochs between halvings of the learning rate (default %(default)s)",
     )

@@ -338,3 +338,12 @@ def test_a_missing_extra_names_the_extra(missing, argv, extra, tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"needs the {extra} extra" in one_line(done)
     assert f"pip install 'memnet[{extra}]'" in done.stderr
+
+
+@pytest.mark.parametrize("option", ["--seeds", "--epochs", "--patience", "--hops", "--dim"])
+def test_training_counts_of_zero_are_refused_by_name(option, capsys):
+    """(--epochs 0 ended in max() of nothing with a traceback, after loading the data.)"""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--task", "1", option, "0"])
+    assert e.value.code == 2
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
