@@ -195,3 +195,28 @@ def test_answer_messages_are_the_maps_msgpack_packs():
             }
         )
         assert answer_message(f"q{i}", "m" * i, y, slots, weights, extra) == expected
+
+
+@pytest.mark.parametrize(
+    "message, limit, reason",
+    [
+        ({"op": "query", "memory": "m", "id": "q", "x": [1.0] * 300}, 100, "over the limit of 100"),
+        (
+            {"x": [1.0], **{f"k{i}": i for i in range(70)}, "id": "q", "memory": "m"},
+            1 << 20,
+            "message map has 73 keys, over the limit of 64",
+        ),
+        ({1: [2], "memory": "m", "id": "q"}, 1 << 20, "not valid msgpack"),
+    ],
+)
+def test_a_message_refused_before_decoding_still_names_its_id_and_memory(message, limit, reason):
+    """Over the size limit, over 64 keys, or a key that is not a string: refused before
+    the map is decoded; the id and memory are read from it (skipping the values), so the
+    query still gets its error response (it waited out its timeout before)."""
+    with pytest.raises(BadMessage) as e:
+        decode(msgpack.packb(message), partition_of("m", 8), 8, limit)
+    assert reason in e.value.reason
+    assert (e.value.query_id, e.value.memory) == ("q", "m")
+    with pytest.raises(BadMessage) as e:  # an id that is not a string: none
+        decode(msgpack.packb({**message, "id": 7}), partition_of("m", 8), 8, limit)
+    assert (e.value.query_id, e.value.memory) == (None, "m")

@@ -16,6 +16,7 @@ A memory named ``name`` lives in partition ``crc32(utf8(name)) mod partitions``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import zlib
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import numpy as np
 PROTOCOL = 1
 GROUP = "memnet"
 MAX_NAME_BYTES = 256
+MAX_KEYS = 64  # keys of a message map at most (decoding refuses more)
 OPS = ("write", "query", "delete")
 _LE_F4, _F32 = np.dtype("<f4"), np.dtype(np.float32)  # (dtype objects: no parsing per call)
 
@@ -90,8 +92,14 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 
 def unpack(raw: bytes, max_bytes: int) -> Any:
+    """The message's map (or whatever it holds); BadMessage if it is over max_bytes, not
+    msgpack, or a map of more than MAX_KEYS keys. Those are refused before the message is
+    decoded, so its id (for the error response) and memory are read from it by _peek."""
     if len(raw) > max_bytes:
-        raise BadMessage(f"message is {len(raw)} bytes, over the limit of {max_bytes}")
+        keys, query_id, memory = _peek(raw)
+        raise BadMessage(
+            f"message is {len(raw)} bytes, over the limit of {max_bytes}", query_id, memory
+        )
     try:
         return msgpack.unpackb(
             raw,
@@ -99,11 +107,42 @@ def unpack(raw: bytes, max_bytes: int) -> Any:
             strict_map_key=True,
             ext_hook=_reject_ext,
             timestamp=0,
-            max_map_len=64,
+            max_map_len=MAX_KEYS,
             max_ext_len=0,
         )
     except Exception as e:  # msgpack raises many kinds; each means a bad message
-        raise BadMessage(f"not valid msgpack ({type(e).__name__})") from None
+        keys, query_id, memory = _peek(raw)
+        if keys is not None and keys > MAX_KEYS:
+            reason = f"message map has {keys} keys, over the limit of {MAX_KEYS}"
+        else:
+            reason = f"not valid msgpack ({type(e).__name__})"
+        raise BadMessage(reason, query_id, memory) from None
+
+
+_STR_TYPES = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}  # fixstr, str 8/16/32
+
+
+def _peek(raw: bytes) -> tuple[int | None, str | None, str | None]:
+    """(keys, id, memory) of a message refused before decoding, read without decoding
+    anything else: values are skipped, and only keys and those two values that are strings
+    are decoded (a string costs no more than its bytes). None where it cannot tell."""
+    keys, found = None, {}
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(raw), 1))
+    with contextlib.suppress(Exception):  # (not a map, or cut short: what was found so far)
+        unpacker.feed(raw)
+        keys = unpacker.read_map_header()
+        for _ in range(keys):
+            if raw[unpacker.tell()] not in _STR_TYPES:
+                unpacker.skip()  # (a key that is not a string)
+                unpacker.skip()
+                continue
+            key = unpacker.unpack()
+            if key in ("id", "memory") and raw[unpacker.tell()] in _STR_TYPES:
+                found.setdefault(key, unpacker.unpack())
+            else:
+                unpacker.skip()
+    query_id, memory = found.get("id"), found.get("memory")
+    return keys, query_id or None, memory or None
 
 
 def vector(value: Any, field: str) -> Any:
