@@ -229,6 +229,12 @@ def test_a_bad_event_raises_before_anything_is_sent(redis_server, deployment):
             (lambda: client.write("", [1.0] * D_IN), "'memory' must be a non-empty"),
             (lambda: client.query("m", x=[1.0] * D_IN, q=[1.0] * D_MEM), "exactly one"),
             (lambda: client.write("m"), "exactly one"),
+            (lambda: client.write("m", [10**400] + [1.0] * (D_IN - 1)), "non-finite"),
+            (lambda: client.write("m\udc80", [1.0] * D_IN), "'memory' is not valid Unicode"),
+            (
+                lambda: client.send({"op": "query", "memory": "m", "id": "\ud800", "x": [1.0] * 8}),
+                "'id' is not valid Unicode",
+            ),
         ]
         for call, message in bad:
             with pytest.raises(InvalidEvent, match=message):

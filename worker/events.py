@@ -100,6 +100,8 @@ class Deployment:
             return _delete(event)
         if op == "query" and not (isinstance(event.get("id"), str) and event["id"]):
             raise InvalidEvent("a query needs a non-empty string 'id'")
+        if isinstance(event.get("id"), str):
+            _utf8(event["id"], "id")
         field = _input_field(op, event)
         return {**event, field: self._input(field, event[field])}
 
@@ -118,6 +120,7 @@ class Deployment:
     def _text(self, value: Any) -> str:
         if not isinstance(value, str):
             raise InvalidEvent(f"'text' must be a string, got {type(value).__name__}")
+        _utf8(value, "text")
         if self.reads_text is False:
             raise InvalidEvent(
                 f"this deployment's model reads vectors (encoder {self.encoder!r}), not text: "
@@ -137,10 +140,21 @@ def _maybe_int(value: str | None) -> int | None:
     return None if value is None else int(value)
 
 
+def _utf8(value: str, field: str) -> bytes:
+    """The string as UTF-8; InvalidEvent if it cannot be (a lone surrogate, as Python reads
+    some invalid input): msgpack could not send it."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidEvent(
+            f"'{field}' is not valid Unicode (a lone surrogate at {e.start})"
+        ) from None
+
+
 def _check_name(memory: Any) -> None:
     if not isinstance(memory, str) or not memory:
         raise InvalidEvent("'memory' must be a non-empty string")
-    if len(memory.encode("utf-8")) > MAX_NAME_BYTES:
+    if len(_utf8(memory, "memory")) > MAX_NAME_BYTES:
         raise InvalidEvent(f"'memory' is longer than {MAX_NAME_BYTES} bytes")
 
 
@@ -187,7 +201,12 @@ def _numbers(value: Any, field: str) -> np.ndarray:
     if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iuf":
         return value
     if isinstance(value, list | tuple) and all(_is_number(v) for v in value):
-        return np.asarray(value, np.float64)
+        try:
+            return np.asarray(value, np.float64)
+        except OverflowError:  # (an int beyond float64)
+            raise InvalidEvent(
+                f"'{field}' has non-finite values (NaN, inf or beyond float32)"
+            ) from None
     raise InvalidEvent(
         f"'{field}' must be a flat sequence of numbers or float32 bytes, got {type(value).__name__}"
     )
