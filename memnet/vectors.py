@@ -14,10 +14,12 @@ def as_vector(value: Any, length: int, what: str) -> np.ndarray:
     """Return value as a float32 vector [length]; raises InvalidInput naming ``what``.
 
     Accepts a sequence of numbers or a numeric numpy array; values that overflow float32
-    count as non-finite.
+    count as non-finite. The vector returned is the event's own: a copy of a caller's array
+    (which the caller may change before the event is applied), except an array over
+    immutable bytes (the wire's, read in place), which nothing can change.
     """
     if _checked_float32(value, length):
-        return value  # (what the full checks below return for it: the array itself)
+        return value if _immutable(value) else value.copy()
     if isinstance(value, np.ndarray):
         array = value
     elif isinstance(value, (list, tuple)):
@@ -29,7 +31,7 @@ def as_vector(value: Any, length: int, what: str) -> np.ndarray:
     if array.shape[0] != length:
         raise InvalidInput(f"{what} must have {length} values, got {array.shape[0]}")
     with np.errstate(over="ignore", invalid="ignore"):
-        vector = np.ascontiguousarray(array, dtype=np.float32)
+        vector = np.array(array, np.float32, order="C", copy=None if _immutable(array) else True)
     if not np.isfinite(vector).all():
         raise InvalidInput(f"{what} has non-finite values (NaN, inf or beyond float32)")
     with np.errstate(over="ignore"):
@@ -49,3 +51,8 @@ def _checked_float32(value: Any, length: int) -> bool:
     limit it says False and the full path decides with numpy's float32 product, as before,
     so both paths reach the same verdict for every vector."""
     return type(value) is np.ndarray and finite_f32(value, length)
+
+
+def _immutable(array: np.ndarray) -> bool:
+    """Whether nothing can change the array's values: a read-only view of a bytes object."""
+    return not array.flags.writeable and type(array.base) is bytes

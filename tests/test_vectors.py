@@ -44,7 +44,7 @@ def test_a_float32_vector_is_decided_as_the_full_checks_decide():
         if isinstance(full, str):
             assert fast == full
         else:
-            assert fast is vector  # the array itself, as np.ascontiguousarray returned it
+            assert fast is not vector  # (a copy: the event's own)
             assert fast.dtype == F32 and np.array_equal(fast, full)
         decided.add(full if isinstance(full, str) else "ok")
     assert len(decided) == 3  # accepted, non-finite, too large: each case was met
@@ -85,3 +85,22 @@ def test_the_fast_check_says_true_only_where_the_full_one_accepts():
     assert finite_f32(v, 8) and not finite_f32(v, 7) and not finite_f32(v[::2], 4)
     assert not finite_f32(v.astype(np.float64), 8) and not finite_f32(v.astype(">f4"), 8)
     assert not finite_f32(b"\0" * 32, 8) and not finite_f32([1.0] * 8, 8)
+
+
+def test_an_event_keeps_its_own_vector_whatever_the_caller_does_after():
+    """A producer reusing one buffer: each event holds the values it was made with, so a
+    batch applies what one-at-a-time processing applies. The wire's vectors (read-only,
+    over bytes) are read in place."""
+    from memnet import Engine
+    from tests.conftest import make_model
+
+    engine = Engine(make_model(0))
+    d = engine.config.input_dim
+    buffer, events = np.zeros(d, np.float32), []
+    for value in (1.0, 2.0, 3.0):
+        buffer[:] = value
+        events.append(engine.write(buffer))
+    assert [float(e.row[0]) for e in events] == [1.0, 2.0, 3.0]
+    wire = np.frombuffer(np.ones(d, "<f4").tobytes(), np.float32)
+    assert as_vector(wire, d, "x") is wire
+    assert as_vector(wire.astype(np.float64), d, "x").dtype == np.float32

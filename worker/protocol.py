@@ -153,6 +153,8 @@ def vector(value: Any, field: str) -> Any:
                 f"'{field}' bin must hold little-endian float32 "
                 f"(a multiple of 4 bytes), got {len(value)} bytes"
             )
+        if _LE_F4 == _F32:  # (a little-endian host: read in place, read-only over bytes)
+            return np.frombuffer(value, _F32)
         return np.frombuffer(value, _LE_F4).astype(_F32)
     if isinstance(value, list):
         if not all(type(v) in (int, float) for v in value):
