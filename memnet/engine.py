@@ -320,6 +320,8 @@ class Engine:
         and searches for its queries with one topk, on the arena's rows in place."""
         arena, k, g = self.arena(), self.config.k, self.generalizer
         at = js.tolist()  # (a list is indexed by Python ints much faster than by numpy's)
+        if any(items[j][0].arena is not arena for j in at):
+            raise ValueError("a small memory of another Engine: each engine applies its own")
         rows = np.array([items[j][0].row for j in at], np.int64)
         writes = np.array([isinstance(items[j][1], Write) for j in at], bool)
         for wave in _waves(rows):

@@ -49,7 +49,8 @@ class Memory(metaclass=ABCMeta):  # noqa: B024 (abstract only to register DenseM
         return self.search.vectors(np.arange(self.slots))
 
     def nearest(self, v: np.ndarray, hint: Hint | None = None) -> int:
-        """The filled slot nearest to v [M] in squared L2 (lowest slot number on ties).
+        """The filled slot nearest to v [M] in squared L2 (lowest slot number on ties; a
+        graph memory, approximate, takes the lowest of the tied slots its search found).
         hint: a batched scan of the base for v (memnet/exact.py), faster, never different."""
         return self.search.nearest(v, None if hint is None else [hint])
 

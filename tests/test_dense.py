@@ -255,3 +255,17 @@ def engine_overhead():
     from memnet.engine import DENSE_OVERHEAD_BYTES
 
     return DENSE_OVERHEAD_BYTES
+
+
+def test_a_small_memory_of_another_engine_is_refused_not_written_elsewhere():
+    """Its row number means another memory in this engine's arena."""
+    from memnet import Engine
+    from tests.conftest import make_model
+
+    model = make_model(0, slots=8)
+    one, two = Engine(model), Engine(model)
+    mine, theirs = two.new_memory(), one.new_memory()
+    before = mine.matrix().copy()
+    with pytest.raises(ValueError, match="another Engine"):
+        two.process([(theirs, two.write(np.ones(model.config.input_dim, np.float32)))])
+    np.testing.assert_array_equal(mine.matrix(), before)
