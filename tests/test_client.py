@@ -12,6 +12,8 @@ import msgpack
 import numpy as np
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from memnet import Engine, load_model
 from tests.conftest import WORKER_MODEL
@@ -200,7 +202,11 @@ def test_the_context_managers_close_what_they_opened(redis_server, deployment):
         client.redis.client_setname("cl-close-sync")
         assert connected(admin, "cl-close-sync")
     wait_for(lambda: not connected(admin, "cl-close-sync"), 5, "the connection to close")
-    mine = redis.Redis.from_url(redis_server.url)
+    with pytest.raises(ValueError, match=r"retries failed commands .* added twice"):
+        MemnetClient(redis.Redis.from_url(redis_server.url, retry=Retry(NoBackoff(), 3)), "x")
+    with pytest.raises(ValueError, match="retries failed commands"):
+        MemnetClient(redis.Redis(), "x")  # (redis-py's default: 10 retries)
+    mine = redis.Redis.from_url(redis_server.url, retry=Retry(NoBackoff(), 0))
     mine.client_setname("cl-close-mine")
     with MemnetClient(mine, "cl-close"):
         pass

@@ -113,6 +113,14 @@ def _settings(client: Any, prefix: str | None) -> tuple[Any, str]:
     )
 
 
+def _retries(client: Any) -> int:
+    """How many times a redis-py client (standalone or cluster, blocking or asyncio) sends a
+    failed command again."""
+    get = getattr(client, "get_retry", None)
+    retry = get() if get is not None else getattr(client, "retry", None)
+    return 0 if retry is None else int(retry.get_retries())
+
+
 class _ClientBase:
     """What both clients share: the connection (opened from a URL, or passed in) and keys."""
 
@@ -120,6 +128,13 @@ class _ClientBase:
 
     def __init__(self, client: Any = None, prefix: str | None = None) -> None:
         client, prefix = _settings(client, prefix)
+        if not isinstance(client, str) and _retries(client):
+            raise ValueError(
+                f"the redis client passed in retries failed commands ({_retries(client)} "
+                "times): an XADD whose reply was lost would be added twice (a write applied "
+                "twice). Make it with retry=Retry(NoBackoff(), 0) (redis.retry, "
+                "redis.backoff), or pass a URL"
+            )
         self._owned = isinstance(client, str)  # opened here: closed by close()
         self.redis = self._connect(client) if isinstance(client, str) else client
         self.keys = Keys(prefix)
@@ -141,7 +156,8 @@ class MemnetClient(_ClientBase):
     """A blocking client for standalone Redis or Redis Cluster (detected).
 
     ``MemnetClient.from_env()`` is the usual way to make one. ``client`` is a URL or a
-    redis-py client (without ``decode_responses``); a URL or prefix left out comes from
+    redis-py client (without ``decode_responses``, and without retries: a retried XADD
+    whose reply was lost adds the event twice); a URL or prefix left out comes from
     REDIS_URL / MEMNET_PREFIX. A client made from a URL owns its connection: ``close()``
     (or leaving a ``with`` block) closes it; a passed-in client is left to its owner.
     """
@@ -278,8 +294,8 @@ class AsyncMemnetClient(_ClientBase):
 
     ``AsyncMemnetClient.from_env()`` is the usual way to make one, used as
     ``async with AsyncMemnetClient.from_env() as client:``. ``client`` is a URL or a
-    ``redis.asyncio.Redis`` (without ``decode_responses``); ownership and the environment
-    fallback are as for ``MemnetClient``.
+    ``redis.asyncio.Redis`` (without ``decode_responses`` or retries); ownership and the
+    environment fallback are as for ``MemnetClient``.
     """
 
     redis: redis.asyncio.Redis
