@@ -344,8 +344,9 @@ def test_a_deploy_while_the_old_model_lags_leaves_every_query_answered_once(
 def test_a_deploy_that_cannot_finish_is_called_off_and_the_old_model_serves_on(
     redis_url, redis_server, tmp_path, model_file
 ):
-    """A model whose input does not fit what producers send refuses every write: not
-    deployed, and the partitions' deploying marks go back, so the old workers trim again."""
+    """A model whose input does not fit what producers send is refused before anything is
+    marked; a deploy whose rebuild fails (a hole in the history) is called off: the
+    partitions' deploying marks go back, so the old workers trim again."""
     from dataclasses import replace
 
     from worker.upgrade import UpgradeError
@@ -358,8 +359,46 @@ def test_a_deploy_that_cannot_finish_is_called_off_and_the_old_model_serves_on(
     send(r, PREFIX, PARTITIONS, events(200, NAMES, DIMS, np.random.default_rng(44)))
     Worker(s, Engine(load_model(model_file))).run(burst=True)
     served = load_model(model_file).fingerprint
-    with pytest.raises(UpgradeError, match=r"refuses every write.*called off"):
+
+    def marks():
+        return (
+            text(r.hget(Keys(PREFIX).meta, "model")),
+            text(r.hget(Keys(PREFIX).meta, "deploying")),
+            {text(r.get(Keys(PREFIX).part(p, "deploying"))) for p in range(PARTITIONS)},
+        )
+
+    before = marks()
+    d = WORKER_MODEL.input_dim
+    with pytest.raises(UpgradeError, match=f"reads vectors of {d + 1} numbers; this "
+                       f"deployment's producers send vectors of {d} numbers"):  # fmt: skip
         deploy(s, wider, jobs=1)
-    assert text(r.hget(Keys(PREFIX).meta, "model")) == served
-    assert text(r.hget(Keys(PREFIX).meta, "deploying")) == served
-    assert {text(r.get(Keys(PREFIX).part(p, "deploying"))) for p in range(PARTITIONS)} == {served}
+    assert marks() == before
+    model_b = tmp_path / "b.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=81), model_b)
+    r.set(Keys(PREFIX).part(0, "unarchived"), "99999999999999-0")  # (a hole: rebuild fails)
+    with pytest.raises(UpgradeError, match=r"MEMNET_ARCHIVE=0 trimmed.*called off"):
+        deploy(s, model_b, jobs=1)
+    assert marks() == (served, served, {served})
+
+
+def test_a_young_history_trimmed_of_nothing_is_whole(redis_url, redis_server, tmp_path):
+    """A worker records a trim point even when its trim removed nothing (a young stream,
+    MEMNET_SNAPSHOT_EVERY_S short): with nothing archived that is not a hole. Once entries
+    are gone from Redis and not in the archive, it is."""
+    from types import SimpleNamespace
+
+    from worker.upgrade import UpgradeError, _check_history
+
+    r, keys = redis_server.client(), Keys(PREFIX)
+    archive = Archive(store_at(f"file://{tmp_path / 'store'}"), 0)
+    settings = SimpleNamespace(prefix=PREFIX)
+    first = r.xadd(keys.inp(0), {"msg": b"x"}).decode()
+    r.xadd(keys.inp(0), {"msg": b"y"})
+    r.set(keys.part(0, "trimmed"), first)  # (XTRIM MINID first: nothing below it)
+    _check_history(r, settings, 0, None, archive)
+    r.xtrim(keys.inp(0), maxlen=1, approximate=False)  # (the first entry gone, unarchived)
+    with pytest.raises(UpgradeError, match=r"trimmed .up to .* but none archived"):
+        _check_history(r, settings, 0, None, archive)
+    r.delete(keys.inp(0))  # (no stream at all: cannot tell, so refused)
+    with pytest.raises(UpgradeError, match="none archived"):
+        _check_history(r, settings, 0, None, archive)

@@ -116,11 +116,32 @@ def _check_history(client: Any, settings: Settings, p: int, position: Any, archi
             f"{text(unarchived)}, after {position or 'the start'}, where this model's "
             "snapshots end; a rebuild needs the whole input history after it"
         )
-    if position is None and trimmed is not None and archive.last() is None:
+    if (
+        position is None
+        and trimmed is not None
+        and archive.last() is None
+        and _removed(client, keys.inp(p)) != 0
+    ):
         raise UpgradeError(
-            f"partition {p}: its input was trimmed up to {text(trimmed)} without an archive "
-            "(MEMNET_ARCHIVE=0, or a memnet before 0.2); a rebuild needs the whole history"
+            f"partition {p}: entries of its input were trimmed (up to {text(trimmed)}) but "
+            "none archived (MEMNET_ARCHIVE=0, or the stream deleted); a rebuild needs the "
+            "whole history"
         )
+
+
+def _removed(client: Any, stream: str) -> int | None:
+    """How many entries were ever removed from the stream (Redis 7's entries-added less its
+    length; workers only trim their input); None where Redis cannot tell (no such stream, or
+    Redis 6). A trim point is recorded even when the trim removed nothing (a young stream),
+    so the point alone does not mean entries are gone."""
+    from redis.exceptions import ResponseError
+
+    try:
+        info = client.xinfo_stream(stream)
+    except ResponseError:  # (no such key)
+        return None
+    added = info.get("entries-added")
+    return None if added is None else int(added) - int(info["length"])
 
 
 def _history(
@@ -264,6 +285,7 @@ def deploy(settings: Settings, model: Path, jobs: int) -> dict:
         raise NoDeployment(f"{keys.meta} does not exist: start a worker first")
     settings = replace(settings, partitions=int(meta["partitions"]))
     old = meta.get("model")
+    _check_inputs(meta, new)
     pipe = client.pipeline(transaction=False)
     for p in range(settings.partitions):  # from now on only NEW's workers trim
         pipe.set(keys.part(p, "deploying"), new.fingerprint)
@@ -283,6 +305,32 @@ def deploy(settings: Settings, model: Path, jobs: int) -> dict:
     fields = {k: v for k, v in record(settings, new).items() if k not in ("partitions", "protocol")}
     client.hset(keys.meta, mapping={**fields, "previous": old or ""})
     return {"model": new.fingerprint, "previous": old, "switched": True, "rebuilt": rebuilt}
+
+
+def _check_inputs(meta: dict[str, str], new: Any) -> None:
+    """Refuse a model whose writes differ from what the deployment's producers send (text
+    against vectors, or vectors of another length): none of the history's writes would fit
+    it, and every new one would be refused the moment it is deployed."""
+    from worker.events import TEXT_ENCODERS
+
+    served = (meta.get("components") or "").split(",")[0]
+    if not served or "input_dim" not in meta:
+        return  # (a record without them: nothing to compare)
+    config = new.config
+    old_text, new_text = served in TEXT_ENCODERS, config.encoder in TEXT_ENCODERS
+    if old_text == new_text and (new_text or int(meta["input_dim"]) == config.input_dim):
+        return
+
+    def reads(text: bool, dim: int) -> str:
+        return "text" if text else f"vectors of {dim} numbers"
+
+    raise UpgradeError(
+        f"model {new.fingerprint[:12]} reads {reads(new_text, config.input_dim)}; this "
+        f"deployment's producers send {reads(old_text, int(meta['input_dim']))} (model "
+        f"{str(meta.get('model'))[:12]}): none of its history would fit, and every new write "
+        "would be refused. A model with other inputs needs a deployment of its own (another "
+        "MEMNET_PREFIX); not deployed"
+    )
 
 
 def _check_fits(rebuilt: list[dict], fingerprint: str) -> None:
