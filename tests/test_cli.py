@@ -347,3 +347,18 @@ def test_training_counts_of_zero_are_refused_by_name(option, capsys):
         build_parser().parse_args(["train", "--task", "1", option, "0"])
     assert e.value.code == 2
     assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"MEMNET_BLAS_THREADS": "abc"}, "MEMNET_BLAS_THREADS must be a positive integer"),
+        ({"MEMNET_MODEL": "/nonexistent/m.safetensors"}, "MEMNET_MODEL: /nonexistent/m."),
+        ({"JAX_PLATFORMS": "gpu", "MEMNET_MODEL": "MODEL"}, "JAX_PLATFORMS='gpu': Unable to"),
+    ],
+)
+def test_process_settings_and_the_model_file_stop_the_worker_by_name(env, named, model_file):
+    """(Each ended in a traceback, exit 1, which a supervisor restarts forever.)"""
+    env = {k: str(model_file) if v == "MODEL" else v for k, v in env.items()}
+    done = run("worker", env=env)
+    assert done.returncode == 2 and named in one_line(done)

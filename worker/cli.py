@@ -245,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     """The ``memnet`` command. Without argv it is the process's own command line (the
     console script, ``python -m worker.cli``), and the process's defaults are set first,
     before numpy or JAX loads; with argv (tests, other programs) nothing process-wide is."""
-    if argv is None:
-        set_process_defaults()
     args, status = None, 0
     try:
+        if argv is None:
+            set_process_defaults()
         args = build_parser().parse_args(argv)
         status = int(args.run(args) or 0)
         sys.stdout.flush()  # a closed pipe fails here, not at exit with a traceback
@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         if failure is None:
             raise
         command = getattr(args, "command", None)
-        line = "; ".join([failure[1], *getattr(e, "__notes__", ())])
+        notes = [n for n in getattr(e, "__notes__", ()) if "JAX_TRACEBACK" not in n]
+        line = "; ".join([failure[1], *notes])  # (less JAX's note on its traceback)
         print(f"memnet {command}: {line}" if command else f"memnet: {line}", file=sys.stderr)
         return failure[0]
 
@@ -297,6 +298,8 @@ def _failure(e: Exception) -> tuple[int, str] | None:
         return 3, f"cannot reach Redis: {e}"
     if isinstance(e, OSError) and e.filename is not None:  # a file the command was given
         return 2, f"{e.strerror or e}: {e.filename}"
+    if isinstance(e, RuntimeError) and "Unable to initialize backend" in str(e):
+        return 2, f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r}: {e}"
     return None
 
 

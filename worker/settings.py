@@ -243,6 +243,8 @@ def set_process_defaults(env: MutableMapping[str, str] | None = None) -> None:
     without the start-up probe for a TPU, and its log line."""
     env = os.environ if env is None else env
     threads = env.get("MEMNET_BLAS_THREADS") or PROCESS_DEFAULTS["MEMNET_BLAS_THREADS"]
+    if not (threads.isascii() and threads.isdigit() and int(threads) >= 1):
+        raise SettingsError(f"MEMNET_BLAS_THREADS must be a positive integer, got {threads!r}")
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, threads)
     env.setdefault("JAX_PLATFORMS", PROCESS_DEFAULTS["JAX_PLATFORMS"])

@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from memnet import Engine, SnapshotError, load_model, quantized
+from memnet import Engine, ModelFileError, SnapshotError, load_model, quantized
 from memnet.batching import keep_compilations
 from memnet.errors import SnapshotAborted, StaleSnapshot
 from worker import metrics
@@ -67,7 +67,11 @@ class Worker:
         if engine is None:
             if settings.model is None:
                 raise SettingsError("MEMNET_MODEL is not set: give the model file to serve")
-            engine = Engine(load_model(settings.model), cache_dir=settings.cache_dir)
+            try:
+                model = load_model(settings.model)
+            except ModelFileError as e:  # (the message names the file; say which setting)
+                raise SettingsError(f"MEMNET_MODEL: {e}") from None
+            engine = Engine(model, cache_dir=settings.cache_dir)
         self.engine = engine
         self.client = connect(settings.redis_url, timeout_s=settings.block_ms / 1000 + 5)
         self.scripts = Scripts(self.client)
