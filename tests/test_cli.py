@@ -20,7 +20,14 @@ from worker import cli as worker_cli
 from worker.cli import build_parser
 from worker.cli import main as cli
 from worker.protocol import Keys, partition_of
-from worker.settings import ENV_NAMES, Settings, SettingsError, redact, set_process_defaults
+from worker.settings import (
+    ENV_NAMES,
+    Settings,
+    SettingsError,
+    describe,
+    redact,
+    set_process_defaults,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -362,3 +369,11 @@ def test_process_settings_and_the_model_file_stop_the_worker_by_name(env, named,
     env = {k: str(model_file) if v == "MODEL" else v for k, v in env.items()}
     done = run("worker", env=env)
     assert done.returncode == 2 and named in one_line(done)
+
+
+def test_the_readme_settings_table_lists_every_setting():
+    """Every variable memnet worker --help lists has its row (four were missing)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| variable | default | what |") :].split("\n\n", 1)[0]
+    listed = table.replace("` / `_S`", "` `MEMNET_SNAPSHOT_EVERY_S`")
+    assert [name for name, _, _ in describe() if f"`{name}`" not in listed] == []
