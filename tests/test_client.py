@@ -447,3 +447,19 @@ def test_produce_skips_what_was_sent_and_names_a_missing_file(redis_server, depl
     assert len(sent) == 2 and sum(lengths(r, "cl-skip")) == 6
     names = sorted(msgpack.unpackb(f[b"msg"])["memory"] for f in sent)
     assert names == ["m2", "m3"]
+
+
+def test_a_tail_of_a_partition_the_deployment_lacks_is_refused(redis_server, deployment):
+    """(It read a stream no worker writes and waited forever, silently.)"""
+    deployment("cl-tail")
+    with MemnetClient(redis_server.url, "cl-tail") as client:
+        total = client.partitions
+        with pytest.raises(InvalidEvent, match=f"no partition {total} .there are {total}"):
+            client.tail([total])
+
+    async def run():
+        async with AsyncMemnetClient(redis_server.url, "cl-tail") as client:
+            with pytest.raises(InvalidEvent, match="no partition -1"):
+                await anext(client.tail([-1]))
+
+    asyncio.run(run())

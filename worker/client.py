@@ -113,6 +113,18 @@ def _settings(client: Any, prefix: str | None) -> tuple[Any, str]:
     )
 
 
+def _partitions(chosen: Iterable[int] | None, total: int) -> list[int]:
+    """The partitions asked for (all if None); InvalidEvent for one the deployment lacks
+    (its stream would never get a response: a tail of it would wait forever)."""
+    if chosen is None:
+        return list(range(total))
+    chosen = list(chosen)
+    for p in chosen:
+        if not 0 <= p < total:
+            raise InvalidEvent(f"no partition {p} (there are {total}: 0..{total - 1})")
+    return chosen
+
+
 def _retries(client: Any) -> int:
     """How many times a redis-py client (standalone or cluster, blocking or asyncio) sends a
     failed command again."""
@@ -255,7 +267,7 @@ class MemnetClient(_ClientBase):
         """Yield (partition, entry id, response) from the out streams, forever; error
         responses are yielded too. ``start="$"`` means responses added after this call
         (not after the first ``next``), "0-0" every response kept."""
-        chosen = list(range(self.partitions)) if partitions is None else list(partitions)
+        chosen = _partitions(partitions, self.partitions)
         owner = {self.keys.out(p): p for p in chosen}
         positions = {key: start for key in owner}
         if start == "$":  # pin "now" per stream, so no response slips between reads
@@ -388,9 +400,8 @@ class AsyncMemnetClient(_ClientBase):
         """Yield (partition, entry id, response) from the out streams, forever; error
         responses are yielded too. ``start="$"`` means responses added after iteration
         begins (the first ``__anext__``), "0-0" every response kept."""
-        if partitions is None:
-            partitions = range((await self.deployment()).partitions)
-        owner = {self.keys.out(p): p for p in partitions}
+        chosen = _partitions(partitions, (await self.deployment()).partitions)
+        owner = {self.keys.out(p): p for p in chosen}
         positions = {key: start for key in owner}
         if start == "$":
             for key in positions:
