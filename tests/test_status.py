@@ -282,3 +282,21 @@ def test_dead_letters_are_logged_at_warning_once_a_minute_at_most(caplog):
         "partition 3: 2 input entries dead-lettered; the first, 5-0 (memory mem-0): "
         "'x' has 1 values, expected 8 (`memnet dead --partition 3` lists them)"
     ]
+
+
+def test_lines_held_back_are_told_within_their_period_without_a_new_one(caplog):
+    """(The count of dead letters held back was told only with a later dead letter: after
+    a burst and then none, never.)"""
+    throttled = Throttled(logging.getLogger("test.held"), every_s=0.2)
+    with caplog.at_level(logging.WARNING, "test.held"):
+        throttled.log("k", logging.WARNING, "partition %d: %d dead", 0, 1)
+        throttled.log("k", logging.WARNING, "partition %d: %d dead", 1, 3)
+        throttled.log("k", logging.WARNING, "partition %d: %d dead", 2, 2)
+        throttled.flush()  # (within the period: nothing yet)
+        time.sleep(0.25)
+        throttled.flush()
+        throttled.flush()  # (told once)
+    assert [r.getMessage() for r in caplog.records] == [
+        "partition 0: 1 dead",
+        "partition 2: 2 dead (the latest of 2 held back)",
+    ]

@@ -116,18 +116,35 @@ class Throttled:
         self.logger = logger
         self.every_s = every_s
         self._active: dict[str, tuple[float, int]] = {}  # key -> (last logged, held back)
+        self._latest: dict[str, tuple[int, str, tuple[Any, ...]]] = {}  # key -> a held line
 
     def log(self, key: str, level: int, msg: str, *args: Any, exc_info: Any = None) -> None:
         now = time.monotonic()
         last, held = self._active.get(key, (None, 0))
         if last is not None and now - last < self.every_s:
             self._active[key] = (last, held + 1)
+            self._latest[key] = (level, msg, args)
             return
         if held:
             msg += f" ({held} similar lines held back)"
         self.logger.log(level, msg, *args, exc_info=exc_info)
         self._active[key] = (now, 0)
+        self._latest.pop(key, None)
+
+    def flush(self) -> None:
+        """Log the latest held-back line of each key whose period has passed, with the
+        count: what is held back is told within a period even if nothing more comes."""
+        if not self._latest:
+            return
+        now = time.monotonic()
+        for key, (level, msg, args) in list(self._latest.items()):
+            last, held = self._active.get(key, (now, 0))
+            if now - last >= self.every_s:
+                self.logger.log(level, msg + f" (the latest of {held} held back)", *args)
+                self._active[key] = (now, 0)
+                del self._latest[key]
 
     def clear(self, key: str, msg: str, *args: Any) -> None:
+        self._latest.pop(key, None)
         if self._active.pop(key, None) is not None:
             self.logger.info(msg, *args)

@@ -185,6 +185,7 @@ class Worker:
     def _loop_once(self) -> bool:
         """One pass; True when a burst run is done."""
         self._progress = time.monotonic()
+        self.throttled.flush()  # (lines held back, told within their minute)
         self.owner.drop_lost()
         if self._resync:
             self._resynchronise()
