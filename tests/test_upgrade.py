@@ -73,6 +73,8 @@ def test_deploy_switches_models_exactly_once_and_the_new_one_knows_the_whole_his
     assert result["switched"] and text(r.hget(Keys(PREFIX).meta, "model")) == result["model"]
     for worker in a:
         worker.stop()
+    waiting = f"model {result['model'][:12]} is deployed; {PARTITIONS} partitions not yet taken"
+    assert waiting in "\n".join(render(gather(a_settings[0])))  # (memnet status: why no owner)
     b_settings = [
         worker_settings(redis_url, tmp_path, model_b, PREFIX, PARTITIONS, worker_id=f"b{i}",
                         **settings)
@@ -103,6 +105,7 @@ def test_deploy_switches_models_exactly_once_and_the_new_one_knows_the_whole_his
         assert_same_answer(response, (by_a if model == "A" else by_b)[response["id"]])
     assert counts["A"] >= queries_before and counts["B"] > 0
     shown = "\n".join(render(gather(a_settings[0])))  # memnet status shows the switch points
+    assert "not yet taken" not in shown
     for p in range(PARTITIONS):
         record = {text(k): text(v) for k, v in r.hgetall(Keys(PREFIX).part(p, "switch")).items()}
         assert (f"partition {p}: model {result['previous'][:12]} answered up to entry "

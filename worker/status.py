@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from worker.protocol import Keys
 
 MAX_LAG = 10_000
-_PER_PARTITION = ("lease", "epoch", "offset", "trimmed")
+_PER_PARTITION = ("lease", "epoch", "offset", "trimmed", "model")  # (model: serving it)
 
 
 def redis_ms(client: Client) -> int:
@@ -275,7 +275,8 @@ def _emit(text: str, out: IO[str]) -> None:
 
 
 def render(status: dict[str, Any]) -> list[str]:
-    lines = [_headline(status), _workers_line(status), _snapshots_line(status)]
+    lines = [_headline(status), *_waiting_line(status), _workers_line(status)]
+    lines.append(_snapshots_line(status))
     lines.append(
         f"{'part':>4}  {'owner':<28} {'epoch':>5} {'lag':>7} {'pend':>5} {'length':>8} "
         f"{'dead':>6}  last snapshot"
@@ -313,6 +314,20 @@ def _headline(status: dict[str, Any]) -> str:
     if status["deploying"] and status["deploying"] != status["model"]:
         line += f"; deploying model {status['deploying'][:12]} (memnet deploy is catching up)"
     return line
+
+
+def _waiting_line(status: dict[str, Any]) -> list[str]:
+    """After memnet deploy: the partitions no worker of the deployed model has taken yet."""
+    model = status["model"]
+    waiting = [r for r in status["rows"] if model and r.get("model") not in (None, model)]
+    if not waiting:
+        return []
+    n = len(waiting)
+    return [
+        f"model {model[:12]} is deployed; {n} partition{'' if n == 1 else 's'} not yet taken "
+        f"by a worker of it (they move as workers with MEMNET_MODEL set to it start; "
+        "workers of another model hand over and take none)"
+    ]
 
 
 def _switch_lines(status: dict[str, Any]) -> list[str]:
