@@ -298,7 +298,7 @@ class Engine:
             for run in _runs(items, order):
                 if isinstance(items[run[0]][1], Write):
                     for j in run:
-                        if not self.generalizer.write(self._np, memory, E[j], hints.get(j)):
+                        if self.generalizer.write(self._np, memory, E[j], hints.get(j)) is False:
                             results[j] = Rejected(NOT_FINITE_WRITE)
                     continue
                 V = E[run]  # [R, M]
@@ -320,9 +320,9 @@ class Engine:
         and searches for its queries with one topk, on the arena's rows in place."""
         arena, k, g = self.arena(), self.config.k, self.generalizer
         at = js.tolist()  # (a list is indexed by Python ints much faster than by numpy's)
-        if any(items[j][0].arena is not arena for j in at):
+        rows = np.array([m.row if (m := items[j][0]).arena is arena else -1 for j in at], np.int64)
+        if len(rows) and rows.min() < 0:  # (its row number means another memory here)
             raise ValueError("a small memory of another Engine: each engine applies its own")
-        rows = np.array([items[j][0].row for j in at], np.int64)
         writes = np.array([isinstance(items[j][1], Write) for j in at], bool)
         for wave in _waves(rows):
             r, w = rows[wave], writes[wave]

@@ -120,15 +120,15 @@ def test_a_text_memory_resumes_from_a_snapshot_with_its_write_order(tmp_path):
         engine.apply(straight, engine.write(s))
         engine.apply(memory, engine.write(s))
     SnapshotStore(tmp_path, engine).save({"m": memory}, position="1-0")
-    loaded = SnapshotStore(tmp_path, Engine(random_model(text_config(), seed=3))).load()
-    resumed = loaded.memories["m"]
+    other = Engine(random_model(text_config(), seed=3))  # (another process, the same model)
+    resumed = SnapshotStore(tmp_path, other).load().memories["m"]
     assert resumed.writes == 6 and resumed.filled_count() == 5
     for s in then:
         a = engine.apply(straight, engine.write(s))
-        b = engine.apply(resumed, engine.write(s))
+        b = other.apply(resumed, other.write(s))  # (a memory is applied by its own engine)
         assert a is None and b is None
-    q = engine.query(x="where is mary")
-    expected, got = engine.apply(straight, q), engine.apply(resumed, q)
+    expected = engine.apply(straight, engine.query(x="where is mary"))
+    got = other.apply(resumed, other.query(x="where is mary"))
     np.testing.assert_array_equal(expected.y, got.y)
     assert expected.slots.tolist() == got.slots.tolist()
 
