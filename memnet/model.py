@@ -51,11 +51,14 @@ class Components:
                     raise ModelFileError(f"{kind} {name!r}: {e}") from e
         finally:
             OPTIONS_READ.reset(token)
-        unknown = sorted(set(config.options) - read)
-        if unknown:
+        undeclared = read - {o for c in picked.values() for o in type(c).options}
+        assert not undeclared, f"components read options they do not declare: {undeclared}"
+        known = {o for table in REGISTRY.values() for c in table.values() for o in c.options}
+        unknown = sorted(set(config.options) - known)
+        if unknown:  # (an option of another component is left alone: no use, no harm)
             raise ModelFileError(
-                f"model config options {unknown} are not used by its components "
-                f"(they read: {', '.join(sorted(read)) or 'none'})"
+                f"model config options {unknown} are not read by any component "
+                f"(its components read: {', '.join(sorted(read)) or 'none'})"
             )
         return cls(**picked)  # type: ignore[arg-type]
 

@@ -153,11 +153,13 @@ def _nan(p):
             "missing ['top_k']",
         ),
         (*tampered(config=lambda c: "{not json"), "'config' is not valid JSON"),
+        (*tampered(config=lambda c: {**c, "options": {"hops": 2, "x": 1}}), "options ['x']"),
         (*tampered(config=lambda c: "[" * 100_000), "'config' is not valid JSON"),
         (*tampered(config=lambda c: "9" * 5000), "'config' is not valid JSON"),
         (
             *tampered(config=lambda c: {**c, "options": {"hopz": 7}}),
-            "model config options ['hopz'] are not used by its components (they read: none)",
+            "model config options ['hopz'] are not read by any component (its components "
+            "read: none)",
         ),
         (*tampered(config=lambda c: None), "metadata has no 'config' entry"),
     ],
@@ -194,3 +196,11 @@ def test_not_a_model_file(tmp_path):
         load_model(tmp_path / "junk")
     with pytest.raises(ModelFileError, match="no such model file"):
         load_model(tmp_path / "absent")
+
+
+def test_an_option_of_another_component_is_left_alone(tmp_path):
+    """(What training wrote before 2026-12-06: "hops" in a topk-attention model.)"""
+    model = make_model(0)
+    path = tmp_path / "m.safetensors"
+    write_raw(path, dict(model.params), {**model.config.to_json(), "options": {"hops": 2}})
+    assert load_model(path).config.options == {"hops": 2}

@@ -85,7 +85,7 @@ def test_text_model_round_trips_with_its_vocabulary(tmp_path):
         ({"hops": 0}, "hops"),
         ({"hops": 33}, "'hops' must be at most 32, got 33"),
         ({"vocabulary": "abc"}, "list"),
-        ({"relative_tme": True}, r"options \['relative_tme'\] are not used"),
+        ({"relative_tme": True}, r"options \['relative_tme'\] are not read by any component"),
     ],
 )
 def test_bad_text_options_stop_loading_with_the_reason(tmp_path, options, message):

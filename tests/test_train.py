@@ -209,3 +209,20 @@ def test_validation_loss_counts_each_example_once():
     data = Examples(np.zeros((n, 1, 1), np.int32), z.astype(bool), z, z, np.arange(n), z)
     mean, accuracy = _score(evaluate, None, data, 32)
     assert mean == pytest.approx(100.0 / n) and accuracy == 1.0
+
+
+@pytest.mark.parametrize(
+    ("output", "response", "options"),
+    [
+        ("topk-attention", "answer", {"vocabulary", "answers"}),
+        ("multi-hop", "mlp", {"vocabulary", "hops"}),
+    ],
+)
+def test_a_task_config_writes_the_options_its_components_read(output, response, options):
+    """(It wrote "hops" and "answers" whatever the O and R: options nothing used.)"""
+    from memnet.model import random_model
+
+    stories = read_stories(task_file(DATA, 1))[:10]
+    train, _, _ = split(stories)
+    config = task_config(stories, train, 4, 2, output, response, relative_time=False)
+    assert set(random_model(config).config.options) == options

@@ -18,6 +18,7 @@ from memnet.config import ConfigValueError
 @register
 class AnswerResponse(Response):
     name = "answer"
+    options = ("answers",)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

@@ -45,6 +45,7 @@ class ParamSpec:
 class Component:
     kind: ClassVar[str]
     name: ClassVar[str]
+    options: ClassVar[tuple[str, ...]] = ()  # the config options it reads (option())
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config

@@ -39,6 +39,7 @@ MAX_HOPS = 32
 @register
 class MultiHop(Output):
     name = "multi-hop"
+    options = ("hops", "relative_time")
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

@@ -36,6 +36,7 @@ def position_weights(mask: jax.Array, d: int) -> jax.Array:
 @register
 class PositionBow(Encoder):
     name = "position-bow"
+    options = ("vocabulary",)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

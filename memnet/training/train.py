@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from memnet.babi import NAMES, read_stories, split, task_file
+from memnet.components import REGISTRY
 from memnet.config import ModelConfig
 from memnet.model import Components, Model, save_model
 from memnet.text import Vocabulary
@@ -52,9 +53,20 @@ def task_config(
         generalizer="append-only",
         output=output,
         response=response,
-        options={"vocabulary": vocabulary.words, "answers": answers, "hops": hops}
-        | ({"relative_time": True} if relative_time else {}),
+        options=_read_by(
+            ("position-bow", output, response),
+            {"vocabulary": vocabulary.words, "answers": answers, "hops": hops}
+            | ({"relative_time": True} if relative_time else {}),
+        ),
     )
+
+
+def _read_by(names: tuple[str, str, str], options: dict[str, Any]) -> dict[str, Any]:
+    """The options the I, O and R named read (a model file refuses others' unknown ones and
+    keeps only what its components use)."""
+    kinds = zip(("encoder", "output", "response"), names, strict=True)
+    read = {o for kind, name in kinds for o in REGISTRY[kind][name].options}
+    return {k: v for k, v in options.items() if k in read}
 
 
 def train_task(
