@@ -220,3 +220,21 @@ def test_a_message_refused_before_decoding_still_names_its_id_and_memory(message
     with pytest.raises(BadMessage) as e:  # an id that is not a string: none
         decode(msgpack.packb({**message, "id": 7}), partition_of("m", 8), 8, limit)
     assert (e.value.query_id, e.value.memory) == (None, "m")
+
+
+def test_a_huge_refused_message_is_peeked_at_its_head_only():
+    """_peek reads the first 256 keys and 64 KiB at most: a hostile 500,000-key map (or a
+    message of hundreds of MB, which Redis accepts) is not walked key by key. A memory
+    named past either limit is not seen; the id at the head is."""
+    from worker.protocol import _peek
+
+    def huge(fill: int, value: bytes = b"\xc0") -> bytes:
+        keys = fill + 2
+        head = b"\xdf" + keys.to_bytes(4, "big") + msgpack.packb("id") + msgpack.packb("q")
+        body = b"".join(msgpack.packb(i) + value for i in range(fill))
+        return head + body + msgpack.packb("memory") + msgpack.packb("m")
+
+    assert _peek(huge(10)) == (12, "q", "m")
+    assert _peek(huge(300)) == (302, "q", None)  # (past 256 keys)
+    assert _peek(huge(20, msgpack.packb("z" * 4000))) == (22, "q", None)  # (past 64 KiB)
+    assert _peek(huge(500_000))[:2] == (500_002, "q")

@@ -122,22 +122,28 @@ def unpack(raw: bytes, max_bytes: int) -> Any:
 _STR_TYPES = frozenset(range(0xA0, 0xC0)) | {0xD9, 0xDA, 0xDB}  # fixstr, str 8/16/32
 
 
+_PEEK_BYTES, _PEEK_KEYS = 1 << 16, 256  # what _peek reads of a message at most
+
+
 def _peek(raw: bytes) -> tuple[int | None, str | None, str | None]:
     """(keys, id, memory) of a message refused before decoding, read without decoding
     anything else: values are skipped, and only keys and those two values that are strings
-    are decoded (a string costs no more than its bytes). None where it cannot tell."""
+    are decoded (a string costs no more than its bytes). None where it cannot tell. Only
+    the first _PEEK_BYTES and _PEEK_KEYS are looked at, so a huge message costs no more
+    than a small one (producers put id and memory first, as the clients do)."""
     keys, found = None, {}
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(raw), 1))
+    head = raw[:_PEEK_BYTES]
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(head), 1))
     with contextlib.suppress(Exception):  # (not a map, or cut short: what was found so far)
-        unpacker.feed(raw)
+        unpacker.feed(head)
         keys = unpacker.read_map_header()
-        for _ in range(keys):
-            if raw[unpacker.tell()] not in _STR_TYPES:
+        for _ in range(min(keys, _PEEK_KEYS)):
+            if head[unpacker.tell()] not in _STR_TYPES:
                 unpacker.skip()  # (a key that is not a string)
                 unpacker.skip()
                 continue
             key = unpacker.unpack()
-            if key in ("id", "memory") and raw[unpacker.tell()] in _STR_TYPES:
+            if key in ("id", "memory") and head[unpacker.tell()] in _STR_TYPES:
                 found.setdefault(key, unpacker.unpack())
             else:
                 unpacker.skip()
