@@ -206,6 +206,9 @@ def test_the_context_managers_close_what_they_opened(redis_server, deployment):
         MemnetClient(redis.Redis.from_url(redis_server.url, retry=Retry(NoBackoff(), 3)), "x")
     with pytest.raises(ValueError, match="retries failed commands"):
         MemnetClient(redis.Redis(), "x")  # (redis-py's default: 10 retries)
+    for made in ({"retry_on_timeout": True}, {"retry_on_error": [redis.ConnectionError]}):
+        with pytest.raises(ValueError, match="retries failed commands"):  # (1 a connection)
+            MemnetClient(redis.Redis.from_url(redis_server.url, **made), "x")
     mine = redis.Redis.from_url(redis_server.url, retry=Retry(NoBackoff(), 0))
     mine.client_setname("cl-close-mine")
     with MemnetClient(mine, "cl-close"):
@@ -240,6 +243,11 @@ def test_a_bad_event_raises_before_anything_is_sent(redis_server, deployment):
             (
                 lambda: client.send({"op": "query", "memory": "m", "id": "\ud800", "x": [1.0] * 8}),
                 "'id' is not valid Unicode",
+            ),
+            (lambda: client.delete("m", id="\ud800"), "'id' is not valid Unicode"),
+            (
+                lambda: client.send({"op": "write", "memory": "m", "x": [1.0] * 8, "n": "\udc00"}),
+                "'n' is not valid Unicode",
             ),
         ]
         for call, message in bad:

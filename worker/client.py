@@ -127,10 +127,16 @@ def _partitions(chosen: Iterable[int] | None, total: int) -> list[int]:
 
 def _retries(client: Any) -> int:
     """How many times a redis-py client (standalone or cluster, blocking or asyncio) sends a
-    failed command again."""
+    failed command again: its retry policy's count, and at least once where it was made with
+    retry_on_timeout or retry_on_error (redis-py then gives each connection one retry)."""
     get = getattr(client, "get_retry", None)
     retry = get() if get is not None else getattr(client, "retry", None)
-    return 0 if retry is None else int(retry.get_retries())
+    count = 0 if retry is None else int(retry.get_retries())
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None) or {}
+    if kwargs.get("retry_on_timeout") or kwargs.get("retry_on_error"):
+        count = max(count, 1)
+    return count
 
 
 class _ClientBase:

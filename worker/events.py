@@ -96,12 +96,15 @@ class Deployment:
         if op not in OPS:
             raise InvalidEvent(f"unknown op {op!r} (expected 'write', 'query' or 'delete')")
         _check_name(event.get("memory"))
+        for key, value in event.items():  # (every string is sent: each must be UTF-8)
+            if isinstance(key, str):
+                _utf8(key, key)
+            if isinstance(value, str):
+                _utf8(value, str(key))
         if op == "delete":
             return _delete(event)
         if op == "query" and not (isinstance(event.get("id"), str) and event["id"]):
             raise InvalidEvent("a query needs a non-empty string 'id'")
-        if isinstance(event.get("id"), str):
-            _utf8(event["id"], "id")
         field = _input_field(op, event)
         return {**event, field: self._input(field, event[field])}
 
@@ -120,7 +123,6 @@ class Deployment:
     def _text(self, value: Any) -> str:
         if not isinstance(value, str):
             raise InvalidEvent(f"'text' must be a string, got {type(value).__name__}")
-        _utf8(value, "text")
         if self.reads_text is False:
             raise InvalidEvent(
                 f"this deployment's model reads vectors (encoder {self.encoder!r}), not text: "
