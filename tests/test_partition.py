@@ -187,3 +187,32 @@ def test_a_rebuild_leaves_queries_out_and_ends_with_the_same_memories(model_file
         np.testing.assert_array_equal(a.matrix(), b.matrix())
         np.testing.assert_array_equal(a.search.changed, b.search.changed)
         assert a.writes == b.writes
+
+
+def test_a_delete_is_erased_from_the_store_without_waiting_for_more_input(model_file, tmp_path):
+    """A deleted memory's blobs go once the delete's snapshot is the oldest kept one:
+    MEMNET_SNAPSHOTS_KEPT - 1 more snapshots. On a partition with no more input they are
+    now taken on time (snapshot_due), not only when entries come."""
+    part = partition(model_file, tmp_path)
+    name, other = names(2)
+    x = np.ones(D_IN, "<f4").tobytes()
+    apply(
+        part, [("1-0", {b"msg": pack({"op": "write", "memory": n, "x": x})}) for n in (name, other)]
+    )
+    part.uncommitted = False
+    part.snapshot()
+    blobs = tmp_path / "empty" / "p0" / "blobs"
+
+    def holding(n):
+        return [b for b in blobs.iterdir() if n.encode() in b.read_bytes()]
+
+    assert holding(name)
+    apply(part, [("2-0", {b"msg": pack({"op": "delete", "memory": name})})])
+    part.uncommitted = False
+    assert part.snapshot_due(10**9, 0.0)
+    part.snapshot()
+    for _ in range(part.store.keep - 1):
+        assert part.snapshot_due(10**9, 0.0)  # (no entries since: owed to the delete)
+        part.snapshot()
+    assert not part.snapshot_due(10**9, 0.0)  # (erased: nothing more is owed)
+    assert not holding(name) and holding(other)

@@ -90,6 +90,10 @@ class Partition:
         self.tidy = False  # other consumers of the group removed after replay
         self.since_snapshot = 0
         self.snapshot_at = time.monotonic()
+        # Snapshots still owed to a delete: its own and MEMNET_SNAPSHOTS_KEPT - 1 more make
+        # the deleted memory's blobs (and, with the trim after them, its input entries) go,
+        # taken on time even if no input comes (erasure must not wait for traffic).
+        self.erasing = 0
         self.snapshot_retry = Backoff(base_s=1.0, cap_s=60.0)  # after a failed snapshot
 
     # ---- state ---------------------------------------------------------------------------
@@ -104,8 +108,10 @@ class Partition:
         return loaded.refused
 
     def snapshot_due(self, every_entries: int, every_s: float) -> bool:
-        if self.uncommitted or not self.since_snapshot or not self.snapshot_retry.ready:
+        if self.uncommitted or not self.snapshot_retry.ready:
             return False
+        if not self.since_snapshot:  # (nothing new: only a delete's erasure is owed)
+            return self.erasing > 0 and time.monotonic() - self.snapshot_at >= every_s
         return (
             self.since_snapshot >= every_entries
             or time.monotonic() - self.snapshot_at >= every_s
@@ -136,6 +142,7 @@ class Partition:
         cannot be written), then evict what the budget does not hold."""
         changed = {name: self.memories[name] for name in self.dirty}
         self.store.save(changed, self.position, self.epoch, abort=abort, deleted=self.deleted)
+        self.erasing = self.store.keep - 1 if self.deleted else max(0, self.erasing - 1)
         self.dirty.clear()
         self.deleted.clear()
         self.since_snapshot = 0
