@@ -405,3 +405,22 @@ def test_a_young_history_trimmed_of_nothing_is_whole(redis_url, redis_server, tm
     r.delete(keys.inp(0))  # (no stream at all: cannot tell, so refused)
     with pytest.raises(UpgradeError, match="none archived"):
         _check_history(r, settings, 0, None, archive)
+
+
+@pytest.mark.parametrize("archive", [True, False])
+def test_archive_retention_runs_on_quiet_partitions_and_with_archiving_off(
+    redis_url, redis_server, tmp_path, model_file, monkeypatch, archive
+):
+    """MEMNET_ARCHIVE_DAYS pruned only inside a trim with archiving on: a partition
+    without input, or a worker with MEMNET_ARCHIVE=0, kept old segments (a deleted person's
+    writes) forever. Partition 0 gets no input here; its segment of 1970 goes."""
+    import worker.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "PRUNE_EVERY_S", 0.0)  # (hourly in service)
+    s = worker_settings(redis_url, tmp_path, model_file, PREFIX, 2, archive=archive,
+                        archive_days=1.0)  # fmt: skip
+    old = Archive(store_at(str(tmp_path / "snap")), 0)
+    old.append([("1000-0", b"x"), ("2000-0", b"y")])
+    assert len(list(old.read(None))) == 2
+    Worker(s, Engine(load_model(model_file))).run(burst=True)
+    assert list(old.read(None)) == [] and old.pruned() == "2000-0"

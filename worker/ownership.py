@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -447,6 +448,7 @@ class Ownership:
         with self.contained(part):
             if self.s.archive:
                 self.archive(part, point)
+            self.prune(part)
             names = ("epoch", "in", "trimmed", "deploying", "unarchived")
             keys = [self.keys.part(p, k) for k in names]
             archived = "1" if self.s.archive else "0"  # (else memnet rebuild refuses the hole)
@@ -465,8 +467,14 @@ class Ownership:
             archive.append([(text(i), fields.get(b"msg", b"")) for i, fields in got])
             part.archived = text(got[-1][0])
             start = "(" + part.archived
+
+    def prune(self, part: Partition) -> None:
+        """Apply MEMNET_ARCHIVE_DAYS to the partition's archive: at each trim, and (called
+        by the worker) at least hourly on a partition without input, archiving on or off,
+        so erasure by retention does not wait for traffic or for archiving."""
+        part.pruned_at = time.monotonic()
         if self.s.archive_days:
-            archive.prune(self.s.archive_days)
+            Archive(store_at(self.s.store_url), part.number).prune(self.s.archive_days)
 
     def tidy(self, part: Partition) -> None:
         """Once replay is over, drop the group's other consumers (nothing pending there)."""

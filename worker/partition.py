@@ -94,6 +94,7 @@ class Partition:
         # the deleted memory's blobs (and, with the trim after them, its input entries) go,
         # taken on time even if no input comes (erasure must not wait for traffic).
         self.erasing = 0
+        self.pruned_at = time.monotonic()  # (the archive's retention, Ownership.prune)
         self.snapshot_retry = Backoff(base_s=1.0, cap_s=60.0)  # after a failed snapshot
 
     # ---- state ---------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from worker.streams import Entries
 
 log = logging.getLogger(__name__)
 
+PRUNE_EVERY_S = 3600.0  # archive retention on a partition without input (Ownership.prune)
 ALONE_S = 60.0  # after an engine failure, each partition's batch goes alone this long
 
 
@@ -245,6 +246,9 @@ class Worker:
                 self.owner.idle.add(part.number)
                 if part.replay_until is None and not part.tidy:
                     self.owner.tidy(part)
+                if self.s.archive_days and time.monotonic() - part.pruned_at >= PRUNE_EVERY_S:
+                    with self.owner.contained(part):  # (retention without input to trim)
+                        self.owner.prune(part)
         if work:
             self.process(work)
         for part in parts:
