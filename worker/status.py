@@ -377,7 +377,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         help="partitions, owners, lag, dead letters and snapshots; --check for probes",
         description="Per partition: its owner (a live worker or not), epoch, lag, pending\n"
         "entries, input length, dead letters and last snapshot (read from\n"
-        "MEMNET_SNAPSHOT_DIR on this machine). Exit status 1 when no worker ever ran\n"
+        "MEMNET_SNAPSHOT_URL, or MEMNET_SNAPSHOT_DIR). Exit status 1 when no worker ever ran\n"
         "under the prefix.",
     )
     p.add_argument(
