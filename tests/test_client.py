@@ -194,6 +194,9 @@ def test_from_env_reads_redis_url_and_memnet_prefix(redis_server, deployment, mo
     monkeypatch.setenv("MEMNET_PREFIX", "cl-nothing")
     with MemnetClient.from_env() as client, pytest.raises(NoDeployment, match="cl-nothing:meta"):
         client.write("m", [1.0] * D_IN)
+    monkeypatch.setenv("MEMNET_BATCH_SIZE", "0")  # (a worker's setting: not the client's)
+    with MemnetClient.from_env() as client, MemnetClient() as other:
+        assert client.keys.prefix == other.keys.prefix == "cl-nothing"
 
 
 def test_the_context_managers_close_what_they_opened(redis_server, deployment):

@@ -15,6 +15,7 @@ commands (docs/protocol.md). Importing this module imports neither JAX nor memne
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
@@ -102,11 +103,18 @@ def _delete_id(id: str | None, wait: bool) -> str | None:
     return uuid.uuid4().hex if id is None and wait else id
 
 
+def _client_settings(env: Mapping[str, str] | None) -> Settings:
+    """REDIS_URL and MEMNET_PREFIX from the environment, checked as a worker checks them;
+    the workers' other settings (a batch size, a lease) are not the client's to refuse."""
+    env = os.environ if env is None else env
+    return Settings.from_env({k: env[k] for k in ("REDIS_URL", "MEMNET_PREFIX") if k in env})
+
+
 def _settings(client: Any, prefix: str | None) -> tuple[Any, str]:
     """Fill a missing URL or prefix from the environment (REDIS_URL, MEMNET_PREFIX)."""
     if client is not None and prefix is not None:
         return client, prefix
-    settings = Settings.from_env()
+    settings = _client_settings(None)
     return (
         settings.redis_url if client is None else client,
         settings.prefix if prefix is None else prefix,
@@ -161,7 +169,7 @@ class _ClientBase:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Self:
         """A client for REDIS_URL and MEMNET_PREFIX (defaults as the workers': Settings)."""
-        settings = Settings.from_env(env)
+        settings = _client_settings(env)
         return cls(settings.redis_url, settings.prefix)
 
     @staticmethod
