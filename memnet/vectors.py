@@ -18,8 +18,8 @@ def as_vector(value: Any, length: int, what: str) -> np.ndarray:
     (which the caller may change before the event is applied), except an array over
     immutable bytes (the wire's, read in place), which nothing can change.
     """
-    if _checked_float32(value, length):
-        return value if _immutable(value) else value.copy()
+    if _checked_float32(value, length):  # (_immutable inlined: this runs once per event)
+        return value if type(value.base) is bytes and not value.flags.writeable else value.copy()
     if isinstance(value, np.ndarray):
         array = value
     elif isinstance(value, (list, tuple)):
