@@ -158,8 +158,9 @@ def register(cls: type[Component]) -> type[Component]:
 _MISSING = object()
 
 
-# The option keys read while a model's components are built (Components.build refuses the
-# others: a misspelt option must not fall back to its default unnoticed).
+# The option keys read while a model's components are built: Components.build checks them
+# against the options the components declare (``Component.options``), which are what a
+# model file may carry (a misspelt option must not fall back to its default unnoticed).
 OPTIONS_READ: ContextVar[set[str] | None] = ContextVar("memnet_options_read", default=None)
 
 
