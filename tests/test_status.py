@@ -235,6 +235,17 @@ def test_check_passes_while_a_live_worker_owns_every_partition(
     lags = [p for p in status.problems(status.gather(s), max_lag=2) if "lag" in p]
     assert len(lags) == 1 and lags[0].startswith("partition 2: lag unknown (Redis cannot count")
     assert not [p for p in status.problems(status.gather(s), max_lag=100) if "lag" in p]
+    # delivered and never committed (a worker stuck on it): the lag does not show it
+    r.xreadgroup("memnet", "w-stuck", {KEYS.inp(2): ">"}, count=1)
+    got = status.gather(s, snapshots=False)
+    row = got["rows"][2]
+    assert row["pending"] == 1 and row["oldest_pending"] == ids[2]
+    assert not [p for p in status.problems(got, max_lag=100) if "not committed" in p]
+    got["stall_s"] = row["oldest_pending_s"] - 1  # (30 s in service: as if it had passed)
+    assert [p for p in status.problems(got, max_lag=100) if "not committed" in p] == [
+        f"partition 2: entry {ids[2]} delivered {row['oldest_pending_s']} s ago and not "
+        f"committed (over {got['stall_s']:.0f} s: its worker is stuck on it?)"
+    ]
 
 
 def get(port, path):

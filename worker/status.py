@@ -6,8 +6,10 @@ Redis's TIME now: a worker that died stays in the set until a peer's next heartb
 it, and is not shown (only counted). A partition's owner is its lease's holder; an owner
 not in the live set is marked "not live" (its lease runs out within the lease period).
 
-``--check`` exits 0 when every partition has a live owner and a lag (XINFO GROUPS) of at
-most ``--max-lag`` (default 10000), else 1 printing one line per problem. Redis reports no
+``--check`` exits 0 when every partition has a live owner, a lag (XINFO GROUPS) of at
+most ``--max-lag`` (default 10000) and no entry delivered and left uncommitted for longer
+than a step may take (the worker's stall limit, max(30 s, 10 leases)), else 1 printing one
+line per problem. Redis reports no
 lag when it cannot count it (entries trimmed or deleted past the group's position, a group
 recreated at an id, no group yet). Then: nothing after the group's last delivered id means
 a lag of 0; otherwise the lag is unknown but at most the stream's length, which passes only
@@ -74,6 +76,7 @@ def gather(settings: Settings, *, snapshots: bool = True, client: Client | None 
         "model": meta.get("model"),
         "deploying": meta.get("deploying"),
         "previous_model": meta.get("previous") or None,
+        "stall_s": settings.stall_s,  # (a step longer than this is stuck: /healthz's limit)
         "dims": {k: int(meta[k]) for k in ("input_dim", "memory_dim", "output_dim") if k in meta},
         "components": meta.get("components"),
         "workers": live,
@@ -115,7 +118,27 @@ def _rows(client: Client, keys: Keys, partitions: int, live: set[str]) -> list[d
             row["lag_note"] = "no consumer group yet (no worker has read this partition)"
         rows.append(row)
     _count_unknown_lags(client, keys, rows)
+    _oldest_pending(client, keys, rows)
     return rows
+
+
+def _oldest_pending(client: Client, keys: Keys, rows: list[dict[str, Any]]) -> None:
+    """For partitions with entries delivered and not committed: the oldest one and how
+    long ago it was delivered (a worker stuck on it, or gone without its lease lapsing,
+    holds its partition without answering: the lag alone does not show it)."""
+    from worker.protocol import GROUP
+
+    waiting = [r for r in rows if r["pending"]]
+    if not waiting:
+        return
+    pipe = client.pipeline(transaction=False)
+    for row in waiting:
+        pipe.xpending_range(keys.inp(row["partition"]), GROUP, min="-", max="+", count=1)
+    for row, oldest in zip(waiting, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(oldest, Exception) or not oldest:
+            continue
+        row["oldest_pending"] = text(oldest[0]["message_id"])
+        row["oldest_pending_s"] = round(oldest[0]["time_since_delivered"] / 1000, 1)
 
 
 def _value(reply: Any) -> str | None:
@@ -208,7 +231,8 @@ def no_deployment(status: dict[str, Any]) -> str:
 
 
 def problems(status: dict[str, Any], max_lag: int = MAX_LAG) -> list[str]:
-    """Why the deployment is not ready: no live owner, or a lag over max_lag (or unknown)."""
+    """Why the deployment is not ready: no live owner, a lag over max_lag (or unknown), or
+    an entry delivered longer ago than a step may take and not committed."""
     if not status["deployment"]:
         return [no_deployment(status)]
     found = [] if status["workers"] else [f"no live workers under prefix {status['prefix']}"]
@@ -226,6 +250,12 @@ def problems(status: dict[str, Any], max_lag: int = MAX_LAG) -> list[str]:
                 )
         elif lag > max_lag:
             found.append(f"partition {p}: lag {lag} > {max_lag}")
+        waited = row.get("oldest_pending_s")
+        if waited is not None and waited > status["stall_s"]:
+            found.append(
+                f"partition {p}: entry {row['oldest_pending']} delivered {waited} s ago and "
+                f"not committed (over {status['stall_s']:.0f} s: its worker is stuck on it?)"
+            )
     return found
 
 
