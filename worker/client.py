@@ -154,9 +154,10 @@ class _ClientBase:
 
     def __init__(self, client: Any = None, prefix: str | None = None) -> None:
         client, prefix = _settings(client, prefix)
-        if not isinstance(client, str) and _retries(client):
+        retries = 0 if isinstance(client, str) else _retries(client)
+        if retries:
             raise ValueError(
-                f"the redis client passed in retries failed commands ({_retries(client)} "
+                f"the redis client passed in retries failed commands ({retries} "
                 "times): an XADD whose reply was lost would be added twice (a write applied "
                 "twice). Make it with retry=Retry(NoBackoff(), 0) (redis.retry, "
                 "redis.backoff), or pass a URL"
