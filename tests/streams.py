@@ -136,6 +136,19 @@ def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> Non
         time.sleep(0.05)
 
 
+def wait_for_count(count, want: int, stall_s: float, what: str) -> None:
+    """Waits until ``count()`` reaches ``want``, for as long as it keeps rising: fails when it
+    stood still for ``stall_s`` (stuck, or short of ``want`` for good), not after a fixed time
+    that a busy machine may need to exceed (the test's own timeout bounds the whole)."""
+    seen, moved = count(), time.monotonic()
+    while seen < want:
+        if time.monotonic() - moved > stall_s:
+            raise AssertionError(f"{what}: {seen} of {want}, none more for {stall_s} s")
+        time.sleep(0.2)
+        if (now := count()) > seen:
+            seen, moved = now, time.monotonic()
+
+
 def with_deletes(batch: list[dict[str, Any]], rng: np.random.Generator, every: int) -> list:
     """batch with a delete of an earlier event's memory after every ``every``-th event,
     every other one with an id (then answered {"id", "memory", "deleted": true})."""

@@ -33,6 +33,7 @@ from tests.streams import (
     outputs,
     send,
     wait_for,
+    wait_for_count,
     with_deletes,
 )
 from worker.local import owners
@@ -105,7 +106,7 @@ def holders(client) -> Counter:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)  # B's share under 1 MB is S3-bound: ~50 s alone, 70+ under load
 def test_a_host_killed_mid_stream_is_taken_over_from_s3_exactly(
     hosts, hosts_redis, s3_server, tmp_path, monkeypatch
 ):
@@ -151,7 +152,7 @@ def test_a_host_killed_mid_stream_is_taken_over_from_s3_exactly(
             time.sleep(0.2)
         wait_for(lambda: holders(r) == {"host-b": PARTITIONS}, 30, "host B owning all")
         want = len(expected) + len(deletes)
-        wait_for(lambda: answered(r) >= want, 90, f"{want} responses")
+        wait_for_count(lambda: answered(r), want, 30, "responses")
 
         out = outputs(r, PREFIX, PARTITIONS)
         counts = Counter(m["id"] for _, m in out)
