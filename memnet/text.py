@@ -1,14 +1,22 @@
 """Text for the text components: a tokenizer and a vocabulary that travels in the model file.
 
-Words are lower-cased runs of letters (any script), digits, "_" and apostrophes; everything
-else separates them (so "kitchen." and "Kitchen" are the same word). Id 0 is padding and
-id 1 stands for every word the vocabulary does not know, so unknown words never stop a write
-or a query.
+Words are lower-cased runs of letters (any script, with their combining accents), digits and
+"_", joined by apostrophes inside a word ("john's"); everything else separates them (so
+"kitchen.", "'Kitchen'" and "Kitchen" are the same word). Text that is not ASCII is first
+brought to one form: NFKC (a composed "ë" and "e" + U+0308 are one letter, fullwidth letters
+are letters), typographic apostrophes become "'", and invisible format characters (a soft
+hyphen, a zero-width space pasted from a web page) are dropped, so none of them splits a word
+or makes it unknown. Id 0 is padding and id 1 stands for every word the vocabulary does not
+know, so unknown words never stop a write or a query.
+
+worker/events.py counts words the same way (a copy: the clients import no memnet); a test
+holds the two together.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -17,12 +25,23 @@ from memnet.config import ConfigValueError
 from memnet.errors import InvalidInput
 
 PAD, UNKNOWN = "<pad>", "<unk>"
-_WORD = re.compile(r"[\w']+")
+_MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"  # combining
+_WORD = re.compile(rf"\w[\w{_MARKS}]*(?:'\w[\w{_MARKS}]*)*")
+_APOSTROPHES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\uff07": "'"})
+
+
+def normal(text: str) -> str:
+    """text in the one form words are read from (the module's docstring): lower case; NFKC,
+    "'" for typographic apostrophes and no format characters (category Cf) where not ASCII."""
+    if text.isascii():
+        return text.lower()
+    text = unicodedata.normalize("NFKC", text.translate(_APOSTROPHES))
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").lower()
 
 
 def tokenize(text: str) -> list[str]:
     """'Where is Mary?' -> ['where', 'is', 'mary']."""
-    return _WORD.findall(text.lower())
+    return _WORD.findall(normal(text))
 
 
 class Vocabulary:
@@ -36,6 +55,12 @@ class Vocabulary:
         for word in words:
             if not isinstance(word, str) or not word:
                 raise ConfigValueError(f"vocabulary words must be non-empty strings, got {word!r}")
+        for word in words[2:]:
+            if tokenize(word) != [word]:  # no text would ever reach it
+                raise ConfigValueError(
+                    f"vocabulary word {word!r} is not a word as memnet reads text "
+                    f"(text {word!r} reads as {tokenize(word)})"
+                )
         self.words = list(words)
         self.ids = {word: i for i, word in enumerate(self.words)}
         if len(self.ids) != len(self.words):

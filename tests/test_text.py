@@ -11,6 +11,7 @@ from memnet import Engine, InvalidInput, ModelConfig, load_model, random_model, 
 from memnet.config import ConfigValueError
 from memnet.errors import ModelFileError
 from memnet.text import Vocabulary, tokenize
+from worker.events import words_in
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
@@ -18,6 +19,46 @@ def test_tokenize_lowercases_and_drops_punctuation():
     assert tokenize("John's apple,milk  \t done.") == ["john's", "apple", "milk", "done"]
     assert tokenize("  ...?! ") == []
     assert tokenize("Ünïcode, ok") == ["ünïcode", "ok"]
+
+
+SAME_WORDS = [  # each reads as "mary" / "where is mary" as a model's vocabulary holds them
+    ("Where is 'Mary'?", "Where is Mary?"),  # quotes are not part of a word
+    ("Where is \u2018Mary\u2019?", "Where is Mary?"),
+    ("Where is Ma\u00adry?", "Where is Mary?"),  # a soft hyphen pasted from a web page
+    ("Where is Ma\u200bry?", "Where is Mary?"),  # a zero-width space
+    ("Where is \uff2d\uff41\uff52\uff59?", "Where is Mary?"),  # fullwidth letters
+    ("Zoe\u0308lla left", "Zo\u00eblla left"),  # decomposed and composed "ë"
+    ("Mary\u2019s apple", "Mary's apple"),
+]
+
+
+@pytest.mark.parametrize(("text", "same_as"), SAME_WORDS)
+def test_quotes_invisible_characters_and_unicode_forms_do_not_change_words(text, same_as):
+    assert tokenize(text) == tokenize(same_as)
+    assert tokenize("''  ' ") == [] and tokenize("rock'n'roll") == ["rock'n'roll"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        *(t for pair in SAME_WORDS for t in pair),
+        "''",
+        "a_b __ x'y'",
+        "\u0130STANBUL \u00df",
+        "\u0301\u0301 x",
+        "1\u00b2 \u0663\u0664",
+        "e\u0301\u200d\u0301 s\u200cs",
+    ],
+)
+def test_the_clients_word_count_is_memnets(text):
+    assert words_in(text) == len(tokenize(text))
+
+
+def test_a_vocabulary_word_no_text_could_reach_is_refused():
+    for word in ["Mary", "kitchen.", "'tis", "two words"]:
+        with pytest.raises(ConfigValueError, match="not a word as memnet reads text"):
+            Vocabulary(["<pad>", "<unk>", "mary", word])
+    assert Vocabulary(["<pad>", "<unk>", "mary's", "zo\u00eblla"]).encode("ZOE\u0308LLA", 2)[0] == 3
 
 
 def test_vocabulary_is_deterministic_and_reserves_padding_and_unknown():

@@ -6,6 +6,7 @@ clients (worker/client.py); imports neither JAX nor memnet.
 from __future__ import annotations
 
 import re
+import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,18 @@ from worker.protocol import MAX_NAME_BYTES, OPS, partition_of
 
 Response = dict[str, Any]
 TEXT_ENCODERS = frozenset({"position-bow"})  # memnet's text I components (add new ones here)
-_WORD = re.compile(r"[\w']+")  # a word as memnet.text.tokenize finds it
+# a word as memnet.text.tokenize finds it (a copy; tests/test_text.py holds them together)
+_MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+_WORD = re.compile(rf"\w[\w{_MARKS}]*(?:'\w[\w{_MARKS}]*)*")
+_APOSTROPHES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\uff07": "'"})
+
+
+def words_in(text: str) -> int:
+    """How many words memnet reads in text (memnet.text.tokenize's count)."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text.translate(_APOSTROPHES))
+        text = "".join(c for c in text if unicodedata.category(c) != "Cf")
+    return sum(1 for _ in _WORD.finditer(text.lower()))
 
 
 # ---- errors -------------------------------------------------------------------------------
@@ -128,7 +140,7 @@ class Deployment:
                 f"this deployment's model reads vectors (encoder {self.encoder!r}), not text: "
                 f"send 'x' ({self.input_dim or 'input_dim'} numbers)"
             )
-        words = len(_WORD.findall(value.lower()))
+        words = words_in(value)
         if not words:
             raise InvalidEvent("'text' has no words")
         if self.reads_text and self.input_dim is not None and words > self.input_dim:
