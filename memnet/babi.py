@@ -97,11 +97,13 @@ def task_file(data: Path, task: int) -> Path:
 def read_stories(path: Path) -> list[Story]:
     stories: list[Story] = []
     numbers: dict[int, int] = {}  # file ID -> statement index, in the current story
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    lines = Path(path).read_text(encoding="utf-8-sig").split("\n")  # not splitlines: U+2028
+    for n, line in enumerate(lines, 1):  # and the like are text, not line ends
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         head, _, rest = line.partition(" ")
-        if not head.isdigit() or not rest:
+        if not (head.isascii() and head.isdigit()) or not rest:
             raise BabiError(f"{path}:{n}: expected 'ID text'")
         if int(head) == 1 or not stories:
             stories.append(Story())
@@ -114,9 +116,12 @@ def read_stories(path: Path) -> list[Story]:
         parts = rest.split("\t")
         if len(parts) < 3:
             raise BabiError(f"{path}:{n}: a question needs 'question<TAB>answer<TAB>IDs'")
+        if not parts[1].strip():
+            raise BabiError(f"{path}:{n}: a question without an answer")
         try:
-            support = tuple(numbers[int(i)] for i in parts[2].split())
-        except (KeyError, ValueError):
+            ids = [int(i) if i.isascii() and i.isdigit() else -1 for i in parts[2].split()]
+            support = tuple(numbers[i] for i in ids)
+        except KeyError:
             raise BabiError(
                 f"{path}:{n}: supporting fact IDs {parts[2]!r} name no statement"
             ) from None

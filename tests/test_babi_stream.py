@@ -4,8 +4,10 @@ unknown words are answered, and bad text becomes a dead letter and an error resp
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from memnet import Engine, load_model
+from memnet.babi import BabiError
 from tests.babi import DATA
 from tests.streams import outputs, send, worker_settings
 from worker.babi_eval import (
@@ -79,3 +81,7 @@ def test_eval_scores_each_model_on_the_data_it_was_trained_on(tmp_path, capsys):
     assert data_for(tenk, 3) == DATA
     assert "qa3: no file in" in capsys.readouterr().err
     assert data_for(None, 5, tmp_path / "qa5.safetensors") == DATA  # no summary at all
+    # a summary naming files this checkout lacks: not the 1k files (10k's hold their stories)
+    (tmp_path / "qa4.json").write_text('{"data": "en-10k-x/qa4_two-arg-relations_train.txt"}')
+    with pytest.raises(BabiError, match=r"en-10k-x/qa4.*pass --data"):
+        data_for(None, 4, tmp_path / "qa4.safetensors")

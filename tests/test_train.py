@@ -49,13 +49,26 @@ def test_reader_splits_stories_and_maps_supporting_facts(tmp_path):
         ("x Mary\n", "expected 'ID text'"),
         ("1 Where? \tx\t7\n", "supporting fact IDs .7. name no statement"),
         ("1 Where? \tx\n", "a question needs"),
+        ("\u00b2 Mary went home.\n", "expected 'ID text'"),  # isdigit, but not a number
+        ("1 Where? \t\t1\n", "a question without an answer"),
+        ("1 Mary went home.\n2 Where? \thome\t\u0661\n", "supporting fact IDs"),  # Arabic 1
     ],
 )
 def test_malformed_files_are_refused_with_the_line(tmp_path, text, message):
     path = tmp_path / "bad.txt"
     path.write_text(text)
-    with pytest.raises(BabiError, match=f"bad.txt:1: {message}"):
+    with pytest.raises(BabiError, match=f"bad.txt:[12]: {message}"):
         read_stories(path)
+
+
+def test_line_ends_are_newlines_only(tmp_path):
+    """U+2028 and the like inside a statement are text (str.splitlines would cut there), a
+    byte-order mark and CRLF line ends are not."""
+    path = tmp_path / "qa1_x_train.txt"
+    path.write_text("\ufeff1 Mary went\u2028 home.\r\n2 Where is Mary?\thome\t1\r\n")
+    [story] = read_stories(path)
+    assert story.statements == ["Mary went\u2028 home."]
+    assert (story.questions[0].answer, story.questions[0].support) == ("home", (0,))
 
 
 def small_task(stories, dim=16):

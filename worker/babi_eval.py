@@ -32,9 +32,10 @@ def stories_of(data: Path, task: int, which: str) -> list[Story]:
 
 def data_for(data: Path | None, task: int, model: Path | None = None) -> Path:
     """Where task's stories are: data; else (None) the directory the model was trained on,
-    as its summary (qaN.json beside it) records it, if this checkout has it; else the 1k
-    files. A data directory without the task's file (bAbI 10k lacks qa3 here;
-    scripts/train_babi.py --tenk trains it on 1k) also falls back to the 1k files."""
+    as its summary (qaN.json beside it) records it (BabiError if this checkout lacks it: other
+    files could hold its training stories); else the 1k files. A data directory without the
+    task's file (bAbI 10k lacks qa3 here; scripts/train_babi.py --tenk trains it on 1k) also
+    falls back to the 1k files."""
     if data is None:
         data = DATA
         summary = model.with_suffix(".json") if model is not None else None
@@ -42,7 +43,12 @@ def data_for(data: Path | None, task: int, model: Path | None = None) -> Path:
             trained = json.loads(summary.read_text()).get("data", "")
             if isinstance(trained, dict):  # a joint model: each task's file
                 trained = trained.get(f"qa{task}", "")
-            if "/" in trained and (DATA.parent / trained).is_file():
+            if "/" in trained:  # a directory's name and a file: found beside DATA, or stop
+                if not (DATA.parent / trained).is_file():  # (1k's stories are in 10k's files)
+                    raise BabiError(
+                        f"{summary} says the model was trained on {trained}, which is not "
+                        f"under {DATA.parent}: pass --data with that directory"
+                    )
                 data = (DATA.parent / trained).parent
     if not list(Path(data).glob(f"qa{task}_*_train.txt")) and Path(data) != DATA:
         print(f"qa{task}: no file in {data}: scoring on {DATA}", file=sys.stderr)
