@@ -30,11 +30,14 @@ PREFIX, PARTITIONS = "bench", 8
 
 def workload(kind: str, n: int, memories: int, seed: int, dims: tuple[int, int]) -> list[dict]:
     """writes / queries / mixed (alternating) events; queries in memory space as the
-    reference does."""
+    reference does. Mixed: a write, then a query of the memory just written, memory by
+    memory in turn (``j % memories`` sent every write of an even count of memories to even
+    ones and every query to odd ones, never written, before 2026-12-07)."""
     rng = np.random.default_rng(seed)
     out = []
     for j in range(n):
-        memory = f"m{j % memories}" if memories > 1 else "m"
+        turn = j // 2 if kind == "mixed" else j
+        memory = f"m{turn % memories}" if memories > 1 else "m"
         write = kind == "writes" or (kind == "mixed" and j % 2 == 0)
         if write:
             out.append(

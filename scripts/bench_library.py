@@ -23,11 +23,12 @@ BATCH = 1000
 def raw_events(
     kind: str, n: int, memories: int, dims: tuple[int, int], seed: int = 1
 ) -> list[tuple[str, str, np.ndarray]]:
-    """(memory, "write" | "query", vector): writes carry x, queries q (memory space)."""
+    """(memory, "write" | "query", vector): writes carry x, queries q (memory space); mixed
+    as bench_e2e.workload: a write, then a query of the memory just written."""
     rng = np.random.default_rng(seed)
     out = []
     for j in range(n):
-        memory = f"m{j % memories}"
+        memory = f"m{(j // 2 if kind == 'mixed' else j) % memories}"
         if kind == "writes" or (kind == "mixed" and j % 2 == 0):
             out.append((memory, "write", rng.standard_normal(dims[0]).astype(np.float32)))
         else:

@@ -154,7 +154,9 @@ def in_process(path: Path, dense_max_floats: int | None, n: int, memories: int) 
 
 
 def seed_per_event(path: Path, cache: Path, n: int, memories: int) -> float:
-    """The seed's per-event code, one event at a time, over a sample of the workload."""
+    """The seed's per-event code, one event at a time, over a sample of the workload: into
+    one index, as the seed keeps one memory (an index built per memory on its first event
+    would cost the seed more, so the ratio against it errs low)."""
     from memnet import load_model
     from scripts import bench_library, bench_reference
 
