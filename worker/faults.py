@@ -94,7 +94,9 @@ class Backoff:
 
     def fail(self) -> float:
         """Count a failure; the delay before the next try (also kept in ``until``)."""
-        delay = float(self._policy.compute(self.failures))
+        # (capped: 2**failures overflows a float after ~1,000 failures in redis-py < 8.2,
+        # about an hour of an outage; the delay is at its cap long before 32)
+        delay = float(self._policy.compute(min(self.failures, 32)))
         self.failures += 1
         self.until = time.monotonic() + delay
         return delay
