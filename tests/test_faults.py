@@ -445,3 +445,82 @@ def test_an_engine_failure_that_comes_back_stays_with_its_partition(
     finally:
         worker.stop()
     assert len(failures) >= 2 and all(failures[1:])  # after the first, it failed alone
+
+
+def test_a_commit_waiting_for_redis_is_alive_not_stalled(
+    redis_url, redis_server, tmp_path, model_file, monkeypatch, caplog
+):
+    """A commit retried while Redis is unreachable keeps the loop's progress (what /healthz
+    and the lease keeper read) moving: an outage is not a stalled loop. A stall is logged
+    once, not at every tick."""
+    import redis as redis_py
+
+    r = redis_server.client()
+    engine = Engine(load_model(model_file))
+    send(r, PREFIX, PARTITIONS, events(40, MEMORIES, DIMS, np.random.default_rng(22)))
+    w = started(settings(redis_url, tmp_path, model_file), engine)
+    real, fails = w.owner.commit, [3]
+
+    def commit(batches):
+        if fails[0]:
+            fails[0] -= 1
+            raise redis_py.ConnectionError("Connection refused")
+        return real(batches)
+
+    monkeypatch.setattr(w.owner, "commit", commit)
+    seen = []
+    monkeypatch.setattr(w.stopping, "wait", lambda s: seen.append(w._progress) or time.sleep(s))
+    w._progress = 0.0
+    assert w.step() and fails == [0]
+    assert w._progress > 0.0 and len(seen) == 3  # (set after each retry's wait)
+
+    w._progress = time.monotonic() - 10 * w.s.stall_s
+    with caplog.at_level(logging.ERROR, logger="worker.leases"):
+        for _ in range(3):
+            w.keeper.tick()
+    assert caplog.text.count("made no progress") == 1
+
+
+def test_the_lease_keeper_thread_stops_and_reports_it(redis_url, tmp_path, model_file):
+    """LeaseKeeper is a Thread: an attribute named _stop hid Thread._stop, and is_alive()
+    raised TypeError once the thread had ended (so did /healthz's last_progress)."""
+    w = Worker(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    w._start_up()
+    w.keeper.start()
+    w.keeper.stop()
+    w.keeper.join(5)
+    assert w.keeper.is_alive() is False and w.last_progress() is None
+
+
+def test_backoff_survives_any_number_of_failures(monkeypatch):
+    """redis-py before 8.2 computed base * 2**failures: OverflowError after ~1,000 failures
+    (an hour of an outage) ended the worker from its own fault handler."""
+    from redis.backoff import EqualJitterBackoff
+
+    from worker.faults import Backoff
+
+    def compute(self, failures):  # redis-py 8.1's, which pyproject admits
+        temp = min(self._cap, self._base * 2**failures) / 2
+        return temp + temp * 0.5
+
+    monkeypatch.setattr(EqualJitterBackoff, "compute", compute)
+    backoff = Backoff(base_s=0.1, cap_s=5.0)
+    backoff.failures = 5000
+    assert 2.5 <= backoff.fail() <= 5.0
+
+
+def test_the_loops_backoff_starts_over_only_after_a_full_rebalance_period(
+    redis_url, tmp_path, model_file
+):
+    """Passes that do not touch Redis (no partitions, no rebalance due) come between
+    failing ones: they must not reset a backoff whose fault persists."""
+    w = Worker(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    for _ in range(3):
+        w.backoff.fail()
+    w._faulted_at = time.monotonic()
+    w._progress = w._faulted_at + 0.01  # a pass right after the fault
+    w._recovered()
+    assert w.backoff.failures == 3
+    w._progress = w._faulted_at + w.s.renew_every_s  # this pass ran the rebalance too
+    w._recovered()
+    assert w.backoff.failures == 0

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
@@ -503,3 +505,33 @@ def test_a_partition_that_cannot_be_taken_does_not_stop_the_others(
     assert sorted(m["id"] for _, m in out) == sorted(expected)
     for _, response in out:
         assert_same_answer(response, expected[response["id"]])
+
+
+def test_a_right_revoked_while_serving_backs_off_across_takes(tmp_path, model_file, engine, caplog):
+    """XREADGROUP revoked: every take succeeds (restore, group, offsets), then the read
+    fails. The partition's backoff must grow across those takes (it was reset by each, so
+    each partition was released, restored and taken again every second); once the right is
+    back it serves again, exactly."""
+    server = RedisServer(tmp_path / "acl", "--user", "memnet", "on", ">pw", *acl_rules(PREFIX))
+    url = f"redis://memnet:pw@127.0.0.1:{server.port}/0"
+    admin = server.client()  # the default user
+    batch = events(200, MEMORIES, DIMS, np.random.default_rng(49))
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.ownership"):
+            serving = Serving(settings(url, tmp_path, model_file), engine)
+            admin.execute_command("ACL", "SETUSER", "memnet", "-xreadgroup")
+            caplog.clear()
+            time.sleep(8)
+            takes = Counter(int(m[1]) for m in re.finditer(r"took partition (\d+)", caplog.text))
+            admin.execute_command("ACL", "SETUSER", "memnet", "+xreadgroup")
+            send_ids(admin, with_ids(batch))
+            answered(admin, queries(batch))
+            assert serving.alive()
+            serving.stop()
+        # backoff from 1 s, doubling, drawn in [d/2, d]: at most 5 tries in 8 s (at least 8
+        # when each take reset it)
+        assert takes and max(takes.values()) <= 5, takes
+        assert "permission denied" in caplog.text and "serves again" in caplog.text
+        assert_exactly_once(admin, batch, engine)
+    finally:
+        server.stop()

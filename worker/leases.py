@@ -65,13 +65,13 @@ class LeaseKeeper(threading.Thread):
         self.meta = meta(client)
         self.members: list[str] = []
         self.throttled = Throttled(log)
-        self._stop = threading.Event()
+        self._stopping = threading.Event()  # (not _stop: threading.Thread has one)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             started = time.monotonic()
             try:
                 self.tick()
@@ -84,13 +84,21 @@ class LeaseKeeper(threading.Thread):
                 self.throttled.log(
                     "keeper", logging.ERROR, "lease keeper failed (%s); retrying", e, exc_info=e
                 )
-            self._stop.wait(max(0.0, self.settings.renew_every_s - (time.monotonic() - started)))
+            self.throttled.flush()  # (lines held back, told within their minute)
+            spent = time.monotonic() - started
+            self._stopping.wait(max(0.0, self.settings.renew_every_s - spent))
 
     def tick(self) -> None:
         stalled = time.monotonic() - self.last_progress() > self.stall_s
         if stalled:
-            log.error("main loop made no progress for %.0f s: letting leases expire", self.stall_s)
+            self.throttled.log(
+                "stall",
+                logging.ERROR,
+                "main loop made no progress for %.0f s: letting leases expire",
+                self.stall_s,
+            )
             return
+        self.throttled.clear("stall", "the main loop makes progress again: renewing leases")
         s = self.settings
         now = self.redis_ms()
         if self.meta.active:

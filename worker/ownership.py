@@ -139,6 +139,16 @@ class Ownership:
         else:
             self._back_off(part, kind, error)
 
+    def served(self, part: Partition) -> None:
+        """part read (and committed what it read) without a fault: its backoff starts over.
+        Not at a take: a fault that comes back after each take (a revoked XREADGROUP) would
+        otherwise be retried every second, with a release and a restore each time."""
+        if self._retry.pop(part.number, None) is not None:
+            for kind in Kind:
+                self.throttled.clear(
+                    f"{kind.name}-{part.number}", "partition %d serves again", part.number
+                )
+
     def _redis_lost(self, part: Partition, why: str) -> None:
         metrics.ERRORS.labels("redis_data_lost").inc()
         log.error(
@@ -262,7 +272,6 @@ class Ownership:
             self.contain(part, e)
             return
         self.idle.discard(p)
-        self._retry.pop(p, None)
         log.info(
             "took partition %d (epoch %d) at %s, replaying to %s",
             p,
@@ -436,6 +445,7 @@ class Ownership:
             if error is None:
                 part.uncommitted = False
                 part.committed = batches[part].last_id
+                self.served(part)
             else:
                 self.contain(part, error)
             done[part] = error is None

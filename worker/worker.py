@@ -88,6 +88,7 @@ class Worker:
         self._started = time.monotonic()
         self._next_cycle = 0.0
         self.backoff = Backoff(base_s=0.1, cap_s=5.0)
+        self._faulted_at = 0.0  # the loop's last fault (time.monotonic())
         self.throttled = Throttled(log)
         self._resync = False  # a Redis call failed: re-plan from Redis's state before reading
         self.burst = False
@@ -121,6 +122,7 @@ class Worker:
         # One step applies a batch of every owned partition with one engine call.
         self.engine.warm_up(self.s.batch_size * self.s.partitions)
         release_free_heap(self.s.gc_threshold)
+        self._progress = time.monotonic()  # (compiling took time: not a stalled loop)
         self._until_reachable(self._start_up)
         self.keeper.start()
         self._started = time.monotonic()
@@ -131,6 +133,7 @@ class Worker:
                         break
                     self._recovered()
                 except Exception as e:  # only a stop signal ends a serving worker
+                    self._faulted_at = time.monotonic()
                     self._on_fault(e)
         finally:
             self.shutdown()
@@ -182,11 +185,13 @@ class Worker:
                 delay = self.backoff.fail()
                 log.warning("Redis unavailable at start-up (%s); retrying in %.1f s", e, delay)
                 self.stopping.wait(delay)
+                self._progress = time.monotonic()
 
     def _loop_once(self) -> bool:
         """One pass; True when a burst run is done."""
         self._progress = time.monotonic()
         self.throttled.flush()  # (lines held back, told within their minute)
+        self.owner.throttled.flush()
         self.owner.drop_lost()
         if self._resync:
             self._resynchronise()
@@ -224,6 +229,7 @@ class Worker:
             except Exception as e:
                 log.warning("could not release partition %d cleanly: %s", p, e)
         self.keeper.stop()
+        self.keeper.join(timeout=2 * self.s.lease_ms / 1000)  # (its tick would re-join)
         with contextlib.suppress(Exception):
             self.keeper.leave()
         log.info("worker %s stopped", self.s.worker_id)
@@ -243,6 +249,7 @@ class Worker:
                 work[part] = got
                 self.owner.idle.discard(part.number)
             else:
+                self.owner.served(part)
                 self.owner.idle.add(part.number)
                 if part.replay_until is None and not part.tidy:
                     self.owner.tidy(part)
@@ -316,6 +323,7 @@ class Worker:
                 return self.owner.commit(batches)
             except UNAVAILABLE as e:
                 self._resync = True
+                self._faulted_at = time.monotonic()
                 if self.stopping.is_set():
                     log.warning("giving up a commit on stop: %s", e)
                     return dict.fromkeys(batches, False)
@@ -328,6 +336,7 @@ class Worker:
                     delay,
                 )
                 self.stopping.wait(delay)
+                self._progress = time.monotonic()  # alive, backing off: not a stalled loop
 
     def snapshot(self, part: Partition, abort: Callable[[], bool] | None = None) -> None:
         """Snapshot a partition, then trim its input below the oldest kept snapshot. A
@@ -391,7 +400,11 @@ class Worker:
         self.stopping.wait(delay)
 
     def _recovered(self) -> None:
-        if self.backoff.failures:
+        """After a pass without a fault: the loop's backoff starts over, its fault lines end.
+        Only once a pass began a full rebalance period after the last fault (so it ran the
+        rebalance too): passes that touch Redis less often than others (the rebalance, or
+        no Redis at all without partitions) would otherwise reset a fault that persists."""
+        if self.backoff.failures and self._progress - self._faulted_at >= self.s.renew_every_s:
             self.backoff.reset()
             for kind in Kind:
                 self.throttled.clear(kind.name, "the worker loop works again")
