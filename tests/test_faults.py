@@ -524,3 +524,23 @@ def test_the_loops_backoff_starts_over_only_after_a_full_rebalance_period(
     w._progress = w._faulted_at + w.s.renew_every_s  # this pass ran the rebalance too
     w._recovered()
     assert w.backoff.failures == 0
+
+
+def test_resident_gauges_follow_partitions_handed_over(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """A worker whose model is no longer the deployment's hands every partition over: its
+    resident gauges go to 0 then, not stay at the last batch's figures until it stops."""
+    from worker import metrics
+
+    r = redis_server.client()
+    send(r, PREFIX, PARTITIONS, events(80, MEMORIES, DIMS, np.random.default_rng(23)))
+    w = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    while w.step():
+        pass
+    assert metrics.RESIDENT_MEMORIES._value.get() == len(MEMORIES)
+    assert metrics.RESIDENT_BYTES._value.get() > 0
+    w.keeper.meta.active = False  # (as after `memnet deploy` of another model)
+    w._loop_once()
+    assert w.parts == {}
+    assert metrics.RESIDENT_MEMORIES._value.get() == 0 == metrics.RESIDENT_BYTES._value.get()

@@ -204,6 +204,7 @@ class Worker:
             self.owner.rebalance(self.keeper.members, grace)
         if self.step():
             return False
+        self.resident_gauges()  # (partitions taken, handed over or dropped in this pass)
         if self.burst and len(self.owner.idle) == len(self.parts):
             return not self.owner.free_partitions()
         self.wait()
@@ -228,6 +229,7 @@ class Worker:
                 self.owner.hand_over(p, abort=lambda: time.monotonic() > deadline)
             except Exception as e:
                 log.warning("could not release partition %d cleanly: %s", p, e)
+        self.resident_gauges()  # (nothing resident is left)
         self.keeper.stop()
         self.keeper.join(timeout=2 * self.s.lease_ms / 1000)  # (its tick would re-join)
         with contextlib.suppress(Exception):
