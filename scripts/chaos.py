@@ -27,14 +27,19 @@ a plain directory and the two snapshot-store faults are skipped, saying so.
 Then the very same input entries (same ids) go through one uninterrupted worker per model
 (A and B, each over the whole input) on a fresh Redis each, and the suite compares: updates
 lost / applied twice (per-memory write counts in the final snapshots: B's), responses
-missing / duplicated / different (> 1e-5) -- each against model A's reference if its entry
+missing / duplicated / different (bitwise) -- each against model A's reference if its entry
 id is at most its partition's recorded switch point, else against B's (``answered_by_A``,
 ``answered_by_B``) --, final memories that differ from B's reference, and workers that died
 on their own (not killed, nor stopped after the deploy, by the suite). All must be 0, and
 every partition must have recorded its switch from A to B.
 Responses that existed before the FLUSHALL and are gone at the end are counted apart, as
-``responses_lost_by_redis`` (Redis lost them, not the workers); those that reappear must equal
-both their pre-flush version and the reference, and ``redis_loss_reported`` must be true.
+``responses_lost_by_redis`` (Redis lost them, not the workers), if the snapshot their partition
+was rebuilt from covers their query (later ones were replayed from the re-sent input and must
+have been answered again: else they are missing); those that reappear must equal both their
+pre-flush version and the reference, and ``redis_loss_reported`` must be true. Every kill must
+be recovered from (``recovery_s``), and a full or read-only store must have made snapshots fail
+(``snapshot_failures_full`` / ``_readonly``; a store fault that could not be applied is not
+counted as applied).
 
     python scripts/chaos.py              # 30k events (2 to 2.5 minutes here)
     python scripts/chaos.py --quick      # 8k events, the CI version (65 to 130 s here)
@@ -47,6 +52,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -363,8 +369,8 @@ class Faults:
         self.flush_mark: dict[str, int] | None = None
 
     def apply(self, action: str) -> None:
-        getattr(self, f"fault_{action}")()
-        self.applied.append(action)
+        if getattr(self, f"fault_{action}")() is not False:  # False: it could not be applied
+            self.applied.append(action)
 
     def background(self, target: Any) -> None:
         thread = threading.Thread(target=target)
@@ -434,10 +440,13 @@ class Faults:
         finally:
             os.close(fd)
             ballast.unlink()
-        say(f"snapshot store emptied again; {self.snapshot_errors(mark)}")
+        say(f"snapshot store emptied again; {self.snapshot_errors(mark, 'full')}")
 
-    def snapshot_errors(self, mark: dict[str, int]) -> str:
+    def snapshot_errors(self, mark: dict[str, int], fault: str) -> str:
+        """What the workers logged of failed snapshots since mark (kept in the figures: a
+        store fault the workers never noticed was not a fault)."""
         failed = [e for e in self.logs.since(mark) if "snapshot failed" in str(e.get("msg"))]
+        self.figures[f"snapshot_failures_{fault}"] = len(failed)
         levels = sorted({e.get("level") for e in failed})
         plural = "" if len(failed) == 1 else "s"
         said = f" ({', '.join(levels)})" if levels else ""
@@ -449,7 +458,7 @@ class Faults:
         done = remount(path, "ro")
         if done.returncode != 0:
             say(f"could not remount the snapshot store read-only: {done.stderr.strip()}")
-            return
+            return False
         try:
             say(f"snapshot store read-only for {self.hold_s:.0f} s")
             time.sleep(self.hold_s)
@@ -457,7 +466,7 @@ class Faults:
             done = remount(path, "rw")
             if done.returncode != 0:
                 raise RuntimeError(f"cannot remount {path} read-write: {done.stderr.strip()}")
-        say(f"snapshot store read-write again; {self.snapshot_errors(mark)}")
+        say(f"snapshot store read-write again; {self.snapshot_errors(mark, 'readonly')}")
 
     def fault_group(self) -> None:
         """XGROUP DESTROY of two random partitions; time until both groups are back."""
@@ -577,6 +586,16 @@ class Faults:
             raise RuntimeError(f"memnet {command} exited with {done.returncode}: {done.stderr}")
         lines = done.stdout.strip().splitlines() or [""]
         return time.monotonic() - began, lines[0]
+
+    def rebuilt_at(self) -> dict[int, str | None]:
+        """Each partition's snapshot position at its first take after the FLUSHALL (what
+        Redis's loss of responses can excuse: those of queries up to it)."""
+        first: dict[int, tuple[int, str | None]] = {}  # p -> (epoch, position): the lowest
+        for e in self.logs.since(self.flush_mark or {}):  # epoch is the first take (the
+            if m := TOOK.match(str(e.get("msg"))):  # logs' times are whole seconds)
+                take = (int(m[2]), None if m[3] == "None" else m[3])
+                first[int(m[1])] = min(first.get(int(m[1]), take), take)
+        return {p: position for p, (_, position) in first.items()}
 
     def loss_reported(self) -> bool | None:
         """Did a worker log "Redis lost data" at error level after the FLUSHALL?"""
@@ -752,6 +771,7 @@ def run(
                 PREFIX,
                 PARTITIONS,
                 flushed=faults.flushed,
+                rebuilt_at=faults.rebuilt_at() if faults.flushed is not None else None,
             )
         finally:
             for ref_server, _ in refs:
@@ -817,12 +837,19 @@ def main() -> int:
     return 0 if passed(figures) else 1
 
 
+STORE_FAULTS = ("full", "readonly")
+TOOK = re.compile(r"took partition (\d+) \(epoch (\d+)\) at (\S+),")
+
+
 def passed(figures: dict[str, Any]) -> bool:
-    """Every count 0; if Redis lost data, the workers said so; meta re-asserted; after a
-    deploy every partition recorded its switch, B answered, A's workers stopped cleanly."""
+    """Every count 0; every kill recovered from; a full or read-only store made snapshots
+    fail; if Redis lost data, the workers said so; meta re-asserted; after a deploy every
+    partition recorded its switch, B answered, A's workers stopped cleanly."""
     applied = figures["faults"]
     return (
         all(figures[c] == 0 for c in COUNTS)
+        and None not in figures["recovery_s"]
+        and all(figures.get(f"snapshot_failures_{f}", 0) > 0 for f in STORE_FAULTS if f in applied)
         and ("flushall" not in applied or figures["redis_loss_reported"] is True)
         and ("meta" not in applied or figures["meta_back_s"] is not None)
         and ("group" not in applied or figures["group_back_s"] is not None)

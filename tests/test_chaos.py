@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import fakeredis
+import numpy as np
 import pytest
 
 from memnet import random_model, save_model
@@ -39,13 +40,15 @@ def test_chaos_quick_loses_repeats_and_changes_nothing(tmp_path):
     for count in COUNTS:
         assert result[count] == 0, (count, done.stdout)
     assert result["kills"] >= 2 and "killed and restarted Redis" in done.stdout
+    assert None not in result["recovery_s"], result["recovery_s"]  # every kill taken over
     assert "paused" in done.stdout
     # Every operational fault was applied (the snapshot-store ones need root and a tmpfs).
     applied = {"kill", "pause", "redis", "group", "meta", "flushall", "deploy"}
     if result["store_faults_skipped"] is None:
         applied |= {"full", "readonly"}
         assert "filled the snapshot store" in done.stdout
-        assert "snapshot store read-only" in done.stdout
+        assert "snapshot store read-only for" in done.stdout  # (not "could not remount ...")
+        assert result["snapshot_failures_full"] > 0 and result["snapshot_failures_readonly"] > 0
     assert applied <= set(result["faults"]), (result["faults"], done.stdout)
     assert "destroyed consumer group" in done.stdout and "FLUSHALL" in done.stdout
     assert result["group_back_s"] is not None and result["meta_back_s"] is not None
@@ -90,6 +93,16 @@ def test_each_answer_is_compared_with_the_model_its_switch_point_names(tmp_path)
     assert compare_responses(served, want)["responses_differ"] == 0
     wrong = [(i, {**m, "y": [0.0]}) if m["id"] == "q3" else (i, m) for i, m in served]
     assert compare_responses(wrong, want)["responses_differ"] == 1  # q3 was A's: wrong model
+    wrong = [(i, {**m, "y": [np.nextafter(np.float32(1), 2)]}) if m["id"] == "q3" else (i, m)
+             for i, m in served]  # fmt: skip
+    assert compare_responses(wrong, want)["responses_differ"] == 1  # one bit off: differs
+
+    # After a FLUSHALL: a response gone at the end was Redis's loss only if the snapshot its
+    # partition was rebuilt from covers the query; after it, the replay must answer again.
+    before_flush, after = served, [(i, m) for i, m in served if m["id"] in ("q1", "q4")]
+    covered = {"q2": True, "q3": False}.__getitem__
+    figures = compare_responses(after, want, before_flush, covered)
+    assert (figures["responses_lost_by_redis"], figures["responses_missing"]) == (1, 1)
 
     # A record naming a model without a reference counts as no switch at all.
     run.hset(keys.part(0, "switch"), "to", "f" * 64)
