@@ -544,3 +544,28 @@ def test_resident_gauges_follow_partitions_handed_over(
     w._loop_once()
     assert w.parts == {}
     assert metrics.RESIDENT_MEMORIES._value.get() == 0 == metrics.RESIDENT_BYTES._value.get()
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        ("OutOfMemoryError:command not allowed when used memory > 'maxmemory'.", "UNAVAILABLE"),
+        ("ResponseError:user_script:39: OOM command not allowed when used memory", "UNAVAILABLE"),
+        ("ReadOnlyError:You can't write against a read only replica.", "UNAVAILABLE"),
+        ("ResponseError:user_script:1: READONLY You can't write against a replica", "UNAVAILABLE"),
+        ("ResponseError:NOGROUP No such key 'x' or consumer group 'memnet'", "NOGROUP"),
+        ("ResponseError:ERR an OOM-like word: ROOM READONLYX", "OTHER"),
+    ],
+)
+def test_redis_refusing_writes_is_waited_out_like_an_outage(error, kind):
+    """At maxmemory (OOM) or a replica after a failover (READONLY), Redis refuses writes
+    for a while: the loop backs off (and drops its connections on READONLY), instead of
+    releasing every partition with a traceback."""
+    import redis as redis_py
+
+    from worker.faults import Kind, classify, read_only
+
+    name, message = error.split(":", 1)
+    exc = getattr(redis_py.exceptions, name)(message)
+    assert classify(exc) is Kind[kind]
+    assert read_only(exc) == ("READONLY " in message or name == "ReadOnlyError")

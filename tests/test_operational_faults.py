@@ -535,3 +535,34 @@ def test_a_right_revoked_while_serving_backs_off_across_takes(tmp_path, model_fi
         assert_exactly_once(admin, batch, engine)
     finally:
         server.stop()
+
+
+def test_redis_at_maxmemory_is_waited_out_without_churn(tmp_path, model_file, engine, caplog):
+    """Redis refuses writes at maxmemory (noeviction: OOM, its full disk): the worker backs
+    off, logs it once, and serves on, exactly, once memory is there again."""
+    server = RedisServer(tmp_path / "oom")
+    url, r = server.url, server.client()
+    batch = events(300, MEMORIES, DIMS, np.random.default_rng(51))
+    entries = with_ids(batch)
+    try:
+        with caplog.at_level(logging.INFO):
+            serving = Serving(settings(url, tmp_path, model_file), engine)
+            send_ids(r, entries[:100])
+            answered(r, queries(batch[:100]))
+            send_ids(r, entries[100:200])  # (in Redis before the limit; read during it)
+            r.config_set("maxmemory-policy", "noeviction")
+            r.config_set("maxmemory", 1)
+            caplog.clear()
+            time.sleep(6)
+            during = caplog.text
+            r.config_set("maxmemory", 0)
+            send_ids(r, entries[200:])
+            answered(r, queries(batch))
+            assert serving.alive()
+            serving.stop()
+        assert_exactly_once(r, batch, engine)
+        print(during)
+        assert "OOM" in during and during.count("OOM") <= 4, during
+        assert "took partition" not in during and "Traceback" not in during, during
+    finally:
+        server.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import time
 from typing import Any
 
@@ -31,6 +32,20 @@ UNAVAILABLE = (
 )
 
 
+# Redis refusing writes for a while: at maxmemory under noeviction (OOM: Redis's full disk),
+# or a replica after a failover the client has not followed yet (READONLY; the loop drops
+# its connections, worker.worker). Waited out like an outage: not a partition's fault.
+WRITES_REFUSED = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)
+_REFUSED = re.compile(r"(?:^|: )(?:OOM|READONLY) ")  # (the same, from inside a script)
+
+
+def read_only(error: BaseException) -> bool:
+    """Whether error is a replica's READONLY (connections to drop: DNS may point elsewhere)."""
+    return isinstance(error, redis.exceptions.ReadOnlyError) or (
+        isinstance(error, redis.ResponseError) and "READONLY " in str(error)
+    )
+
+
 class Fenced(Exception):
     """The partition's epoch moved on: this worker no longer owns it."""
 
@@ -41,7 +56,7 @@ class Lost(Exception):
 
 
 class Kind(enum.Enum):
-    UNAVAILABLE = "Redis unavailable"  # back off, reconnect, resynchronise
+    UNAVAILABLE = "Redis unavailable"  # (or refusing writes) back off, reconnect, resynchronise
     FENCED = "fenced"  # another worker owns the partition now: drop it
     LOST = "Redis lost data"  # rebuild the partition from its snapshot
     NOGROUP = "consumer group missing"  # recreate it at the applied position
@@ -51,7 +66,7 @@ class Kind(enum.Enum):
 
 def classify(error: BaseException) -> Kind:
     """The one place that reads Redis errors (scripts' replies included)."""
-    if isinstance(error, UNAVAILABLE):
+    if isinstance(error, UNAVAILABLE + WRITES_REFUSED):
         return Kind.UNAVAILABLE
     if isinstance(error, Fenced):
         return Kind.FENCED
@@ -60,15 +75,22 @@ def classify(error: BaseException) -> Kind:
     if isinstance(error, redis.exceptions.NoPermissionError):
         return Kind.PERMISSION
     if isinstance(error, redis.ResponseError):
-        message = str(error)
-        if message.startswith(FENCED):
-            return Kind.FENCED
-        if message.startswith(LOST):
-            return Kind.LOST
-        if message.startswith("NOGROUP"):
-            return Kind.NOGROUP
-        if message.startswith("NOPERM") or "can't run this command" in message:
-            return Kind.PERMISSION  # (the second: a command a script called, Redis 7)
+        return _reply_kind(str(error))
+    return Kind.OTHER
+
+
+def _reply_kind(message: str) -> Kind:
+    """What an error reply's text says (a script's replies carry no exception class)."""
+    if message.startswith(FENCED):
+        return Kind.FENCED
+    if message.startswith(LOST):
+        return Kind.LOST
+    if message.startswith("NOGROUP"):
+        return Kind.NOGROUP
+    if message.startswith("NOPERM") or "can't run this command" in message:
+        return Kind.PERMISSION  # (the second: a command a script called, Redis 7)
+    if _REFUSED.search(message):
+        return Kind.UNAVAILABLE
     return Kind.OTHER
 
 

@@ -21,7 +21,7 @@ import redis
 
 from worker import metrics
 from worker.connection import Client, text
-from worker.faults import UNAVAILABLE, Throttled
+from worker.faults import Kind, Throttled, classify
 from worker.meta import Meta
 from worker.protocol import GROUP, Keys
 from worker.scripts import Scripts
@@ -76,14 +76,16 @@ class LeaseKeeper(threading.Thread):
             try:
                 self.tick()
                 self.throttled.clear("keeper", "lease keeper works again")
-            except UNAVAILABLE as e:
-                self.throttled.log(
-                    "keeper", logging.WARNING, "lease keeper cannot reach Redis: %s", e
-                )
             except Exception as e:  # never let the thread die: the leases would silently lapse
-                self.throttled.log(
-                    "keeper", logging.ERROR, "lease keeper failed (%s); retrying", e, exc_info=e
-                )
+                if classify(e) is Kind.UNAVAILABLE:  # (or refusing writes: OOM, READONLY)
+                    self.throttled.log(
+                        "keeper", logging.WARNING, "lease keeper cannot reach Redis: %s", e
+                    )
+                else:
+                    self.throttled.log(
+                        "keeper", logging.ERROR, "lease keeper failed (%s); retrying", e,
+                        exc_info=e,
+                    )  # fmt: skip
             self.throttled.flush()  # (lines held back, told within their minute)
             spent = time.monotonic() - started
             self._stopping.wait(max(0.0, self.settings.renew_every_s - spent))

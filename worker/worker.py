@@ -35,7 +35,15 @@ from memnet.errors import SnapshotAborted, StaleSnapshot
 from worker import metrics
 from worker.connection import Client, connect, is_cluster, text
 from worker.dead import log_dead_letters
-from worker.faults import UNAVAILABLE, Backoff, Kind, Throttled, classify
+from worker.faults import (
+    UNAVAILABLE,
+    WRITES_REFUSED,
+    Backoff,
+    Kind,
+    Throttled,
+    classify,
+    read_only,
+)
 from worker.leases import LeaseKeeper
 from worker.meta import Meta, record
 from worker.ownership import Ownership, claim_store
@@ -323,7 +331,7 @@ class Worker:
         while True:
             try:
                 return self.owner.commit(batches)
-            except UNAVAILABLE as e:
+            except UNAVAILABLE + WRITES_REFUSED as e:
                 self._resync = True
                 self._faulted_at = time.monotonic()
                 if self.stopping.is_set():
@@ -387,6 +395,10 @@ class Worker:
     # ---- faults of the loop --------------------------------------------------------------
     def _on_fault(self, error: Exception) -> None:
         kind = classify(error)
+        if read_only(error):  # a failover moved the primary: connect afresh (DNS again)
+            for client in (self.client, self.keeper.client):
+                with contextlib.suppress(Exception):
+                    client.connection_pool.disconnect()
         delay = self.backoff.fail()
         metrics.ERRORS.labels("redis" if kind is Kind.UNAVAILABLE else "loop").inc()
         self.throttled.log(
