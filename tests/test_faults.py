@@ -569,3 +569,29 @@ def test_redis_refusing_writes_is_waited_out_like_an_outage(error, kind):
     exc = getattr(redis_py.exceptions, name)(message)
     assert classify(exc) is Kind[kind]
     assert read_only(exc) == ("READONLY " in message or name == "ReadOnlyError")
+
+
+def test_one_partitions_failed_renewal_leaves_the_others_renewed(
+    redis_url, redis_server, tmp_path, model_file, monkeypatch
+):
+    """A renewal that fails for one partition (its cluster node down) must not stop the
+    lease keeper from renewing the others (their leases would lapse too)."""
+    import redis as redis_py
+
+    r = redis_server.client()
+    w = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    assert sorted(w.parts) == list(range(PARTITIONS))
+    real = w.keeper.scripts.renew
+
+    def renew(keys, args):
+        if "{0}" in keys[0]:
+            raise redis_py.ConnectionError("the node of partition 0 is down")
+        return real(keys=keys, args=args)
+
+    monkeypatch.setattr(w.keeper.scripts, "renew", renew)
+    for p in range(PARTITIONS):
+        r.pexpire(Keys(PREFIX).part(p, "lease"), 50)
+    with pytest.raises(redis_py.ConnectionError, match="partition 0"):
+        w.keeper.tick()
+    ttl = [r.pttl(Keys(PREFIX).part(p, "lease")) for p in range(PARTITIONS)]
+    assert ttl[0] <= 50 and all(t > 400 for t in ttl[1:]), ttl

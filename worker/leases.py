@@ -115,15 +115,12 @@ class LeaseKeeper(threading.Thread):
             with contextlib.suppress(KeyError):
                 metrics.LAG.remove(str(p))
         self._lag_shown = set(owned)
-        for p, epoch in owned.items():
-            keys = [self.keys.part(p, "epoch"), self.keys.part(p, "lease")]
-            with self.holding(p, epoch) as held:  # not released meanwhile
-                if not held:
-                    continue
-                renewed = self.scripts.renew(keys=keys, args=[epoch, s.worker_id, s.lease_ms])
-            if renewed != 1:
-                self.on_lost(p, renewed == -1)
-            self.report_lag(p)
+        failed: Exception | None = None
+        for p, epoch in owned.items():  # each on its own: one partition's failure (its
+            try:  # cluster node down) must not let the others' leases lapse
+                self.renew(p, epoch)
+            except Exception as e:
+                failed = failed or e
         mismatch = self.meta.reassert()
         if mismatch and "MEMNET_MODEL" in mismatch:
             self.throttled.log(
@@ -133,6 +130,19 @@ class LeaseKeeper(threading.Thread):
             self.throttled.log(
                 "meta", logging.ERROR, "%s: a worker of another configuration joined", mismatch
             )
+        if failed is not None:
+            raise failed  # (logged by run, once)
+
+    def renew(self, p: int, epoch: int) -> None:
+        s = self.settings
+        keys = [self.keys.part(p, "epoch"), self.keys.part(p, "lease")]
+        with self.holding(p, epoch) as held:  # not released meanwhile
+            if not held:
+                return
+            renewed = self.scripts.renew(keys=keys, args=[epoch, s.worker_id, s.lease_ms])
+        if renewed != 1:
+            self.on_lost(p, renewed == -1)
+        self.report_lag(p)
 
     def others_alive(self) -> bool:
         """Whether workers other than this one are alive (without joining)."""
