@@ -595,3 +595,39 @@ def test_one_partitions_failed_renewal_leaves_the_others_renewed(
         w.keeper.tick()
     ttl = [r.pttl(Keys(PREFIX).part(p, "lease")) for p in range(PARTITIONS)]
     assert ttl[0] <= 50 and all(t > 400 for t in ttl[1:]), ttl
+
+
+def test_an_archive_that_cannot_be_written_leaves_the_partition_serving_untrimmed(
+    redis_url, redis_server, tmp_path, model_file, monkeypatch, caplog
+):
+    """Archiving before a trim fails (the store is full, S3 is down): like a failed snapshot,
+    the partition serves on and its input stays untrimmed until archiving succeeds; it was
+    released and restored from its snapshot at every try."""
+    from worker import ownership
+
+    r = redis_server.client()
+    batch = events(200, MEMORIES, DIMS, np.random.default_rng(24))
+    send(r, PREFIX, PARTITIONS, batch)
+    s = settings(redis_url, tmp_path, model_file, snapshot_every_entries=10, archive=True)
+    w = started(s, Engine(load_model(model_file)))
+    epochs = {p: part.epoch for p, part in w.parts.items()}
+    real, failing = ownership.Archive.append, [True]
+
+    def append(self, entries):
+        if failing[0]:
+            raise OSError(28, "No space left on device")
+        return real(self, entries)
+
+    monkeypatch.setattr(ownership.Archive, "append", append)
+    keys = Keys(PREFIX)
+    with caplog.at_level(logging.ERROR, logger="worker.ownership"):
+        while w.step():
+            pass
+    assert {p: part.epoch for p, part in w.parts.items()} == epochs  # none released
+    assert sum(r.xlen(keys.inp(p)) for p in range(PARTITIONS)) == len(batch)  # none trimmed
+    assert caplog.text.count("archiving failed") == 1 and "Traceback" not in caplog.text
+    failing[0] = False
+    send(r, PREFIX, PARTITIONS, events(100, MEMORIES, DIMS, np.random.default_rng(25)))
+    while w.step():
+        pass
+    assert sum(r.xlen(keys.inp(p)) for p in range(PARTITIONS)) < len(batch)  # trimmed now

@@ -455,10 +455,22 @@ class Ownership:
         """Archive the input below point (MEMNET_ARCHIVE), then trim it there; nothing is
         trimmed that could not be archived, or while a deploy to another model runs."""
         p = part.number
-        with self.contained(part):
+        try:
             if self.s.archive:
                 self.archive(part, point)
             self.prune(part)
+        except Exception as e:  # the store failed (full, read-only, S3 down), as a snapshot
+            if classify(e) is not Kind.OTHER:  # can: not the partition's fault, so it serves
+                self.contain(part, e)  # on, untrimmed; Redis's own faults as everywhere
+                return
+            metrics.ERRORS.labels("archive").inc()
+            self.throttled.log(
+                "archive", logging.ERROR, "partition %d: archiving failed (%s); serving on, "
+                "input not trimmed until it succeeds", p, e,
+            )  # fmt: skip
+            return
+        self.throttled.clear("archive", "archiving succeeds again (partition %d)", p)
+        with self.contained(part):
             names = ("epoch", "in", "trimmed", "deploying", "unarchived")
             keys = [self.keys.part(p, k) for k in names]
             archived = "1" if self.s.archive else "0"  # (else memnet rebuild refuses the hole)
