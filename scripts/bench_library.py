@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,6 +110,27 @@ def recall(engine: Engine, samples: int, dims: tuple[int, int]) -> dict:
         g.write(engine._np, memory, i)
         hits_o += len(set(memory.topk(q[None], k)[0]) & set(exact_topk(memory.search, q, k)))
     return {"g_recall_at_1": hits_g / samples, "o_recall_at_k": hits_o / (samples * k)}
+
+
+def batched_same(engine: Engine, n: int, dims: tuple[int, int], batch: int = BATCH) -> float:
+    """Share of n mixed events (one memory) whose result from Engine.process in calls of
+    ``batch`` (the benchmark's path: batch scans, hints, overwritten hints) is bitwise the
+    result of the same event applied one at a time (Engine.apply)."""
+    events = [
+        engine.write(v) if op == "write" else engine.query(q=v)
+        for _, op, v in raw_events("mixed", n, 1, dims, seed=7)
+    ]
+    one, batched = engine.new_memory(), engine.new_memory()
+    alone = [engine.apply(one, e) for e in events]
+    together = [r for i in range(0, n, batch) for r in engine.process(
+        [(batched, e) for e in events[i : i + batch]])]  # fmt: skip
+
+    def same(a: Any, b: Any) -> bool:
+        if a is None or b is None:
+            return a is b
+        return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("y", "slots", "weights"))
+
+    return sum(map(same, alone, together)) / n
 
 
 def snapshot_restore(engine: Engine, model_path: Path, cache: Path, dims: tuple[int, int]) -> dict:

@@ -46,9 +46,11 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
     s = _size(results, 100_000)
     if s:
         e2e = s["e2e"]
-        one = e2e.get("mixed/one/1w") or e2e["mixed/many/1w"]
+        one = e2e.get("mixed/one/1w")  # (the reference's workload: one memory)
         ref = s.get("reference", {}).get("mixed/one")
-        if ref:
+        if ref and not one:  # (--quick runs 64 memories only: another workload)
+            out.append(("e2e 1 worker, mixed, 100k >= 20x reference", None, "not measured"))
+        if ref and one:
             ratio = one["events_per_s"] / ref
             out.append(
                 (
@@ -57,13 +59,14 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
                     f"{one['events_per_s']:,.0f} vs {ref:,.0f} ev/s = {ratio:.1f}x",
                 )
             )
-        lib_key = "mixed/one" if "mixed/one/1w" in e2e else "mixed/many"
-        share = one["events_per_s"] / s["library"][lib_key]
+        lib_key = "mixed/one" if one else "mixed/many"  # (the same workload on both sides)
+        e2e_rate = e2e[f"{lib_key}/1w"]["events_per_s"]
+        share = e2e_rate / s["library"][lib_key]
         out.append(
             (
                 "e2e >= 60% of in-process",
                 share >= 0.6,
-                f"{one['events_per_s']:,.0f} vs {s['library'][lib_key]:,.0f} = {share:.0%}",
+                f"{e2e_rate:,.0f} vs {s['library'][lib_key]:,.0f} = {share:.0%}",
             )
         )
         wp, rc = s.get("write_path"), s["recall"]
