@@ -89,6 +89,7 @@ class Model:
     def create(cls, config: ModelConfig, params: Mapping[str, np.ndarray]) -> Model:
         components = Components.build(config)
         checked = check_params(components.param_specs(), params)
+        _check_slot_norms(checked["memory_init"])
         return cls(config, checked, components)
 
     @cached_property
@@ -134,6 +135,23 @@ def check_params(
     if problems:
         raise ModelFileError("; ".join(problems))
     return checked
+
+
+def _check_slot_norms(memory_init: np.ndarray) -> None:
+    """Every slot's squared norm must be a finite float32, as every written vector's is
+    (memnet.engine): an infinite norm marks an empty slot in the searches."""
+    step = 1 << 16
+    for start in range(0, len(memory_init), step):
+        wide = memory_init[start : start + step].astype(np.float64)
+        over = np.flatnonzero(np.einsum("ij,ij->i", wide, wide) > _FLOAT32_MAX)
+        if len(over):
+            raise ModelFileError(
+                f"tensor 'memory_init': row {start + int(over[0])}'s squared norm is beyond "
+                f"float32's range (at most {_FLOAT32_MAX:.3g})"
+            )
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _all_finite(array: np.ndarray) -> bool:

@@ -133,6 +133,10 @@ def _nan(p):
             "missing tensors ['response_mlp_b2']",
         ),
         (*tampered(nan=_nan), "tensor 'gate_w' has 1 NaN or infinite values"),
+        (  # finite, but its squared norm is not: searches would take the slot for empty
+            *tampered(huge=lambda p: p["memory_init"].__setitem__((3, 0), 1.9e19)),
+            "tensor 'memory_init': row 3's squared norm is beyond float32's range",
+        ),
         (
             *tampered(dtype=lambda p: p.update(gate_b=np.zeros(1, np.float64))),
             "tensors must be float32 (F32); found 'gate_b' F64",
