@@ -2,8 +2,11 @@
 
 Building the graph over ``memory_init`` costs minutes at a million slots, and every worker
 must search the very same graph for replays to be deterministic. So the graph is built once
-per model (on all cores), saved under a name derived from the model's fingerprint and the
-file's sha256, and published atomically; every worker loads that one file.
+per model and machine, saved under a name derived from the model's fingerprint and the
+file's sha256, and published atomically; every worker of the machine loads that one file.
+It is built on one thread with a fixed seed: hnswlib's multithreaded build inserts in an
+order the threads decide, so another machine (a takeover, a deleted cache) would build
+another graph, and answer some queries differently.
 """
 
 from __future__ import annotations
@@ -142,6 +145,13 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+LOCK_STALE_S = 3600.0  # a build lock this old is a dead builder's (a build takes minutes)
+
+
+class _BuildHere(Exception):
+    """The process building the initial graph died: this one builds it."""
+
+
 class InitGraphCache:
     """``<dir>/init-<fingerprint>.json`` names the published graph file and its checksum."""
 
@@ -173,25 +183,37 @@ class InitGraphCache:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            if time.time() - lock.stat().st_mtime < 3600:
+            try:
                 return self._wait_for_pointer()
-            fd = os.open(lock, os.O_CREAT | os.O_WRONLY)  # a builder died: build anyway
+            except _BuildHere:
+                fd = os.open(lock, os.O_CREAT | os.O_WRONLY)  # a builder died: build anyway
+                os.utime(lock)
         os.close(fd)
         try:
-            self._publish(vectors, filled, cfg)
+            if not self.pointer.exists():  # (published since this process looked)
+                self._publish(vectors, filled, cfg)
         finally:
             lock.unlink(missing_ok=True)
         return None
 
     def _wait_for_pointer(self) -> None:
+        """Until the builder publishes; if it died (its lock gone without a graph, or older
+        than an hour), build here instead."""
         log.info("another process is building %s; waiting", self.pointer)
+        lock = self.directory / f"{self.stem}.lock"
         while not self.pointer.exists():
+            try:
+                stale = time.time() - lock.stat().st_mtime >= LOCK_STALE_S
+            except FileNotFoundError:
+                stale = not self.pointer.exists()  # (it may have just published)
+            if stale:
+                raise _BuildHere
             time.sleep(0.5)
 
     def _publish(self, vectors: np.ndarray, filled: np.ndarray, cfg: IndexConfig) -> None:
         started = time.monotonic()
         log.info("building the initial graph over %d slots (once per model)", len(vectors))
-        base = GraphBase.build(vectors, filled, cfg, "init", threads=os.cpu_count() or 1)
+        base = GraphBase.build(vectors, filled, cfg, "init", threads=1)  # (module docstring)
         tmp = self.directory / f".{self.stem}-{uuid.uuid4().hex}.hnsw"
         base.index.save_index(str(tmp))
         if not tmp.exists() or tmp.stat().st_size == 0:
@@ -207,8 +229,9 @@ class InitGraphCache:
         fsync_path(pointer_tmp)
         try:
             os.link(pointer_tmp, self.pointer)  # the first published graph wins
-        except FileExistsError:
-            final.unlink(missing_ok=True)
+        except FileExistsError:  # another builder's: remove ours unless it is that very file
+            if json.loads(self.pointer.read_text()).get("file") != final.name:
+                final.unlink(missing_ok=True)
         finally:
             pointer_tmp.unlink(missing_ok=True)
         fsync_path(self.directory)

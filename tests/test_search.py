@@ -257,3 +257,79 @@ def test_an_overlay_slot_never_takes_the_tie_of_a_base_row_equal_to_the_query(rn
     truth = rank(np.arange(8), sqdist(slots.vectors(np.arange(8)), x), 1)
     assert slots.nearest(x) == truth[0] == 0
     np.testing.assert_array_equal(slots.topk(x[None], 1)[0], truth)
+
+
+def test_a_query_whose_nearest_graph_rows_were_rewritten_still_finds_its_neighbours():
+    """The graph's candidates for a query were its 8 nearest rows, all rewritten elsewhere
+    since (in the overlay): the graph is asked again until it offers live rows, instead of
+    the answer coming from the overlay's far-away slots alone."""
+    rng = np.random.default_rng(0)  # (a query the graph route answers)
+    S, M = 5000, 16
+    X = rng.standard_normal((S, M)).astype(np.float32)
+    base = GraphBase.build(X, np.ones(S, bool), IndexConfig(), "init")
+    base.shared = True
+    g = GraphSlots(base, IndexConfig())
+    v = rng.standard_normal(M).astype(np.float32)
+    for s in np.argsort(((X - v) ** 2).sum(1))[:8]:
+        g.set(int(s), X[s] + 3 * rng.standard_normal(M).astype(np.float32))
+    current = g.vectors(np.arange(S))
+    dist = ((current - v) ** 2).sum(1)
+    got = g.topk(v[None], 5)[0].tolist()
+    assert g._route(((g.overlay()[1] - v) ** 2).sum(1), v, 5) == "graph"
+    assert got == np.lexsort((np.arange(S), dist))[:5].tolist()
+
+
+def graph_model(slots, dims=8):
+    from tests.conftest import make_model
+
+    model = make_model(0, input_dim=dims, memory_dim=dims, slots=slots)
+    config = type(model.config)(
+        **{**model.config.__dict__, "index": IndexConfig(exact_max_slots=100)}
+    )
+    return type(model).create(config, model.params)
+
+
+def test_every_machine_builds_the_same_initial_graph(tmp_path):
+    """Built on one thread: two caches (two machines) hold byte-identical graphs. hnswlib's
+    multithreaded build inserts in the threads' order: another graph on another host."""
+    import json
+
+    from memnet import Engine
+
+    model = graph_model(20_000, dims=16)
+    for host in ("a", "b"):
+        Engine(model, cache_dir=tmp_path / host).init_base()
+    pointers = [json.loads(next((tmp_path / h).glob("init-*.json")).read_text()) for h in "ab"]
+    assert pointers[0]["sha256"] == pointers[1]["sha256"]
+
+
+def test_the_initial_graph_survives_racing_and_dead_builders(tmp_path, monkeypatch):
+    """Two builders publishing the same graph keep it (the loser removed the winner's file,
+    which has the same name); a waiter whose builder died (lock left, or gone without a
+    graph) builds it itself instead of waiting for ever."""
+    import os
+
+    from memnet import Engine, graph
+
+    model = graph_model(3000)
+    engine = Engine(model, cache_dir=tmp_path / "race")
+    cache = graph.InitGraphCache(tmp_path / "race", model.fingerprint)
+    init = np.asarray(model.params["memory_init"])
+    filled = np.ones(len(init), bool)
+    cache.directory.mkdir(parents=True)
+    cache._publish(init, filled, model.config.index)
+    cache._publish(init, filled, model.config.index)
+    engine.init_base()  # (verified against the pointer: raised "damaged index cache")
+
+    for case in ("stale", "gone"):
+        cache = graph.InitGraphCache(tmp_path / case, model.fingerprint)
+        cache.directory.mkdir(parents=True)
+        lock = cache.directory / f"{cache.stem}.lock"
+        lock.touch()
+        if case == "stale":
+            os.utime(lock, (0, 0))
+        else:
+            monkeypatch.setattr(graph.time, "sleep", lambda s, lock=lock: lock.unlink())
+        cache.get(init, filled, model.config.index)
+        assert cache.pointer.exists() and not lock.exists()
+        monkeypatch.undo()
