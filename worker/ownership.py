@@ -144,10 +144,9 @@ class Ownership:
         Not at a take: a fault that comes back after each take (a revoked XREADGROUP) would
         otherwise be retried every second, with a release and a restore each time."""
         if self._retry.pop(part.number, None) is not None:
-            for kind in Kind:
-                self.throttled.clear(
-                    f"{kind.name}-{part.number}", "partition %d serves again", part.number
-                )
+            p = part.number
+            for key in (*(kind.name for kind in Kind), "take", "nogroup"):
+                self.throttled.clear(f"{key}-{p}", "partition %d serves again", p)
 
     def _redis_lost(self, part: Partition, why: str) -> None:
         metrics.ERRORS.labels("redis_data_lost").inc()
@@ -440,41 +439,62 @@ class Ownership:
     def commit(self, batches: dict[Partition, Batch]) -> dict[Partition, bool]:
         """Commit in one round trip (raises on a connection fault; committing is
         idempotent, so the caller may send it again); True where it landed."""
-        done = {}
-        for part, error in self.io.commit(batches).items():
+        done, refused = {}, None
+        replies = self.io.commit(batches)
+        for part, error in replies.items():  # every landed commit recorded first
             if error is None:
                 part.uncommitted = False
                 part.committed = batches[part].last_id
                 self.served(part)
+            done[part] = error is None
+        for part, error in replies.items():
+            if error is None:
+                continue
+            if classify(error) is Kind.UNAVAILABLE:  # (Redis refusing writes: OOM, READONLY)
+                refused = refused or error  # the caller retries the whole commit (idempotent)
             else:
                 self.contain(part, error)
-            done[part] = error is None
+        if refused is not None:
+            raise refused
         return done
 
     def trim(self, part: Partition, point: str) -> None:
         """Archive the input below point (MEMNET_ARCHIVE), then trim it there; nothing is
         trimmed that could not be archived, or while a deploy to another model runs."""
         p = part.number
-        try:
-            if self.s.archive:
-                self.archive(part, point)
-            self.prune(part)
-        except Exception as e:  # the store failed (full, read-only, S3 down), as a snapshot
-            if classify(e) is not Kind.OTHER:  # can: not the partition's fault, so it serves
-                self.contain(part, e)  # on, untrimmed; Redis's own faults as everywhere
-                return
-            metrics.ERRORS.labels("archive").inc()
-            self.throttled.log(
-                "archive", logging.ERROR, "partition %d: archiving failed (%s); serving on, "
-                "input not trimmed until it succeeds", p, e,
-            )  # fmt: skip
-            return
-        self.throttled.clear("archive", "archiving succeeds again (partition %d)", p)
+        if self.s.archive and not self._quietly(part, "archiving", self.archive, part, point):
+            return  # nothing trimmed that is not archived
         with self.contained(part):
             names = ("epoch", "in", "trimmed", "deploying", "unarchived")
             keys = [self.keys.part(p, k) for k in names]
             archived = "1" if self.s.archive else "0"  # (else memnet rebuild refuses the hole)
             fenced(self.scripts.trim, keys=keys, args=[part.epoch, point, self.model, archived])
+        self.prune_quietly(part)
+
+    def prune_quietly(self, part: Partition) -> None:
+        """Archive retention (MEMNET_ARCHIVE_DAYS), its store's faults logged, not the
+        partition's: it serves on (and trims: a prune is never what a trim waits for)."""
+        self._quietly(part, "pruning the archive", self.prune, part)
+
+    def _quietly(self, part: Partition, what: str, call: Any, *args: Any) -> bool:
+        """call(*args); False if the store failed (full, read-only, S3 down): logged once a
+        minute, the partition serving on, as after a failed snapshot. Redis's own faults are
+        contained as everywhere. True if it succeeded."""
+        p, key = part.number, f"{what}-{part.number}"
+        try:
+            call(*args)
+        except Exception as e:
+            if classify(e) is not Kind.OTHER:
+                self.contain(part, e)
+                return False
+            metrics.ERRORS.labels("archive").inc()
+            self.throttled.log(
+                key, logging.ERROR, "partition %d: %s failed (%s); serving on, input not "
+                "trimmed beyond what is archived", p, what, e,
+            )  # fmt: skip
+            return False
+        self.throttled.clear(key, "partition %d: %s succeeds again", p, what)
+        return True
 
     def archive(self, part: Partition, point: str) -> None:
         """Append the entries before point not yet archived to the partition's archive."""

@@ -37,7 +37,6 @@ from worker.connection import Client, connect, is_cluster, text
 from worker.dead import log_dead_letters
 from worker.faults import (
     UNAVAILABLE,
-    WRITES_REFUSED,
     Backoff,
     Kind,
     Throttled,
@@ -239,7 +238,8 @@ class Worker:
                 log.warning("could not release partition %d cleanly: %s", p, e)
         self.resident_gauges()  # (nothing resident is left)
         self.keeper.stop()
-        self.keeper.join(timeout=2 * self.s.lease_ms / 1000)  # (its tick would re-join)
+        if self.keeper.is_alive():  # (never started when driven by hand, as tests do)
+            self.keeper.join(timeout=2 * self.s.lease_ms / 1000)  # (its tick would re-join)
         with contextlib.suppress(Exception):
             self.keeper.leave()
         log.info("worker %s stopped", self.s.worker_id)
@@ -259,13 +259,7 @@ class Worker:
                 work[part] = got
                 self.owner.idle.discard(part.number)
             else:
-                self.owner.served(part)
-                self.owner.idle.add(part.number)
-                if part.replay_until is None and not part.tidy:
-                    self.owner.tidy(part)
-                if self.s.archive_days and time.monotonic() - part.pruned_at >= PRUNE_EVERY_S:
-                    with self.owner.contained(part):  # (retention without input to trim)
-                        self.owner.prune(part)
+                self.idle(part)
         if work:
             self.process(work)
         for part in parts:
@@ -273,6 +267,16 @@ class Worker:
             if self.parts.get(part.number) is part and part.snapshot_due(*every):
                 self.snapshot(part, self.stopping.is_set)
         return bool(work)
+
+    def idle(self, part: Partition) -> None:
+        """A partition read nothing: tidy it after its replay, prune its archive hourly."""
+        self.owner.idle.add(part.number)
+        if part.replay_until is None and not part.tidy:
+            self.owner.tidy(part)
+        if self.s.archive_days and time.monotonic() - part.pruned_at >= PRUNE_EVERY_S:
+            self.owner.prune_quietly(part)  # (retention without input to trim)
+        if self.parts.get(part.number) is part:  # (read, tidied: nothing failed)
+            self.owner.served(part)
 
     def process(self, work: dict[Partition, Entries]) -> None:
         started = time.perf_counter()
@@ -331,7 +335,9 @@ class Worker:
         while True:
             try:
                 return self.owner.commit(batches)
-            except UNAVAILABLE + WRITES_REFUSED as e:
+            except Exception as e:  # (a script's OOM is a ResponseError: read, not caught by class)
+                if classify(e) is not Kind.UNAVAILABLE:
+                    raise
                 self._resync = True
                 self._faulted_at = time.monotonic()
                 if self.stopping.is_set():
