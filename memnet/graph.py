@@ -11,11 +11,13 @@ another graph, and answer some queries differently.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -145,11 +147,19 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-LOCK_STALE_S = 3600.0  # a build lock this old is a dead builder's (a build takes minutes)
+LOCK_STALE_S = 600.0  # a build lock untouched this long is a dead builder's
+LOCK_TOUCH_S = 30.0  # how often a live builder touches it
 
 
 class _BuildHere(Exception):
     """The process building the initial graph died: this one builds it."""
+
+
+def _touch_until(lock: Path, done: threading.Event) -> None:
+    """Keep the build lock's time fresh while the build runs (however long it takes)."""
+    while not done.wait(LOCK_TOUCH_S):
+        with contextlib.suppress(OSError):
+            os.utime(lock)
 
 
 class InitGraphCache:
@@ -157,7 +167,9 @@ class InitGraphCache:
 
     def __init__(self, directory: Path, fingerprint: str) -> None:
         self.directory = Path(directory)
-        self.stem = f"init-{fingerprint[:24]}"
+        # "1t": built on one thread (graphs cached before, on all cores, are not reused:
+        # they differ from machine to machine)
+        self.stem = f"init-1t-{fingerprint[:24]}"
         self.pointer = self.directory / f"{self.stem}.json"
 
     def get(self, vectors: np.ndarray, filled: np.ndarray, cfg: IndexConfig) -> GraphBase:
@@ -189,10 +201,15 @@ class InitGraphCache:
                 fd = os.open(lock, os.O_CREAT | os.O_WRONLY)  # a builder died: build anyway
                 os.utime(lock)
         os.close(fd)
+        alive = threading.Event()
+        beat = threading.Thread(target=_touch_until, args=(lock, alive), daemon=True)
+        beat.start()  # (the build holds no lock of Python's: hnswlib releases it)
         try:
             if not self.pointer.exists():  # (published since this process looked)
                 self._publish(vectors, filled, cfg)
         finally:
+            alive.set()
+            beat.join()
             lock.unlink(missing_ok=True)
         return None
 

@@ -107,10 +107,10 @@ class GraphSlots:
         labels = self.base.index.knn_query(V[todo], k=want, num_threads=1)[0].astype(np.int64)
         out = {q: row[~self._overlay.has(row)] for q, row in zip(todo, labels, strict=True)}
         # Rows rewritten since the graph was built are dropped (scored from the overlay); if
-        # they were most of a query's nearest, ask the graph for more, so the live rows it
-        # offers are as many as asked (else a query whose nearest rows all moved away found
-        # none of its true neighbours). The same index, the same answer: deterministic.
-        short = [q for q in todo if len(out[q]) < want]
+        # fewer than k live rows are left, ask the graph for more, until it offers as many
+        # as asked (else a query whose nearest rows all moved away found none of its true
+        # neighbours). The same index, the same answer: deterministic.
+        short = [q for q in todo if len(out[q]) < k]  # (fewer than k: surely incomplete)
         if short:
             stale = int(self.base.filled[self.overlay()[0]].sum())  # graph rows rewritten
             enough = min(want, n_graph - stale)
@@ -118,8 +118,11 @@ class GraphSlots:
                 asked = want
                 while len(out[q]) < enough and asked < n_graph:
                     asked = min(n_graph, 2 * asked)
-                    row = self.base.index.knn_query(V[q : q + 1], k=asked, num_threads=1)[0][0]
-                    row = row.astype(np.int64)
+                    try:
+                        found = self.base.index.knn_query(V[q : q + 1], k=asked, num_threads=1)
+                    except RuntimeError:  # (hnswlib: fewer rows reachable than asked)
+                        break
+                    row = found[0][0].astype(np.int64)
                     out[q] = row[~self._overlay.has(row)]
         return out
 

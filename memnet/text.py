@@ -15,6 +15,7 @@ holds the two together.
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,7 @@ from memnet.config import ConfigValueError
 from memnet.errors import InvalidInput
 
 PAD, UNKNOWN = "<pad>", "<unk>"
+log = logging.getLogger(__name__)
 _MARKS = "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"  # combining
 _WORD = re.compile(rf"\w[\w{_MARKS}]*(?:'\w[\w{_MARKS}]*)*")
 _APOSTROPHES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\uff07": "'"})
@@ -35,7 +37,7 @@ def normal(text: str) -> str:
     "'" for typographic apostrophes and no format characters (category Cf) where not ASCII."""
     if text.isascii():
         return text.lower()
-    text = unicodedata.normalize("NFKC", text.translate(_APOSTROPHES))
+    text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES)
     return "".join(c for c in text if unicodedata.category(c) != "Cf").lower()
 
 
@@ -55,12 +57,15 @@ class Vocabulary:
         for word in words:
             if not isinstance(word, str) or not word:
                 raise ConfigValueError(f"vocabulary words must be non-empty strings, got {word!r}")
-        for word in words[2:]:
-            if tokenize(word) != [word]:  # no text would ever reach it
-                raise ConfigValueError(
-                    f"vocabulary word {word!r} is not a word as memnet reads text "
-                    f"(text {word!r} reads as {tokenize(word)})"
-                )
+        unreachable = [word for word in words[2:] if tokenize(word) != [word]]
+        if unreachable:  # (a model trained before 2026-12-07 on quoted words, "'tis"; or a
+            log.warning(  # hand-made file): served, but those words' ids are never used
+                "the vocabulary has %d words no text reads as such (e.g. %s: quoted, "
+                "capitalised or joined); text maps them to other words or <unk>: retrain "
+                "the model to use them",
+                len(unreachable),
+                ", ".join(f"{w!r} reads as {tokenize(w)}" for w in unreachable[:3]),
+            )
         self.words = list(words)
         self.ids = {word: i for i, word in enumerate(self.words)}
         if len(self.ids) != len(self.words):

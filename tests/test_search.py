@@ -321,6 +321,13 @@ def test_the_initial_graph_survives_racing_and_dead_builders(tmp_path, monkeypat
     cache._publish(init, filled, model.config.index)
     engine.init_base()  # (verified against the pointer: raised "damaged index cache")
 
+    # a graph cached by an older version (built on all cores, another per machine): unused
+    old = graph.InitGraphCache(tmp_path / "old", model.fingerprint)
+    old.directory.mkdir(parents=True)
+    (old.directory / f"init-{model.fingerprint[:24]}.json").write_text('{"file": "x.hnsw"}')
+    old.get(init, filled, model.config.index)
+    assert old.pointer.name.startswith("init-1t-") and old.pointer.exists()
+
     for case in ("stale", "gone"):
         cache = graph.InitGraphCache(tmp_path / case, model.fingerprint)
         cache.directory.mkdir(parents=True)

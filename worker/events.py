@@ -28,7 +28,7 @@ _APOSTROPHES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\uff
 def words_in(text: str) -> int:
     """How many words memnet reads in text (memnet.text.tokenize's count)."""
     if not text.isascii():
-        text = unicodedata.normalize("NFKC", text.translate(_APOSTROPHES))
+        text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES)
         text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     return sum(1 for _ in _WORD.finditer(text.lower()))
 
