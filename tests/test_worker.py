@@ -273,8 +273,10 @@ def test_a_worker_configured_with_another_partition_count_refuses(
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"MEMNET_PARTITIONS": "many"}, "MEMNET_PARTITIONS must be a number, got 'many'"),
-        ({"MEMNET_BATCH_SIZE": "0"}, "MEMNET_BATCH_SIZE is out of range"),
+        ({"MEMNET_PARTITIONS": "many"}, "MEMNET_PARTITIONS must be a number (at least 1), got"),
+        ({"MEMNET_BATCH_SIZE": "0"}, "MEMNET_BATCH_SIZE is out of range (at least 1)"),
+        ({"MEMNET_ARCHIVE": "2"}, "MEMNET_ARCHIVE is out of range (0 or 1): '2'"),
+        ({"MEMNET_METRICS_PORT": "70000"}, "out of range (0 to 65535)"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL must start with redis://"),
         ({"MEMNET_MODEL": ""}, "MEMNET_MODEL is not set"),
         ({"MEMNET_MODEL": "/nonexistent/model.safetensors"}, "no such model file"),

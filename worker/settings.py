@@ -262,6 +262,9 @@ _POSITIVE = {
 }
 
 
+_BOOLEANS = {"archive"}
+
+
 def _parse(name: str, key: str, raw: str) -> object:
     if key in ("model", "snapshot_dir", "cache_dir"):
         return Path(raw)
@@ -272,12 +275,22 @@ def _parse(name: str, key: str, raw: str) -> object:
         floats = ("snapshot_every_s", "stop_snapshot_s", "archive_days")
         value: float = float(raw) if key in floats else int(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        raise SettingsError(f"{name} must be a number ({_allowed(key)}), got {raw!r}") from None
     if not math.isfinite(value):  # (nan would compare False with every bound and deadline)
         raise SettingsError(f"{name} must be a finite number, got {raw!r}")
-    if (key in _POSITIVE and value < 1) or value < 0 or (key == "metrics_port" and value > 65535):
-        raise SettingsError(f"{name} is out of range: {raw!r}")
+    too_big = (key == "metrics_port" and value > 65535) or (key in _BOOLEANS and value > 1)
+    if (key in _POSITIVE and value < 1) or value < 0 or too_big:
+        raise SettingsError(f"{name} is out of range ({_allowed(key)}): {raw!r}")
     return value
+
+
+def _allowed(key: str) -> str:
+    """What _parse allows for key, in words."""
+    if key == "metrics_port":
+        return "0 to 65535"
+    if key in _BOOLEANS:
+        return "0 or 1"
+    return "at least 1" if key in _POSITIVE else "0 or more"
 
 
 def default_worker_id() -> str:
