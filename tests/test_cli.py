@@ -9,10 +9,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 import redis
 
@@ -377,3 +379,52 @@ def test_the_readme_settings_table_lists_every_setting():
     table = readme[readme.index("| variable | default | what |") :].split("\n\n", 1)[0]
     listed = table.replace("` / `_S`", "` `MEMNET_SNAPSHOT_EVERY_S`")
     assert [name for name, _, _ in describe() if f"`{name}`" not in listed] == []
+
+
+def test_a_vector_starting_with_a_minus_is_a_vector_not_an_option(redis_url, monkeypatch, capsys):
+    keys = Keys("cli-minus")
+    r = redis.Redis.from_url(redis_url)
+    r.hset(keys.meta, mapping={"partitions": 4, "protocol": 1, "input_dim": 2})
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("MEMNET_PREFIX", "cli-minus")
+    assert cli(["write", "--memory", "alice", "--x", "-0.5,2"]) == 0
+    assert cli(["write", "--memory", "alice", "--x", "-.5,-2"]) == 0
+    sent = [msgpack.unpackb(f[b"msg"]) for _, f in r.xrange(keys.inp(partition_of("alice", 4)))]
+    assert [np.frombuffer(m["x"], "<f4").tolist() for m in sent] == [[-0.5, 2.0], [-0.5, -2.0]]
+    r.close()
+
+
+def test_a_wrong_password_is_a_setting_not_an_unreachable_redis(tmp_path):
+    from worker.servers import RedisServer
+
+    server = RedisServer(tmp_path / "auth", "--requirepass", "right")
+    try:
+        url = f"redis://:wrong@127.0.0.1:{server.port}/0"
+        done = run("write", "--memory", "m", "--x", "1,2", env={"REDIS_URL": url})
+    finally:
+        server.stop()
+    assert done.returncode == 2, done.stderr
+    assert "REDIS_URL: Redis refused the credentials" in one_line(done)
+    assert "wrong" not in done.stderr
+
+
+def test_a_worker_waiting_for_redis_at_start_up_says_so_once(tmp_path, model_file):
+    """No Redis at REDIS_URL yet (a wrong port, Redis started later): the worker retries
+    with backoff and logs it once a minute, not at every try (every 3-5 s)."""
+    env = {
+        **os.environ,
+        "REDIS_URL": NO_REDIS,
+        "MEMNET_MODEL": str(model_file),
+        "MEMNET_SNAPSHOT_DIR": str(tmp_path / "s"),
+        "MEMNET_CACHE_DIR": str(tmp_path),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "worker"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(12)  # (tries at about 0.1, 0.3, 0.7, 1.5, 3.1, 6.3 s after the first)
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert err.count("Redis unavailable") == 1, err

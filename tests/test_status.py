@@ -309,5 +309,5 @@ def test_lines_held_back_are_told_within_their_period_without_a_new_one(caplog):
         throttled.flush()  # (told once)
     assert [r.getMessage() for r in caplog.records] == [
         "partition 0: 1 dead",
-        "partition 2: 2 dead (the latest of 2 held back)",
+        "partition 2: 2 dead (2 lines like this held back in the last minute; the latest)",
     ]

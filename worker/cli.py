@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("write", help="send one write")
     p.add_argument("--memory", required=True, help="the memory's name")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--x", type=_vector, help="input vector, e.g. 0.1,0.2,0.3")
+    group.add_argument("--x", type=_vector, help="input vector, e.g. 0.1,-0.2,0.3")
     group.add_argument("--text", help="input text (text models)")
     p.set_defaults(run=cmd_write)
 
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv is None:
             set_process_defaults()
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_joined_vectors(sys.argv[1:] if argv is None else argv))
         status = int(args.run(args) or 0)
         sys.stdout.flush()  # a closed pipe fails here, not at exit with a traceback
         return status
@@ -273,6 +274,21 @@ def main(argv: list[str] | None = None) -> int:
         return failure[0]
 
 
+_NUMBERS = re.compile(r"-[\d.]")  # a vector that starts with a negative number
+
+
+def _joined_vectors(argv: list[str]) -> list[str]:
+    """``--x -0.1,0.2`` as ``--x=-0.1,0.2``: argparse takes "-0.1,0.2" for an option (it is
+    not one number), and the vectors of a trained or random model start with minus often."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--x", "--q") and _NUMBERS.match(arg):
+            out[-1] += "=" + arg
+        else:
+            out.append(arg)
+    return out
+
+
 def _failure(e: Exception) -> tuple[int, str] | None:
     """(exit status, one line) for an error a user can act on; None for a bug, which keeps
     its traceback. The error classes are imported here, on failure: light modules all."""
@@ -294,6 +310,13 @@ def _failure(e: Exception) -> tuple[int, str] | None:
         return 1, str(e)
     if isinstance(e, ClientError | LibraryError):
         return 2, str(e)
+    import redis
+
+    if isinstance(e, redis.AuthenticationError):  # (a ConnectionError to redis-py)
+        return 2, (
+            f"REDIS_URL: Redis refused the credentials ({e}; write '@', ':' and '/' in the "
+            f"user or password as %40, %3A and %2F)"
+        )
     if isinstance(e, UNAVAILABLE):
         return 3, f"cannot reach Redis: {e}"
     if isinstance(e, OSError) and e.filename is not None:  # a file the command was given

@@ -164,7 +164,8 @@ class Throttled:
         for key, (level, msg, args) in list(self._latest.items()):
             last, held = self._active.get(key, (now, 0))
             if now - last >= self.every_s:
-                self.logger.log(level, msg + f" (the latest of {held} held back)", *args)
+                tail = f" ({held} lines like this held back in the last minute; the latest)"
+                self.logger.log(level, msg + tail, *args)
                 self._active[key] = (now, 0)
                 del self._latest[key]
 

@@ -190,9 +190,13 @@ class Worker:
                 if self.stopping.is_set():
                     raise
                 delay = self.backoff.fail()
-                log.warning("Redis unavailable at start-up (%s); retrying in %.1f s", e, delay)
+                self.throttled.log(  # (once a minute: a wrong host or a Redis not started yet)
+                    "start-up", logging.WARNING, "Redis unavailable at start-up (%s); retrying "
+                    "in %.1f s", e, delay,
+                )  # fmt: skip
                 self.stopping.wait(delay)
                 self._progress = time.monotonic()
+                self.throttled.flush()
 
     def _loop_once(self) -> bool:
         """One pass; True when a burst run is done."""
@@ -534,16 +538,20 @@ def serve(
     """Run a worker with signal handling (the ``memnet worker`` command); ``on_worker`` is
     given the worker once it exists (the health server reads its progress)."""
     keep_compilations(settings.cache_dir)  # (a restart or takeover then warms up faster)
-    backoff = Backoff(base_s=0.1, cap_s=5.0)
+    backoff, throttled = Backoff(base_s=0.1, cap_s=5.0), Throttled(log)
     while True:
         try:
             with credentials_checked(settings.prefix):
                 worker = Worker(settings)
             break
-        except UNAVAILABLE as e:
+        except UNAVAILABLE as e:  # (once a minute: a wrong host, or Redis not started yet)
             delay = backoff.fail()
-            log.warning("Redis unavailable (%s); retrying in %.1f s", e, delay)
+            throttled.log(
+                "start-up", logging.WARNING, "Redis unavailable (%s, REDIS_URL %s); retrying "
+                "in %.1f s", e, redact(settings.redis_url), delay,
+            )  # fmt: skip
             time.sleep(delay)
+            throttled.flush()
     if on_worker is not None:
         on_worker(worker)
     signal.signal(signal.SIGTERM, worker.request_stop)
