@@ -73,7 +73,7 @@ sys.path.insert(0, str(ROOT))
 
 from memnet import ModelConfig, random_model, save_model  # noqa: E402
 from scripts.chaos_compare import COUNTS, Reference, compare  # noqa: E402
-from worker.local import WorkerProcess, owners  # noqa: E402
+from worker.local import WorkerProcess, own_env, owners  # noqa: E402
 from worker.permissions import acl_rules  # noqa: E402
 from worker.protocol import GROUP, Keys, pack, parse_id, partition_of  # noqa: E402
 from worker.servers import RedisServer  # noqa: E402
@@ -234,7 +234,7 @@ class Cluster:
             "MEMNET_SNAPSHOT_EVERY_S": "5",
             "MEMNET_WORKER_ID": name,
         }
-        self.workers[name] = WorkerProcess(env, self.workdir / f"{name}.log")
+        self.workers[name] = WorkerProcess(env, self.workdir / f"{name}.log", inherit=False)
         return name
 
     def kill(self, name: str) -> None:
@@ -573,7 +573,7 @@ class Faults:
         began = time.monotonic()
         done = subprocess.run(
             [sys.executable, "-m", "worker.cli", command, "--model", str(self.upgrade)],
-            env={**os.environ, **self.cluster.settings(self.server.url)},
+            env={**own_env(), **self.cluster.settings(self.server.url)},
             cwd=ROOT,
             capture_output=True,
             text=True,

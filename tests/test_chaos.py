@@ -7,6 +7,7 @@ the comparison picks that model."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,22 @@ def test_each_answer_is_compared_with_the_model_its_switch_point_names(tmp_path)
     run.hset(keys.part(0, "switch"), "to", "f" * 64)
     want, count = expected(entries, refs, switches(run, prefix, 2), prefix, 2)
     assert count == {"A": 4, "B": 0} and want["q3"]["y"] == [0]
+
+
+def test_the_suites_workers_never_take_a_deployments_settings(monkeypatch):
+    """Run from a shell set up for production, the chaos workers and its operator commands
+    must not snapshot into its store (MEMNET_SNAPSHOT_URL wins over the suite's directory),
+    use its credentials, Redis or metrics port."""
+    from scripts import chaos
+    from worker.local import own_env
+
+    for key in ("MEMNET_SNAPSHOT_URL", "MEMNET_ARCHIVE_DAYS", "AWS_ACCESS_KEY_ID", "PORT"):
+        monkeypatch.setenv(key, "production")
+    monkeypatch.setenv("REDIS_URL", "redis://production:6379/0")
+    env = own_env()
+    assert not [k for k in env if k.startswith(("MEMNET_", "AWS_")) or k in ("PORT", "REDIS_URL")]
+    assert env["PATH"] == os.environ["PATH"]
+    started = []
+    monkeypatch.setattr(chaos, "WorkerProcess", lambda env, log, inherit: started.append(inherit))
+    chaos.Cluster(Path("/tmp/chaos-env-test"), "redis://127.0.0.1:1/0", Path("m"), 1)
+    assert started == [False]

@@ -65,12 +65,13 @@ class WorkerProcess:
     From a checkout it runs in the checkout's root, so ``python -m worker.cli`` imports this
     same source even where it is not installed; an installed package runs where it is."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, inherit: bool = True) -> None:
+        """``inherit=False``: none of this process's deployment settings (``own_env``)."""
         self.log = log
         with open(log, "ab") as stderr:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "worker.cli", "worker"],
-                env={**os.environ, **env},
+                env={**(os.environ if inherit else own_env()), **env},
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 cwd=_checkout(),
@@ -100,6 +101,14 @@ def owners(client: redis.Redis, prefix: str, partitions: int) -> list[str | None
     keys = Keys(prefix)
     values = [client.get(keys.part(p, "lease")) for p in range(partitions)]
     return [v.decode() if v is not None else None for v in values]
+
+
+def own_env() -> dict[str, str]:
+    """This process's environment without a deployment's settings (MEMNET_*, REDIS_URL,
+    AWS_*, PORT): what a script's own workers start from, so a shell set up for production
+    cannot point them at its Redis, snapshot store or metrics port."""
+    ours, named = ("MEMNET_", "AWS_"), ("REDIS_URL", "PORT")
+    return {k: v for k, v in os.environ.items() if not k.startswith(ours) and k not in named}
 
 
 def worker_env(url: str, model: Path, prefix: str, workdir: Path, partitions: int) -> dict:
