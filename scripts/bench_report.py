@@ -49,7 +49,13 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
         one = e2e.get("mixed/one/1w")  # (the reference's workload: one memory)
         ref = s.get("reference", {}).get("mixed/one")
         if ref and not one:  # (--quick runs 64 memories only: another workload)
-            out.append(("e2e 1 worker, mixed, 100k >= 20x reference", None, "--quick runs 64 memories, not one"))
+            out.append(
+                (
+                    "e2e 1 worker, mixed, 100k >= 20x reference",
+                    None,
+                    "--quick runs 64 memories, not one",
+                )
+            )
         if ref and one:
             ratio = one["events_per_s"] / ref
             out.append(
