@@ -214,8 +214,8 @@ class InitGraphCache:
         return None
 
     def _wait_for_pointer(self) -> None:
-        """Until the builder publishes; if it died (its lock gone without a graph, or older
-        than an hour), build here instead."""
+        """Until the builder publishes; if it died (its lock gone without a graph, or not
+        touched for LOCK_STALE_S), build here instead."""
         log.info("another process is building %s; waiting", self.pointer)
         lock = self.directory / f"{self.stem}.lock"
         while not self.pointer.exists():

@@ -111,7 +111,7 @@ def test_each_answer_is_compared_with_the_model_its_switch_point_names(tmp_path)
     assert count == {"A": 4, "B": 0} and want["q3"]["y"] == [0]
 
 
-def test_the_suites_workers_never_take_a_deployments_settings(monkeypatch):
+def test_the_suites_workers_never_take_a_deployments_settings(monkeypatch, tmp_path):
     """Run from a shell set up for production, the chaos workers and its operator commands
     must not snapshot into its store (MEMNET_SNAPSHOT_URL wins over the suite's directory),
     use its credentials, Redis or metrics port."""
@@ -126,5 +126,5 @@ def test_the_suites_workers_never_take_a_deployments_settings(monkeypatch):
     assert env["PATH"] == os.environ["PATH"]
     started = []
     monkeypatch.setattr(chaos, "WorkerProcess", lambda env, log, inherit: started.append(inherit))
-    chaos.Cluster(Path("/tmp/chaos-env-test"), "redis://127.0.0.1:1/0", Path("m"), 1)
+    chaos.Cluster(tmp_path, "redis://127.0.0.1:1/0", Path("m"), 1)
     assert started == [False]

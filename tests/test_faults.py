@@ -681,3 +681,28 @@ def test_a_failing_archive_retention_does_not_hold_the_trim(
         pass
     assert {p: part.epoch for p, part in w.parts.items()} == epochs
     assert sum(r.xlen(Keys(PREFIX).inp(p)) for p in range(PARTITIONS)) < len(batch)
+
+
+def test_a_commit_refused_by_a_replica_reconnects_before_it_retries(
+    redis_url, redis_server, tmp_path, model_file, monkeypatch
+):
+    """A failover left the connections on the old primary, now a replica: the commit's
+    script fails READONLY. Retried on the same connections it would fail for ever; each
+    retry connects afresh (REDIS_URL's host resolved again)."""
+    import redis as redis_py
+
+    r = redis_server.client()
+    send(r, PREFIX, PARTITIONS, events(40, MEMORIES, DIMS, np.random.default_rng(27)))
+    w = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    real, fails, dropped = w.owner.commit, [2], []
+
+    def commit(batches):
+        if fails[0]:
+            fails[0] -= 1
+            raise redis_py.ResponseError("user_script:39: READONLY You can't write to a replica")
+        return real(batches)
+
+    monkeypatch.setattr(w.owner, "commit", commit)
+    monkeypatch.setattr(w.client.connection_pool, "disconnect", lambda: dropped.append(1))
+    assert w.step() and fails == [0]
+    assert len(dropped) == 2

@@ -462,38 +462,43 @@ class Ownership:
         """Archive the input below point (MEMNET_ARCHIVE), then trim it there; nothing is
         trimmed that could not be archived, or while a deploy to another model runs."""
         p = part.number
-        if self.s.archive and not self._quietly(part, "archiving", self.archive, part, point):
+        archiving = ("archive", "archiving", "input not trimmed until it succeeds")
+        if self.s.archive and not self._quietly(part, archiving, self.archive, part, point):
             return  # nothing trimmed that is not archived
         with self.contained(part):
             names = ("epoch", "in", "trimmed", "deploying", "unarchived")
             keys = [self.keys.part(p, k) for k in names]
             archived = "1" if self.s.archive else "0"  # (else memnet rebuild refuses the hole)
             fenced(self.scripts.trim, keys=keys, args=[part.epoch, point, self.model, archived])
-        self.prune_quietly(part)
+        if self.parts.get(p) is part:  # (not after the trim found it fenced)
+            self.prune_quietly(part)
 
     def prune_quietly(self, part: Partition) -> None:
         """Archive retention (MEMNET_ARCHIVE_DAYS), its store's faults logged, not the
         partition's: it serves on (and trims: a prune is never what a trim waits for)."""
-        self._quietly(part, "pruning the archive", self.prune, part)
+        pruning = ("archive_prune", "pruning the archive", "old segments kept meanwhile")
+        self._quietly(part, pruning, self.prune, part)
 
-    def _quietly(self, part: Partition, what: str, call: Any, *args: Any) -> bool:
+    def _quietly(self, part: Partition, what: tuple[str, str, str], call: Any, *args: Any) -> bool:
         """call(*args); False if the store failed (full, read-only, S3 down): logged once a
         minute, the partition serving on, as after a failed snapshot. Redis's own faults are
-        contained as everywhere. True if it succeeded."""
-        p, key = part.number, f"{what}-{part.number}"
+        contained as everywhere. True if it succeeded. what: (metric label, the action,
+        what its failure means)."""
+        label, action, meaning = what
+        p, key = part.number, f"{label}-{part.number}"
         try:
             call(*args)
         except Exception as e:
             if classify(e) is not Kind.OTHER:
                 self.contain(part, e)
                 return False
-            metrics.ERRORS.labels("archive").inc()
+            metrics.ERRORS.labels(label).inc()
             self.throttled.log(
-                key, logging.ERROR, "partition %d: %s failed (%s); serving on, input not "
-                "trimmed beyond what is archived", p, what, e,
+                key, logging.ERROR, "partition %d: %s failed (%s); serving on, %s",
+                p, action, e, meaning,
             )  # fmt: skip
             return False
-        self.throttled.clear(key, "partition %d: %s succeeds again", p, what)
+        self.throttled.clear(key, "partition %d: %s succeeds again", p, action)
         return True
 
     def archive(self, part: Partition, point: str) -> None:

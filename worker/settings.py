@@ -263,6 +263,7 @@ _POSITIVE = {
 
 
 _BOOLEANS = {"archive"}
+_MINIMUM = {"lease_ms": 300, "snapshots_kept": 2, "gc_threshold": 1}  # (check() says why)
 
 
 def _parse(name: str, key: str, raw: str) -> object:
@@ -279,7 +280,7 @@ def _parse(name: str, key: str, raw: str) -> object:
     if not math.isfinite(value):  # (nan would compare False with every bound and deadline)
         raise SettingsError(f"{name} must be a finite number, got {raw!r}")
     too_big = (key == "metrics_port" and value > 65535) or (key in _BOOLEANS and value > 1)
-    if (key in _POSITIVE and value < 1) or value < 0 or too_big:
+    if (key in _POSITIVE and value < 1) or value < 0 or too_big:  # (_MINIMUM: check() says)
         raise SettingsError(f"{name} is out of range ({_allowed(key)}): {raw!r}")
     return value
 
@@ -290,7 +291,8 @@ def _allowed(key: str) -> str:
         return "0 to 65535"
     if key in _BOOLEANS:
         return "0 or 1"
-    return "at least 1" if key in _POSITIVE else "0 or more"
+    least = _MINIMUM.get(key, 1 if key in _POSITIVE else 0)
+    return f"at least {least}" if least else "0 or more"
 
 
 def default_worker_id() -> str:

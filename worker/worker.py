@@ -185,6 +185,7 @@ class Worker:
             try:
                 with credentials_checked(self.s.prefix):
                     action()
+                self.throttled.clear("start-up", "Redis reachable: serving")
                 return
             except UNAVAILABLE as e:
                 if self.stopping.is_set():
@@ -342,6 +343,7 @@ class Worker:
             except Exception as e:  # (a script's OOM is a ResponseError: read, not caught by class)
                 if classify(e) is not Kind.UNAVAILABLE:
                     raise
+                self._reconnect_after_failover(e)
                 self._resync = True
                 self._faulted_at = time.monotonic()
                 if self.stopping.is_set():
@@ -403,12 +405,17 @@ class Worker:
         self.client.xread(streams, count=1, block=self.s.block_ms)
 
     # ---- faults of the loop --------------------------------------------------------------
-    def _on_fault(self, error: Exception) -> None:
-        kind = classify(error)
-        if read_only(error):  # a failover moved the primary: connect afresh (DNS again)
+    def _reconnect_after_failover(self, error: Exception) -> None:
+        """On a replica's READONLY, drop every connection: the next ones resolve REDIS_URL's
+        host again (a failover moved the primary; redis-py keeps its connections)."""
+        if read_only(error):
             for client in (self.client, self.keeper.client):
                 with contextlib.suppress(Exception):
                     client.connection_pool.disconnect()
+
+    def _on_fault(self, error: Exception) -> None:
+        kind = classify(error)
+        self._reconnect_after_failover(error)
         delay = self.backoff.fail()
         metrics.ERRORS.labels("redis" if kind is Kind.UNAVAILABLE else "loop").inc()
         self.throttled.log(
