@@ -447,6 +447,20 @@ def test_an_engine_failure_that_comes_back_stays_with_its_partition(
     assert len(failures) >= 2 and all(failures[1:])  # after the first, it failed alone
 
 
+def commit_fails(w, monkeypatch, error, times):
+    """w's commits raise error the first ``times`` times; the list holds how many are left."""
+    real, fails = w.owner.commit, [times]
+
+    def commit(batches):
+        if fails[0]:
+            fails[0] -= 1
+            raise error
+        return real(batches)
+
+    monkeypatch.setattr(w.owner, "commit", commit)
+    return fails
+
+
 def test_a_commit_waiting_for_redis_is_alive_not_stalled(
     redis_url, redis_server, tmp_path, model_file, monkeypatch, caplog
 ):
@@ -459,15 +473,7 @@ def test_a_commit_waiting_for_redis_is_alive_not_stalled(
     engine = Engine(load_model(model_file))
     send(r, PREFIX, PARTITIONS, events(40, MEMORIES, DIMS, np.random.default_rng(22)))
     w = started(settings(redis_url, tmp_path, model_file), engine)
-    real, fails = w.owner.commit, [3]
-
-    def commit(batches):
-        if fails[0]:
-            fails[0] -= 1
-            raise redis_py.ConnectionError("Connection refused")
-        return real(batches)
-
-    monkeypatch.setattr(w.owner, "commit", commit)
+    fails = commit_fails(w, monkeypatch, redis_py.ConnectionError("Connection refused"), 3)
     seen = []
     monkeypatch.setattr(w.stopping, "wait", lambda s: seen.append(w._progress) or time.sleep(s))
     w._progress = 0.0
@@ -694,15 +700,8 @@ def test_a_commit_refused_by_a_replica_reconnects_before_it_retries(
     r = redis_server.client()
     send(r, PREFIX, PARTITIONS, events(40, MEMORIES, DIMS, np.random.default_rng(27)))
     w = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
-    real, fails, dropped = w.owner.commit, [2], []
-
-    def commit(batches):
-        if fails[0]:
-            fails[0] -= 1
-            raise redis_py.ResponseError("user_script:39: READONLY You can't write to a replica")
-        return real(batches)
-
-    monkeypatch.setattr(w.owner, "commit", commit)
+    refused = redis_py.ResponseError("user_script:39: READONLY You can't write to a replica")
+    fails, dropped = commit_fails(w, monkeypatch, refused, 2), []
     monkeypatch.setattr(w.client.connection_pool, "disconnect", lambda: dropped.append(1))
     assert w.step() and fails == [0]
     assert len(dropped) == 2
