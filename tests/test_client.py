@@ -36,7 +36,7 @@ from worker.client import (
     delete_event,
     query_event,
 )
-from worker.produce import BadLine, produce_file
+from worker.produce import BadFile, BadLine, produce_file
 from worker.protocol import Keys, decode, deleted_message, error_message, partition_of
 from worker.worker import Worker
 
@@ -431,8 +431,21 @@ def good(j: int) -> dict:
             r"must have 8 numbers \(the model's input_dim\), got 9",
         ),
         (json.dumps({"op": "query", "memory": "m", "x": [1.0] * D_IN}) + "\n", "'id'"),
+        (json.dumps({**good(3), "tag": 2**64}) + "\n", "cannot be sent as msgpack"),
+        ('{"op": "write", "n": 1' + "0" * 5000 + "}\n", "not JSON"),
+        ("[" * 100_000 + "]" * 100_000 + "\n", "not JSON"),
     ],
-    ids=["not-json", "not-object", "no-memory", "bad-op", "wrong-length", "query-without-id"],
+    ids=[
+        "not-json",
+        "not-object",
+        "no-memory",
+        "bad-op",
+        "wrong-length",
+        "query-without-id",
+        "int-beyond-msgpack",
+        "5000-digits",
+        "deep",
+    ],
 )
 def test_produce_sends_nothing_from_a_file_with_a_bad_line(
     redis_server, deployment, tmp_path, bad, reason
@@ -444,6 +457,22 @@ def test_produce_sends_nothing_from_a_file_with_a_bad_line(
         produce_file(client, path)
     assert caught.value.line == 4 and isinstance(caught.value, ValueError)
     assert lengths(r, "cl-produce") == [0, 0]
+
+
+def test_produce_names_a_line_that_is_not_utf8_and_refuses_a_pipe(
+    redis_server, deployment, tmp_path
+):
+    r = deployment("cl-bytes")
+    path = write_lines(tmp_path / "events.jsonl", [good(1), good(2)])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes() + b'{"op": "caf\xe9"}\n')  # BOM
+    with MemnetClient(redis_server.url, "cl-bytes") as client:
+        with pytest.raises(BadLine, match="line 3: not UTF-8"):
+            produce_file(client, path)
+        with pytest.raises(BadFile, match="not a regular file"):
+            produce_file(client, "/dev/stdin")
+        path.write_bytes(path.read_bytes().rsplit(b"\n", 2)[0] + b"\n")
+        assert produce_file(client, path) == 2  # (the byte-order mark is not part of line 1)
+    assert sum(lengths(r, "cl-bytes")) == 2
 
 
 def test_produce_skips_what_was_sent_and_names_a_missing_file(redis_server, deployment, tmp_path):

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
 
-from worker.client import Deployment, InvalidEvent, MemnetClient
+from worker.client import ClientError, Deployment, InvalidEvent, MemnetClient
 from worker.protocol import pack
 
 PIPELINE = 500  # events per round trip
+
+
+class BadFile(ClientError, ValueError):
+    """The path is not a file produce can read twice (a pipe, a directory)."""
 
 
 class BadLine(InvalidEvent):
@@ -40,7 +45,11 @@ def produce_file(client: MemnetClient, path: str | os.PathLike[str], skip: int =
     saying how many events were sent and the ``skip`` that resumes after them."""
     if skip < 0:
         raise ValueError(f"skip must be 0 or more, got {skip}")
-    os.stat(path)  # a missing file is reported before a missing deployment
+    if not stat.S_ISREG(os.stat(path).st_mode):  # (a missing file: before a missing deployment)
+        raise BadFile(
+            f"{os.fspath(path)}: not a regular file: produce reads it twice (every line "
+            f"checked before the first is sent); save a pipe's output to a file first"
+        )
     deployment = client.deployment
     total = sum(1 for _ in _events(path, deployment, "check"))
     sent = 0
@@ -67,11 +76,15 @@ def _events(
 ) -> Iterator[dict[str, Any]]:
     """The file's events, each checked and prepared (raises BadLine), with a progress bar."""
     with (
-        open(path, encoding="utf-8") as f,
+        open(path, "rb") as f,  # (lines decoded one by one: a bad byte names its line)
         tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=desc) as bar,
     ):
-        for number, line in enumerate(f, 1):
-            bar.update(len(line.encode()))
+        for number, raw in enumerate(f, 1):
+            bar.update(len(raw))
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise BadLine(path, number, f"not UTF-8 ({e.reason} at byte {e.start})") from None
             if line.strip():
                 yield _event(path, number, line, deployment)
 
@@ -81,11 +94,15 @@ def _event(
 ) -> dict[str, Any]:
     try:
         event = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadLine(path, number, f"not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # (JSONDecodeError; 5,000 digits; deep nesting)
+        raise BadLine(path, number, f"not JSON this reads ({e})") from None
     if not isinstance(event, dict):
         raise BadLine(path, number, f"an event is a JSON object, got {type(event).__name__}")
     try:
-        return deployment.prepare(event)
+        prepared = deployment.prepare(event)
+        pack(prepared)  # (every field, the ones prepare passes through too, can be sent)
     except InvalidEvent as e:
         raise BadLine(path, number, str(e)) from None
+    except (OverflowError, ValueError, TypeError) as e:
+        raise BadLine(path, number, f"cannot be sent as msgpack ({e})") from None
+    return prepared
