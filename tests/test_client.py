@@ -239,6 +239,7 @@ def test_a_bad_event_raises_before_anything_is_sent(redis_server, deployment):
             (lambda: client.write("m", [True] * D_IN), "numbers"),
             (lambda: client.write("m", text_input="where is mary"), "reads vectors"),
             (lambda: client.write("", [1.0] * D_IN), "'memory' must be a non-empty"),
+            (lambda: client.write("a\x00b", [1.0] * D_IN), "cannot contain the character U"),
             (lambda: client.query("m", x=[1.0] * D_IN, q=[1.0] * D_MEM), "exactly one"),
             (lambda: client.write("m"), "exactly one"),
             (lambda: client.write("m", [10**400] + [1.0] * (D_IN - 1)), "non-finite"),

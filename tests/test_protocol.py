@@ -54,6 +54,7 @@ BAD = [
     (pack({"op": "write", "x": [1]}), "'memory' must be a non-empty string"),
     (pack({"op": "write", "memory": "", "x": [1]}), "'memory' must be a non-empty string"),
     (pack({"op": "write", "memory": "m" * 257, "x": [1]}), "longer than 256 bytes"),
+    (pack({"op": "write", "memory": "a\x00b", "x": [1]}), "cannot contain the character U+0000"),
     (pack({"op": "write", "memory": "m", "x": [1, "2"]}), "array of numbers"),
     (pack({"op": "write", "memory": "m", "x": [True]}), "array of numbers"),
     (pack({"op": "write", "memory": "m", "x": b"abc"}), "multiple of 4 bytes"),

@@ -170,6 +170,8 @@ def _check_name(memory: Any) -> None:
         raise InvalidEvent("'memory' must be a non-empty string")
     if len(_utf8(memory, "memory")) > MAX_NAME_BYTES:
         raise InvalidEvent(f"'memory' is longer than {MAX_NAME_BYTES} bytes")
+    if "\x00" in memory:
+        raise InvalidEvent("'memory' cannot contain the character U+0000")
 
 
 def _delete(event: Mapping[str, Any]) -> dict[str, Any]:

@@ -201,11 +201,7 @@ def _check(
     op = data.get("op")
     if op not in OPS:
         raise BadMessage(f"unknown op {op!r} (expected 'write', 'query' or 'delete')")
-    if memory is None or not memory:
-        raise BadMessage("'memory' must be a non-empty string")
-    name = memory.encode("utf-8")
-    if len(name) > MAX_NAME_BYTES:
-        raise BadMessage(f"'memory' is longer than {MAX_NAME_BYTES} bytes")
+    name = _name(memory)
     home = zlib.crc32(name) % partitions  # partition_of(memory, partitions)
     if home != partition:
         raise BadMessage(f"memory {memory!r} routes to partition {home}, not {partition}")
@@ -221,6 +217,18 @@ def _check(
     if len(inputs) != 1:
         raise BadMessage("a query needs exactly one of 'x', 'q' and 'text'")
     return _payload(data, "query", memory, query_id, inputs[0])
+
+
+def _name(memory: str | None) -> bytes:
+    """A memory name's UTF-8 bytes, checked."""
+    if memory is None or not memory:
+        raise BadMessage("'memory' must be a non-empty string")
+    name = memory.encode("utf-8")
+    if len(name) > MAX_NAME_BYTES:
+        raise BadMessage(f"'memory' is longer than {MAX_NAME_BYTES} bytes")
+    if "\x00" in memory:  # (SQLite's JSON functions end a string there: "a\0b" read as "a")
+        raise BadMessage("'memory' cannot contain the character U+0000")
+    return name
 
 
 def _delete(data: dict[str, Any], memory: str, inputs: list[str]) -> Message:
