@@ -146,7 +146,7 @@ def test_memnet_memories_lists_every_memory_resident_or_not(
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("MEMNET_PREFIX", PREFIX)
     monkeypatch.setenv("MEMNET_SNAPSHOT_DIR", str(tmp_path / "snap"))
-    monkeypatch.setenv("MEMNET_PARTITIONS", str(PARTITIONS))
+    monkeypatch.setenv("MEMNET_PARTITIONS", "1")  # (this shell's; the deployment's is read)
     assert cli(["memories", "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     listed = {name: n for part in found for name, n in part["memories"].items()}
@@ -157,7 +157,7 @@ def test_memnet_memories_lists_every_memory_resident_or_not(
     assert cli(["memories", "--partition", str(p)]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"partition {p}: ") and "  user-3\t" not in text and "  user-" in text
-    assert cli(["memories", "--partition", "7"]) == 2
+    assert cli(["memories", "--partition", str(PARTITIONS)]) == 2
 
 
 def test_snapshots_of_the_first_format_are_named_not_silently_ignored(tmp_path, model_file):

@@ -48,27 +48,26 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 def cmd_memories(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    if args.partition is not None and not 0 <= args.partition < settings.partitions:
-        print(
-            f"memnet: --partition must be in 0..{settings.partitions - 1} (MEMNET_PARTITIONS)",
-            file=sys.stderr,
-        )
-        return 2
     from worker.connection import connect, text
     from worker.events import NoDeployment
     from worker.protocol import Keys
 
-    model = connect(settings.redis_url).hget(Keys(settings.prefix).meta, "model")
-    if model is None:
+    meta = connect(settings.redis_url).hmget(Keys(settings.prefix).meta, "model", "partitions")
+    if meta[0] is None:
         raise NoDeployment(f"{Keys(settings.prefix).meta} does not exist: start a worker first")
-    chosen = [args.partition] if args.partition is not None else range(settings.partitions)
-    found = listing(settings, list(chosen), text(model))
+    model, count = text(meta[0]), int(meta[1])  # (the deployment's count, not this shell's)
+    if args.partition is not None and not 0 <= args.partition < count:
+        print(f"memnet: --partition must be in 0..{count - 1} (the deployment's)", file=sys.stderr)
+        return 2
+    chosen = [args.partition] if args.partition is not None else range(count)
+    found = listing(settings, list(chosen), model)
     if args.json:
         print(json.dumps(found, indent=1))
         return 0
     for part in found:
         where = f"{part['snapshot']} at {part['position']}" if part["snapshot"] else "no snapshot"
         print(f"partition {part['partition']}: {len(part['memories'])} memories ({where})")
-        for name, writes in part["memories"].items():
-            print(f"  {name}\t{writes} writes")
+        for name, writes in part["memories"].items():  # (repr where a name could forge lines)
+            shown = name if name.isprintable() else repr(name)
+            print(f"  {shown}\t{writes} writes")
     return 0
