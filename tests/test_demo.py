@@ -61,5 +61,10 @@ def test_local_workers_never_use_the_callers_snapshot_store(tmp_path, monkeypatc
 
     monkeypatch.setenv("MEMNET_SNAPSHOT_URL", "s3://production/memnet")
     monkeypatch.setenv("PORT", "9100")
+    monkeypatch.setenv("MEMNET_WORKER_ID", "prod-1")  # (two demo workers sharing it: a hang)
+    monkeypatch.setenv("MEMNET_BATCH_SIZE", "7")
     env = worker_env("redis://127.0.0.1:1/0", tmp_path / "m.safetensors", "demo", tmp_path, 8)
-    assert Settings.from_env(env).store_url == str(tmp_path / "snapshots-demo")
+    settings = Settings.from_env(env)
+    assert settings.store_url == str(tmp_path / "snapshots-demo")
+    assert settings.worker_id != "prod-1" and settings.batch_size == Settings().batch_size
+    assert settings.cache_dir == tmp_path / "cache"  # (nothing left where it was run)

@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval-babi", help="score models on bAbI through Redis and workers (or in-process)"
     )
     from memnet.babi import DATA, MODELS
+    from memnet.cli import positive
 
     p.add_argument(
         "--model", type=Path, default=MODELS, help="a model file or a directory of qaN.safetensors"
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_eval_babi)
 
     p = sub.add_parser("demo", help="the main job on an embedded default (see README)")
-    p.add_argument("--events", type=int, default=4000, help="events to stream")
+    p.add_argument("--events", type=positive, default=4000, help="events to stream")
     p.set_defaults(run=cmd_demo)
     return parser
 

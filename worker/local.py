@@ -112,21 +112,21 @@ def own_env() -> dict[str, str]:
 
 
 def worker_env(url: str, model: Path, prefix: str, workdir: Path, partitions: int) -> dict:
-    """The environment of a local worker: this one's, with its own Redis, model, prefix and
-    snapshot directory; never the caller's deployment's store (MEMNET_SNAPSHOT_URL: a demo
-    must not snapshot or archive into it) nor its metrics port."""
+    """The environment of a local worker (the demo's, eval-babi's): this one's without any
+    deployment setting (``own_env``: a demo must not snapshot or archive into the caller's
+    store, share its worker id or take its batch size), with its own Redis, model, prefix,
+    snapshot directory and cache (in workdir: nothing left where the command was run)."""
     env = {
-        **os.environ,
+        **own_env(),
         "REDIS_URL": url,
         "MEMNET_MODEL": str(model),
         "MEMNET_SNAPSHOT_DIR": str(workdir / f"snapshots-{prefix}"),
+        "MEMNET_CACHE_DIR": str(workdir / "cache"),
         "MEMNET_PREFIX": prefix,
         "MEMNET_PARTITIONS": str(partitions),
         "MEMNET_LEASE_MS": "2000",
         "MEMNET_LOG_LEVEL": "WARNING",
     }
-    for name in ("MEMNET_METRICS_PORT", "PORT", "MEMNET_SNAPSHOT_URL"):
-        env.pop(name, None)
     return env
 
 
