@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -46,6 +47,7 @@ class GraphBase:
     shared: bool = False
     users: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet, repr=False)
     max_norm: float = 0.0  # an upper bound of every filled row's norm (valid after norms())
+    fresh: bool = False  # the index was read from bytes and has drawn no level since (update)
     _norms: np.ndarray | None = field(default=None, repr=False)
 
     def norms(self) -> np.ndarray:
@@ -63,13 +65,40 @@ class GraphBase:
     def update(self, slots: np.ndarray, vectors: np.ndarray) -> None:
         """Re-index slots [n] (sorted) with vectors [n, M]; only on a base nobody shares."""
         assert not self.shared
+        adds = not self.filled[slots].all()
+        if adds and not self.fresh:
+            self._reload()
         self.vectors[slots] = vectors
         self.filled[slots] = True
         if self._norms is not None:
             self._norms[slots] = squared_norms(vectors, None)[0]
             self.max_norm = self._largest_norm()
         self.index.add_items(vectors, slots, num_threads=1)
+        self.fresh = self.fresh and not adds
         self.id = uuid.uuid4().hex
+
+    def _reload(self) -> None:
+        """Read the index back from its own bytes, as a restore does (codec.decode_base).
+
+        hnswlib draws a random level for each label it adds for the first time (an
+        appending G's new slots), from a generator its index file does not keep: a graph
+        read back from a snapshot draws from the state every load leaves, one that never
+        stopped from wherever its earlier adds left it, so the two would grow different
+        graphs and answer some queries differently. So every add of new labels starts from
+        an index just read back, whichever way the graph came (built, copied, loaded):
+        a copy of the index per re-index that adds labels, none once the memory is full,
+        and none for a G whose memory starts full (gated-nearest). Re-indexing existing
+        labels draws only where hnswlib's update probability (1.0) makes no difference."""
+        ef = self.index.ef
+        with tempfile.TemporaryDirectory() as tmp:  # hnswlib reads and writes only paths
+            path = os.path.join(tmp, "index.hnsw")
+            self.index.save_index(path)
+            if not os.path.exists(path) or os.path.getsize(path) == 0:
+                raise SnapshotError(f"base {self.id}: hnswlib wrote no index (disk full?)")
+            index = hnswlib.Index(space="l2", dim=self.vectors.shape[1])
+            index.load_index(path, max_elements=len(self.vectors))
+        index.set_ef(ef)
+        self.index, self.fresh = index, True
 
     def _largest_norm(self) -> float:
         """The largest norm of the filled rows, exactly as squared_norms computes it from
@@ -116,7 +145,7 @@ class GraphBase:
             raise SnapshotError(
                 f"{path}: holds {index.get_current_count()} items, expected {int(filled.sum())}"
             )
-        return cls(vectors, filled, index, base_id)
+        return cls(vectors, filled, index, base_id, fresh=True)
 
     def clone(self) -> GraphBase:
         index = copy.deepcopy(self.index)
