@@ -394,6 +394,9 @@ def test_a_partition_handed_over_stops_showing_its_lag_here(redis_url, redis_ser
     w.owner.hand_over(0)
     w.keeper.tick()
     assert "0" not in shown() and {"1", "2", "3"} <= shown()
+    w._progress -= 2 * w.s.stall_s  # a stalled loop: its leases lapse, others take them over
+    w.keeper.tick()
+    assert not shown() & {str(p) for p in range(PARTITIONS)}
     w.shutdown()
 
 

@@ -99,6 +99,7 @@ class LeaseKeeper(threading.Thread):
                 "main loop made no progress for %.0f s: letting leases expire",
                 self.stall_s,
             )
+            self._show_lag_of(set())  # (their next owners show it; a stale figure would stay)
             return
         self.throttled.clear("stall", "the main loop makes progress again: renewing leases")
         s = self.settings
@@ -111,10 +112,7 @@ class LeaseKeeper(threading.Thread):
             live = self.client.zrangebyscore(self.keys.workers, now, "+inf")
         self.members = sorted(text(live))
         owned = self.owned()
-        for p in self._lag_shown - set(owned):  # (another worker shows it now)
-            with contextlib.suppress(KeyError):
-                metrics.LAG.remove(str(p))
-        self._lag_shown = set(owned)
+        self._show_lag_of(set(owned))
         failed: Exception | None = None
         for p, epoch in owned.items():  # each on its own: one partition's failure (its
             try:  # cluster node down) must not let the others' leases lapse
@@ -132,6 +130,13 @@ class LeaseKeeper(threading.Thread):
             )
         if failed is not None:
             raise failed  # (logged by run, once)
+
+    def _show_lag_of(self, partitions: set[int]) -> None:
+        """Export the lag of these partitions only: the others' owners show theirs."""
+        for p in self._lag_shown - partitions:
+            with contextlib.suppress(KeyError):
+                metrics.LAG.remove(str(p))
+        self._lag_shown = partitions
 
     def renew(self, p: int, epoch: int) -> None:
         s = self.settings
