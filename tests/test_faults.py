@@ -114,6 +114,32 @@ def test_a_zombie_cannot_publish_ack_or_trim(redis_url, redis_server, tmp_path, 
     assert_all_answered_once(r, batch, model_file)
 
 
+def test_the_trim_points_only_go_up(redis_server):
+    """A newly deployed model's kept snapshots can be older than the old model's trim: its
+    first trim removes nothing, and must not lower PREFIX:{p}:trimmed (a fallback to a
+    snapshot below the entries already gone would pass for complete) or :unarchived."""
+    from worker.scripts import Scripts
+
+    r, keys, p = redis_server.client(), Keys("trimpoints"), 0
+    names = ("epoch", "in", "trimmed", "deploying", "unarchived")
+    for i in range(1, 31):
+        r.xadd(keys.inp(p), {"msg": b"x"}, id=f"{i}-0")
+    r.set(keys.part(p, "epoch"), 1)
+    trim = Scripts(r).trim
+
+    def trimmed_to(point: str, archived: str = "1") -> tuple[bytes, bytes | None]:
+        trim(keys=[keys.part(p, n) for n in names], args=[1, point, "m", archived])
+        return r.get(keys.part(p, "trimmed")), r.get(keys.part(p, "unarchived"))
+
+    assert trimmed_to("20-0", "0") == (b"20-0", b"20-0")
+    assert trimmed_to("10-0", "0") == (b"20-0", b"20-0")  # (removes nothing, lowers nothing)
+    assert r.xrange(keys.inp(p), count=1)[0][0] == b"20-0"
+    assert trimmed_to("20-18446744073709551615") == (b"20-18446744073709551615", b"20-0")
+    assert trimmed_to("20-9") == (b"20-18446744073709551615", b"20-0")  # (not as strings)
+    assert trimmed_to("100-0") == (b"100-0", b"20-0")
+    assert trimmed_to("99-5") == (b"100-0", b"20-0")
+
+
 def run_burst(redis_url, tmp_path, model_file, **overrides):
     s = settings(redis_url, tmp_path, model_file, lease_ms=2000, **overrides)
     Worker(s, Engine(load_model(s.model))).run(burst=True)

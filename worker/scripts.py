@@ -154,15 +154,31 @@ return {published, duplicates}
 # KEYS: epoch, in, trimmed, deploying, unarchived  ARGV: epoch, min id, model, archived (1/0)
 # ->  entries removed, or -1: a deploy to another model is under way (memnet deploy), which
 # needs the input kept. Unarchived: the entries below min id were not archived (memnet
-# rebuild refuses a history with that hole).
+# rebuild refuses a history with that hole). Both points only ever go up: a trim below
+# them (a newly deployed model's first snapshots can be older than the old model's trim)
+# removes nothing, and lowering them would let a fallback snapshot below the entries
+# already gone pass for complete (Ownership._after_trim).
 TRIM = (
     _CHECK
     + """
+local function below(a, b)  -- stream ids 'ms-seq' compared as numbers of any size
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not (am and bm) then return false end
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+local function raise(key, point)
+  local was = redis.call('GET', key)
+  if not was or below(was, point) then redis.call('SET', key, point) end
+end
 local deploying = redis.call('GET', KEYS[4])
 if deploying and deploying ~= ARGV[3] then return -1 end
 local removed = redis.call('XTRIM', KEYS[2], 'MINID', ARGV[2])
-redis.call('SET', KEYS[3], ARGV[2])
-if ARGV[4] == '0' then redis.call('SET', KEYS[5], ARGV[2]) end
+raise(KEYS[3], ARGV[2])
+if ARGV[4] == '0' then raise(KEYS[5], ARGV[2]) end
 return removed
 """
 )
