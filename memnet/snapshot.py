@@ -375,12 +375,7 @@ class SnapshotStore:
             body, index_blob = self._manifest(info, parent, changes, removed, position)
             create_many(self.store, [index_blob], written)
             self._check_epoch(self.snapshots(), epoch)
-            try:
-                self.store.create(info.key, json.dumps(sealed(body), indent=1).encode())
-            except AlreadyExists:
-                raise StaleSnapshot(
-                    f"{self.store.url}/{info.key}: published by another writer"
-                ) from None
+            self._publish(info.key, json.dumps(sealed(body), indent=1).encode(), written)
         except BaseException:
             try:
                 self.store.delete(written)
@@ -398,6 +393,36 @@ class SnapshotStore:
         except SnapshotError as e:  # the snapshot stands; what it could not delete waits
             log.warning("%s: retiring old snapshots failed: %s", self.where, e)
         return info
+
+    def _publish(self, key: str, manifest: bytes, written: list[str]) -> None:
+        """Create the manifest; if that fails, read it back (_landed)."""
+        try:
+            self.store.create(key, manifest)
+        except StoreError as e:  # (AlreadyExists included)
+            landed = self._landed(key, manifest)
+            if landed is None:  # it may stand: its blobs stay (if not, the sweep's)
+                written.clear()
+                raise
+            if not landed and isinstance(e, AlreadyExists):
+                raise StaleSnapshot(
+                    f"{self.store.url}/{key}: published by another writer"
+                ) from None
+            if not landed:
+                raise
+            log.info("%s: %s was published; its reply was lost (%s)", self.where, key, e)
+
+    def _landed(self, key: str, manifest: bytes) -> bool | None:
+        """After a failed create: whether this very manifest stands at key (a create whose
+        reply was lost, or whose retry met the object it had stored); None if the store
+        cannot tell now. Its blobs are deleted only on False: a published snapshot whose
+        blobs are gone is refused on load, yet counts among the kept ones the input is
+        trimmed for."""
+        try:
+            return self.store.get(key) == manifest
+        except NotFound:
+            return False
+        except StoreError:
+            return None
 
     def _check_epoch(self, existing: list[SnapshotInfo], epoch: int) -> None:
         if existing and existing[0].epoch > epoch:

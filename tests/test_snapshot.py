@@ -19,7 +19,7 @@ from memnet import snapshot as snapshot_module
 from memnet.codec import encode_memory
 from memnet.errors import SnapshotAborted, StaleSnapshot
 from memnet.snapshot import SnapshotStore
-from memnet.store import DirectoryStore
+from memnet.store import AlreadyExists, DirectoryStore, StoreError
 from tests.conftest import make_model
 from tests.test_engine import as_event, random_events, same
 
@@ -613,6 +613,73 @@ def test_a_graph_base_shared_by_content_stays_while_a_memory_uses_it(tmp_path):
     loaded = SnapshotStore(tmp_path, engine).load()
     assert loaded.position == "3-0" and loaded.refused == []
     np.testing.assert_array_equal(loaded.memories["b"].matrix(), twins["b"].matrix())
+
+
+class LostReplies:
+    """A DirectoryStore whose next manifest create fails as set: after storing it (a reply
+    lost: S3's timeout after the PUT, or a retry meeting the object it stored), or before;
+    reads of manifests fail too with unreadable=True."""
+
+    def __init__(self, root, error, stored, unreadable=False):
+        self.inner, self.error, self.stored = DirectoryStore(root), error, stored
+        self.unreadable, self.armed = unreadable, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def create(self, key, data):
+        if self.armed and "manifests/" in key:
+            self.armed = False
+            if self.stored:
+                self.inner.create(key, data)
+            self.reading_fails = self.unreadable
+            raise self.error(f"{key}: no reply")
+        self.inner.create(key, data)
+
+    def get(self, key):
+        if getattr(self, "reading_fails", False) and "manifests/" in key:
+            raise StoreError(f"{key}: no reply")
+        return self.inner.get(key)
+
+
+@pytest.mark.parametrize("error", [StoreError, AlreadyExists])
+def test_a_manifest_published_whose_reply_was_lost_keeps_its_blobs(tmp_path, rng, error):
+    """Its blobs were deleted as an unpublished snapshot's: the newest manifest then named
+    missing blobs (refused on load) and still counted among the kept ones (trim point)."""
+    engine = engine_for()
+    store = LostReplies(tmp_path, error, stored=True)
+    snapshots = SnapshotStore(store, engine)
+    memories = {n: engine.new_memory() for n in ("alpha", "beta")}
+    feed(engine, memories, named_events(engine, rng, 60, ("alpha", "beta")))
+    snapshots.save(memories, "1-1", epoch=1)
+    feed(engine, memories, named_events(engine, rng, 60, ("alpha",)))
+    store.armed = True
+    info = snapshots.save({"alpha": memories["alpha"]}, "2-1", epoch=1)  # (it stands)
+    loaded = SnapshotStore(DirectoryStore(tmp_path), engine).load()
+    assert loaded.name == info.name and loaded.position == "2-1" and not loaded.refused
+    for n in ("alpha", "beta"):
+        np.testing.assert_array_equal(loaded.memories[n].matrix(), memories[n].matrix())
+
+
+def test_a_manifest_whose_fate_is_unknown_keeps_its_blobs_and_one_not_stored_does_not(
+    tmp_path, rng
+):
+    engine = engine_for()
+    memories = {"alpha": engine.new_memory()}
+    feed(engine, memories, named_events(engine, rng, 60, ("alpha",)))
+    for case, stored in (("unknown", True), ("not-stored", False)):
+        store = LostReplies(tmp_path / case, StoreError, stored=stored, unreadable=stored)
+        snapshots = SnapshotStore(store, engine)
+        store.armed = True
+        with pytest.raises(StoreError, match="no reply"):
+            snapshots.save(memories, "1-1", epoch=1)
+        blobs = under(files(tmp_path / case), "blobs")
+        if stored:  # (it may stand: it does, and loads whole)
+            assert blobs
+            loaded = SnapshotStore(DirectoryStore(tmp_path / case), engine).load()
+            assert loaded.position == "1-1" and not loaded.refused
+        else:
+            assert not blobs and not under(files(tmp_path / case), "manifests")
 
 
 @pytest.mark.parametrize("calls", [0, 1], ids=["at once", "before writing"])
