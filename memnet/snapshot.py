@@ -155,6 +155,14 @@ class SnapshotStore:
                 found.append(SnapshotInfo(int(match[1]), int(match[2]), item.key))
         return sorted(found, reverse=True)
 
+    def _listed(self) -> list[SnapshotInfo]:
+        """snapshots(), with this writer's newest even where the listing does not show it
+        yet (stores whose listings lag behind a create)."""
+        found = self.snapshots()
+        if self.head is not None and self.head[0] not in found:
+            found = sorted([*found, self.head[0]], reverse=True)
+        return found
+
     def manifests(self) -> list[tuple[SnapshotInfo, dict[str, Any]]]:
         """(snapshot, manifest body) newest first, for those whose manifest verifies."""
         out = []
@@ -350,7 +358,7 @@ class SnapshotStore:
         abort: Callable[[], bool] | None,
         deleted: set[str],
     ) -> SnapshotInfo:
-        existing = self.snapshots()
+        existing = self._listed()
         self._check_epoch(existing, epoch)
         if not self._resolved:  # opened to save without loading: continue the newest
             try:
@@ -567,7 +575,7 @@ class SnapshotStore:
     def _retire(self, full: bool) -> None:
         """Keep the newest ``keep`` snapshots and what their chains need; delete the blobs
         no kept snapshot references; after a full index, sweep unpublished leftovers."""
-        found = self.snapshots()
+        found = self._listed()
         kept = found[: self.keep]
         oldest = kept[-1]
         needed = {i.key for i in kept}

@@ -727,6 +727,46 @@ def test_unreferenced_blobs_are_swept_at_a_full_index_after_a_grace(tmp_path, mo
     assert_same_memories(loaded.memories, memories)
 
 
+class LaggingList:
+    """A DirectoryStore whose listing does not show the manifest created last yet (stores
+    whose listings are eventually consistent)."""
+
+    def __init__(self, root):
+        self.inner, self.hide = DirectoryStore(root), None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def create(self, key, data):
+        self.inner.create(key, data)
+        if "manifests/" in key:
+            self.hide = key
+
+    def list(self, prefix):
+        return [item for item in self.inner.list(prefix) if item.key != self.hide]
+
+
+def test_a_sweep_keeps_what_the_kept_snapshots_need_while_the_listing_lags(tmp_path, monkeypatch):
+    """The new head dropped the blobs of the versions older kept snapshots use; unlisted,
+    it was not counted as kept, so the sweep deleted them (every fallback refused)."""
+    monkeypatch.setattr(snapshot_module, "SWEEP_GRACE_S", 0.0)  # (the blobs are old enough)
+    monkeypatch.setattr(snapshot_module, "MAX_DEPTH", 2)
+    engine = engine_for()
+    store = SnapshotStore(LaggingList(tmp_path), engine, keep=3)
+    memories = many(engine, 2)
+    store.save(memories, "1-0")  # full
+    store.save(change(memories, ["m00000"]), "2-0")
+    store.save(change(memories, ["m00001"]), "3-0")
+    store.save(change(memories, ["m00000", "m00001"]), "4-0")  # a full index: sweep
+    assert store.head[1]["parent"] is None
+    listed = SnapshotStore(tmp_path, engine).snapshots()
+    for info in listed:  # each kept snapshot loads as the newest
+        alone = SnapshotStore(tmp_path, engine)
+        alone.snapshots = lambda info=info: [i for i in listed if i <= info]
+        loaded = alone.load()
+        assert loaded.name == info.name and not loaded.refused, loaded.refused
+
+
 def test_what_a_refused_branch_dropped_stays_for_the_line_that_went_on_without_it(tmp_path):
     """A published snapshot C that a later owner refuses (here a blob of it quarantined as
     corrupt) is a branch: the new owner goes on from C's parent P, whose blobs C dropped
