@@ -340,6 +340,7 @@ def test_a_commit_publishes_any_bytes_acks_every_entry_and_checks_its_counts(
     client = redis.Redis.from_url(redis_url) if server == "redis-server" else fakeredis.FakeRedis()
     keys = Keys("t")
     client.set(keys.part(0, "epoch"), 3)
+    client.set(keys.part(0, "taker"), "w")
     ids = [client.xadd(keys.inp(0), {"msg": b"x"}).decode() for _ in range(1203)]
     client.xgroup_create(keys.inp(0), "memnet", id="0")
     client.xreadgroup("memnet", "w", {keys.inp(0): ">"})
@@ -355,8 +356,10 @@ def test_a_commit_publishes_any_bytes_acks_every_entry_and_checks_its_counts(
         assert [(i.decode(), f[b"msg"]) for i, f in client.xrange(key)] == want
     assert client.xpending(keys.inp(0), "memnet")["pending"] == 0
     assert client.get(keys.part(0, "offset")).decode() == ids[-1]
-    refused = [3, ids[-1], 0, 2, 0, ids[-1], f"{ids[0]} 1", b"m", ""]  # 2 announced, 1 sent
+    refused = [3, ids[-1], 0, 2, 0, ids[-1], f"{ids[0]} 1", b"m", "", "w"]  # 2 announced, 1 sent
     epoch_in_out_dead = [keys.part(0, "epoch"), keys.inp(0), keys.out(0), keys.dead(0)]
     with pytest.raises(redis.ResponseError, match="do not match"):
-        io.scripts.commit(keys=[*epoch_in_out_dead, keys.part(0, "offset")], args=refused)
+        io.scripts.commit(
+            keys=[*epoch_in_out_dead, keys.part(0, "offset"), keys.part(0, "taker")], args=refused
+        )
     assert client.xlen(keys.out(0)) == 40

@@ -140,7 +140,7 @@ class LeaseKeeper(threading.Thread):
 
     def renew(self, p: int, epoch: int) -> None:
         s = self.settings
-        keys = [self.keys.part(p, "epoch"), self.keys.part(p, "lease")]
+        keys = [self.keys.part(p, n) for n in ("epoch", "lease", "taker")]
         with self.holding(p, epoch) as held:  # not released meanwhile
             if not held:
                 return

@@ -242,7 +242,7 @@ class Ownership:
             store = open_store(self.s, p, self.engine)
             floor = max(store.newest_epoch(), self._floor.get(p, 0))
             epoch = self.scripts.acquire(
-                keys=[self.keys.part(p, "lease"), self.keys.part(p, "epoch")],
+                keys=[self.keys.part(p, n) for n in ("lease", "epoch", "taker")],
                 args=[self.s.worker_id, self.s.lease_ms, floor],
             )
         except Exception as e:  # an unreadable store, a refused ACQUIRE: not this time
@@ -373,8 +373,8 @@ class Ownership:
         p = part.number
         fenced(
             self.scripts.ensure_group,
-            keys=[self.keys.part(p, "epoch"), self.keys.inp(p)],
-            args=[part.epoch, at],
+            keys=[self.keys.part(p, "epoch"), self.keys.inp(p), self.keys.part(p, "taker")],
+            args=[part.epoch, at, self.s.worker_id],
         )
 
     def plan_replay(self, part: Partition) -> None:
@@ -466,10 +466,11 @@ class Ownership:
         if self.s.archive and not self._quietly(part, archiving, self.archive, part, point):
             return  # nothing trimmed that is not archived
         with self.contained(part):
-            names = ("epoch", "in", "trimmed", "deploying", "unarchived")
+            names = ("epoch", "in", "trimmed", "deploying", "unarchived", "taker")
             keys = [self.keys.part(p, k) for k in names]
             archived = "1" if self.s.archive else "0"  # (else memnet rebuild refuses the hole)
-            fenced(self.scripts.trim, keys=keys, args=[part.epoch, point, self.model, archived])
+            args = [part.epoch, point, self.model, archived, self.s.worker_id]
+            fenced(self.scripts.trim, keys=keys, args=args)
         if self.parts.get(p) is part:  # (not after the trim found it fenced)
             self.prune_quietly(part)
 
@@ -529,8 +530,8 @@ class Ownership:
         with self.contained(part):
             fenced(
                 self.scripts.tidy,
-                keys=[self.keys.part(part.number, "epoch"), self.keys.inp(part.number)],
-                args=[part.epoch, self.s.worker_id],
+                keys=[self.keys.part(part.number, n) for n in ("epoch", "in", "taker")],
+                args=[part.epoch, self.s.worker_id],  # (the last: the taker's id, _CHECK)
             )
 
 

@@ -20,7 +20,11 @@ import redis
 
 from worker.faults import FENCED, LOST, as_fault
 
-# KEYS[1] epoch, ARGV[1] the caller's epoch.
+# KEYS[1] epoch, ARGV[1] the caller's epoch; the last key the partition's taker, the last
+# argument the caller's worker id. The taker is who took the epoch (ACQUIRE): after Redis
+# lost data (an older RDB, a lagging replica), the epoch counter can come back below an
+# epoch a live owner holds, and another worker's next take then gets that very epoch; the
+# epoch alone would accept both owners (each reading entries the other never applies).
 _CHECK = f"""
 local epoch = redis.call('GET', KEYS[1])
 if epoch ~= ARGV[1] then
@@ -28,6 +32,10 @@ if epoch ~= ARGV[1] then
     return redis.error_reply('{LOST} epoch is ' .. tostring(epoch) .. ', was ' .. ARGV[1])
   end
   return redis.error_reply('{FENCED} epoch is now ' .. epoch)
+end
+local taker = redis.call('GET', KEYS[#KEYS])
+if taker ~= ARGV[#ARGV] then
+  return redis.error_reply('{FENCED} epoch ' .. epoch .. ' was taken by ' .. tostring(taker))
 end
 """
 
@@ -42,8 +50,9 @@ local function check_offset(key, committed, also)
 end
 """
 
-# KEYS: lease, epoch  ARGV: worker id, lease ms, floor  ->  the new epoch, or nil if held.
-# The epoch always exceeds floor (the newest snapshot's epoch), even if Redis lost its data.
+# KEYS: lease, epoch, taker  ARGV: worker id, lease ms, floor  ->  the new epoch, or nil if
+# held. The epoch always exceeds floor (the newest snapshot's epoch), even if Redis lost its
+# data; the taker records who took it (_CHECK).
 ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local epoch = redis.call('INCR', KEYS[2])
@@ -51,17 +60,20 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     epoch = tonumber(ARGV[3]) + 1
     redis.call('SET', KEYS[2], epoch)
   end
+  redis.call('SET', KEYS[3], ARGV[1])
   return epoch
 end
 return false
 """
 
-# KEYS: epoch, lease  ARGV: epoch, worker id, lease ms  ->  1 renewed, 0 lost,
-# -1 Redis lost data (the epoch is gone or went down)
+# KEYS: epoch, lease, taker  ARGV: epoch, worker id, lease ms  ->  1 renewed, 0 lost (the
+# epoch moved on, or another worker took this very epoch: _CHECK), -1 Redis lost data (the
+# epoch is gone or went down)
 RENEW = """
 local epoch = redis.call('GET', KEYS[1])
 if not epoch or tonumber(epoch) < tonumber(ARGV[1]) then return -1 end
 if epoch ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[3]) ~= ARGV[2] then return 0 end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
@@ -76,7 +88,8 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
-# KEYS: epoch, in, offset  ARGV: epoch, consumer, count, committed  ->  XREADGROUP reply
+# KEYS: epoch, in, offset, taker  ARGV: epoch, consumer, count, committed, worker id
+#   ->  XREADGROUP reply
 READ = (
     _CHECK
     + _OFFSET
@@ -88,11 +101,12 @@ return redis.call('XREADGROUP', 'GROUP', 'memnet', ARGV[2], 'COUNT', ARGV[3],
 """
 )
 
-# KEYS: epoch, in, out, dead, offset
+# KEYS: epoch, in, out, dead, offset, taker
 # ARGV: epoch, last id, maxlen (0: none), n responses, n dead letters, committed before,
 #       "id length" per response then per dead letter (space-separated), their messages
 #       concatenated, the ids to ack (space-separated): a few arguments per batch, not
-#       three per entry (redis-py packs each argument in Python; entry ids hold no spaces)
+#       three per entry (redis-py packs each argument in Python; entry ids hold no spaces),
+#       worker id
 # Publishing at the input entry's id makes a replayed publish fail instead of duplicating.
 # A commit whose reply was lost may be sent again: the offset may already be its last id.
 COMMIT = (
@@ -151,7 +165,8 @@ return {published, duplicates}
 """
 )
 
-# KEYS: epoch, in, trimmed, deploying, unarchived  ARGV: epoch, min id, model, archived (1/0)
+# KEYS: epoch, in, trimmed, deploying, unarchived, taker
+# ARGV: epoch, min id, model, archived (1/0), worker id
 # ->  entries removed, or -1: a deploy to another model is under way (memnet deploy), which
 # needs the input kept. Unarchived: the entries below min id were not archived (memnet
 # rebuild refuses a history with that hole). Both points only ever go up: a trim below
@@ -183,7 +198,7 @@ return removed
 """
 )
 
-# KEYS: epoch, in  ARGV: epoch, id  ->  1 created, 0 it existed
+# KEYS: epoch, in, taker  ARGV: epoch, id, worker id  ->  1 created, 0 it existed
 # The group is recreated (an operator's XGROUP DESTROY) at the last applied entry.
 ENSURE_GROUP = (
     _CHECK
@@ -197,7 +212,8 @@ return 1
 """
 )
 
-# KEYS: epoch, in  ARGV: epoch, consumer  ->  consumers removed (other, idle, nothing pending)
+# KEYS: epoch, in, taker  ARGV: epoch, consumer (the worker id)  ->  consumers removed (other,
+# idle, nothing pending)
 TIDY = (
     _CHECK
     + """

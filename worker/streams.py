@@ -47,9 +47,9 @@ class StreamIO:
         calls = []
         for part in parts:
             p = part.number
-            keys = [self.keys.part(p, "epoch"), self.keys.inp(p), self.keys.part(p, "offset")]
+            keys = [self.keys.part(p, n) for n in ("epoch", "in", "offset", "taker")]
             args = [part.epoch, self.worker_id, part.read_count(self.batch_size)]
-            calls.append((self.scripts.read, keys, [*args, part.committed or ""]))
+            calls.append((self.scripts.read, keys, [*args, part.committed or "", self.worker_id]))
         replies = self._run(calls)
         return {
             part: reply if isinstance(reply, Exception) else entries(reply)
@@ -77,6 +77,7 @@ class StreamIO:
             self.keys.out(p),
             self.keys.dead(p),
             self.keys.part(p, "offset"),
+            self.keys.part(p, "taker"),
         ]
         outputs = batch.responses + batch.dead
         args: list[Any] = [
@@ -89,6 +90,7 @@ class StreamIO:
             " ".join([f"{entry_id} {len(msg)}" for entry_id, msg in outputs]),
             b"".join([msg for _, msg in outputs]),
             " ".join(batch.acks),
+            self.worker_id,
         ]
         return keys, args
 
