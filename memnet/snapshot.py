@@ -300,14 +300,12 @@ class SnapshotStore:
         out = {}
         for (name, entry), data in zip(todo, blobs, strict=True):
             where = f"{self.store.url}/{entry.key}"
-            try:
-                if entry.part is None:
-                    verify(data, entry.key, entry.size, where)
-                else:
-                    verify(data, entry.part[2], entry.part[1], f"{where} ({name!r})")
-            except SnapshotError as e:
-                self._quarantine(entry.key)  # (StoreError if it cannot: back off)
-                raise CorruptBlob(str(e)) from None
+            if entry.part is None:
+                self._verified(data, entry.key, (entry.key, entry.size), where)
+            else:
+                self._verified(
+                    data, entry.key, (entry.part[2], entry.part[1]), f"{where} ({name!r})"
+                )
             base = None if entry.base is None else self._base(entry.base)
             out[name] = decode_memory(data, self.engine, base, where)
         return out
@@ -322,12 +320,23 @@ class SnapshotStore:
         log.error("%s/%s: corrupted; moved to corrupt/%s", self.store.url, key, name)
 
     def _base(self, ref: tuple[str, str, int, str, int]) -> GraphBase:
-        """A memory's own graph base, loaded afresh (a memory changes its base in place)."""
+        """A memory's own graph base, loaded afresh (a memory changes its base in place);
+        a damaged blob of it is quarantined like a memory's (fetch)."""
         base_id, akey, asize, ikey, isize = ref
         arrays, index = get_many(self.store, [akey, ikey])
-        verify(arrays, akey, asize, f"{self.store.url}/{akey}")
-        verify(index, ikey, isize, f"{self.store.url}/{ikey}")
+        for data, key, size in ((arrays, akey, asize), (index, ikey, isize)):
+            self._verified(data, key, (key, size), f"{self.store.url}/{key}")
         return decode_base(arrays, index, self.engine, base_id, f"{self.store.url}/{akey}")
+
+    def _verified(self, data: bytes, key: str, check: tuple[str, int], where: str) -> None:
+        """verify data (its sha256 and size: check); if it fails, the blob at key (a
+        whole pack) goes to corrupt/ and CorruptBlob is raised: the partition is taken
+        again, from a snapshot that does not need it."""
+        try:
+            verify(data, check[0], check[1], where)
+        except SnapshotError as e:
+            self._quarantine(key)  # (StoreError if it cannot: back off)
+            raise CorruptBlob(str(e)) from None
 
     # ---- saving --------------------------------------------------------------------------
     def save(
@@ -442,21 +451,24 @@ class SnapshotStore:
     def _evacuate(self, deleted: set[str], memories: Mapping[str, Memory]) -> list[_Member]:
         """The other memories of the packs that hold deleted ones, copied as they are: they
         go into this snapshot's packs, so the old packs (with the deleted memories' bytes)
-        leave with this snapshot, as a blob of one memory would."""
+        leave with this snapshot, as a blob of one memory would. Each copied slice is
+        verified on its own: damage in the deleted memories' bytes (or in memories this
+        snapshot writes anew) goes with the pack; damage in a copied one is CorruptBlob."""
         packs = set()
         for name in deleted:
             entry = self.view.get(name)
             if entry is not None and entry.part is not None:
-                packs.add((entry.key, entry.size))
+                packs.add(entry.key)
         carried: list[_Member] = []
-        for key, size in sorted(packs):
+        for key in sorted(packs):
             data = self.store.get(key)
-            verify(data, key, size, f"{self.store.url}/{key}")
             for name in self.view.names_in(key):
                 if name in deleted or name in memories:
                     continue
                 e = self.view[name]
                 one = data[e.part[0] : e.part[0] + e.part[1]]  # type: ignore[index]
+                where = f"{self.store.url}/{key} ({name!r})"
+                self._verified(one, key, (e.part[2], e.part[1]), where)  # type: ignore[index]
                 carried.append((name, one, e.writes, e.base))
         return carried
 

@@ -201,6 +201,37 @@ def test_a_corrupt_newest_snapshot_falls_back_to_an_older_one(
     assert_all_answered_once(r, batch, model_file)  # longer replay, nothing twice
 
 
+def test_a_damaged_pack_met_by_a_snapshot_takes_the_partition_again(
+    redis_url, redis_server, tmp_path, model_file, caplog
+):
+    """A delete's snapshot copies the deleted memory's pack-mates; a damaged one is moved
+    to corrupt/ and the partition taken again (as a fetch does), not retried forever."""
+    r = redis_server.client()
+    w = started(
+        settings(redis_url, tmp_path, model_file, lease_ms=60_000), Engine(load_model(model_file))
+    )
+    p = partition_of(MEMORIES[0], PARTITIONS)
+    mates = [m for m in MEMORIES if partition_of(m, PARTITIONS) == p][:2]
+    send(r, PREFIX, PARTITIONS, [e for e in events(60, MEMORIES, DIMS, np.random.default_rng(5))])
+    while w.step():
+        pass
+    part = w.parts[p]
+    w.snapshot(part)
+    entry = part.store.view[mates[1]]
+    path = tmp_path / "snap" / entry.key  # (keys name the partition and model: pP/MODEL/)
+    data = bytearray(path.read_bytes())
+    data[entry.part[0] + entry.part[1] // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    send(r, PREFIX, PARTITIONS, [{"op": "delete", "memory": mates[0]}])
+    w.step()
+    assert not part.memories.get(mates[0])
+    with caplog.at_level(logging.WARNING):
+        w.snapshot(part)
+    assert p not in w.parts and w.owner.rebuild_due
+    assert "checksum mismatch" in caplog.text and not path.exists()
+    w.shutdown()
+
+
 def test_missing_snapshots_with_trimmed_input_are_refused_not_guessed(
     redis_url, redis_server, tmp_path, model_file, caplog
 ):

@@ -17,7 +17,7 @@ import pytest
 from memnet import Engine, IndexConfig, SnapshotError
 from memnet import snapshot as snapshot_module
 from memnet.codec import encode_memory
-from memnet.errors import SnapshotAborted, StaleSnapshot
+from memnet.errors import CorruptBlob, SnapshotAborted, StaleSnapshot
 from memnet.snapshot import SnapshotStore
 from memnet.store import AlreadyExists, DirectoryStore, StoreError
 from tests.conftest import make_model
@@ -423,6 +423,63 @@ def test_a_flipped_byte_in_a_blob_is_caught_when_it_is_fetched(tmp_path, rng):
         loaded.store.fetch(["a"])
     assert str(tmp_path / key) in str(e.value)
     assert set(loaded.store.fetch(["b"])) == {"b"}  # the others are still there
+
+
+def flip_slice(root, store, name):
+    """Damage one byte of the memory's slice of its pack."""
+    entry = store.view[name]
+    data = bytearray((root / entry.key).read_bytes())
+    data[entry.part[0] + entry.part[1] // 2] ^= 0x01
+    (root / entry.key).write_bytes(bytes(data))
+    return entry.key
+
+
+def test_a_damaged_pack_of_a_deleted_memory_is_quarantined_or_goes_with_it(tmp_path):
+    """A delete copies its pack-mates into the next snapshot. The whole pack was verified,
+    a plain SnapshotError raised and nothing quarantined, so every later snapshot of the
+    partition failed the same way (its input never trimmed, nothing evicted). Now damage
+    in the deleted memory's bytes leaves with the pack, and damage in a copied one moves
+    the pack to corrupt/ (CorruptBlob: the worker takes the partition again)."""
+    engine = engine_for()
+    for case, damaged in (("deleted's", "m00000"), ("mate's", "m00002")):
+        root = tmp_path / case
+        store = SnapshotStore(root, engine)
+        memories = many(engine, 3)
+        store.save(memories, "1-0")
+        assert len({store.view[n].key for n in memories}) == 1  # (one pack)
+        pack = flip_slice(root, store, damaged)
+        if damaged == "m00000":
+            store.save({}, "2-0", deleted=["m00000"])
+            loaded = SnapshotStore(root, engine).load()
+            assert loaded.position == "2-0" and not loaded.refused
+            del memories["m00000"]
+            assert_same_memories(loaded.store.fetch(memories), memories)
+        else:
+            with pytest.raises(CorruptBlob, match="checksum mismatch"):
+                store.save({}, "2-0", deleted=["m00000"])
+            assert not (root / pack).exists()
+            assert (root / "corrupt" / pack.rsplit("/", 1)[-1]).exists()
+
+
+def test_a_damaged_graph_base_is_quarantined_and_the_load_falls_back(tmp_path, rng):
+    """Its blobs were verified outside fetch's quarantine: every take loaded the same
+    snapshot and failed again, where an older one would load."""
+    engine = engine_for(index=GRAPH)
+    store = SnapshotStore(tmp_path, engine)
+    memory = reindexed(engine, rng)
+    old = store.save({"m": memory}, "1-0")
+    engine.apply(memory, engine.write(rng.standard_normal(8).astype(np.float32) * 9))
+    memory.search.reindex()  # (a new base)
+    store.save({"m": memory}, "2-0")
+    base_arrays = store.view["m"].base[1]
+    flip(tmp_path / base_arrays)
+    loaded = SnapshotStore(tmp_path, engine).load()
+    with pytest.raises(CorruptBlob, match="checksum mismatch"):
+        loaded.store.fetch(["m"])
+    assert not (tmp_path / base_arrays).exists()
+    again = SnapshotStore(tmp_path, engine).load()
+    assert again.name == old.name and again.refused
+    assert set(again.store.fetch(["m"])) == {"m"}
 
 
 def test_a_missing_manifest_in_a_chain_refuses_the_snapshots_that_need_it(tmp_path, rng):

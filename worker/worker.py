@@ -31,7 +31,7 @@ import redis
 
 from memnet import Engine, ModelFileError, SnapshotError, load_model, quantized
 from memnet.batching import keep_compilations
-from memnet.errors import SnapshotAborted, StaleSnapshot
+from memnet.errors import CorruptBlob, SnapshotAborted, StaleSnapshot
 from worker import metrics
 from worker.connection import Client, connect, is_cluster, text
 from worker.dead import log_dead_letters
@@ -374,6 +374,9 @@ class Worker:
             return
         except SnapshotAborted as e:
             log.info("partition %d: %s (the next owner replays from the previous one)", p, e)
+            return
+        except CorruptBlob as e:  # (moved aside: taken again from a snapshot without it)
+            self.owner.contain(part, e)
             return
         except Exception as e:  # SnapshotError expected; anything else contained the same way
             delay = part.snapshot_retry.fail()
