@@ -710,6 +710,9 @@ def test_an_archive_that_cannot_be_written_leaves_the_partition_serving_untrimme
 
     monkeypatch.setattr(ownership.Archive, "append", append)
     keys = Keys(PREFIX)
+    left = tmp_path / "snap" / "archive" / "p0" / ".tmp-a-crashed-append"  # (a killed owner's)
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a segment")
     with caplog.at_level(logging.ERROR, logger="worker.ownership"):
         while w.step():
             pass
@@ -722,6 +725,7 @@ def test_an_archive_that_cannot_be_written_leaves_the_partition_serving_untrimme
     while w.step():
         pass
     assert sum(r.xlen(keys.inp(p)) for p in range(PARTITIONS)) < len(batch)  # trimmed now
+    assert not left.exists()  # removed by the new owner's first archiving
 
 
 def test_a_fault_after_the_first_empty_read_still_backs_off(

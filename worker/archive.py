@@ -57,6 +57,13 @@ class Archive:
         self.store = store
         self.prefix = f"archive/p{partition}/"
 
+    def clean_temporary(self) -> None:
+        """Remove leftovers of appends a crash interrupted (a new owner, before its first:
+        listings do not show them, so nothing else would)."""
+        remove = getattr(self.store, "remove_temporary", None)
+        if remove is not None:
+            remove(self.prefix)
+
     def segments(self) -> list[Segment]:
         """Every segment, in stream order."""
         found = []

@@ -505,7 +505,8 @@ class Ownership:
     def archive(self, part: Partition, point: str) -> None:
         """Append the entries before point not yet archived to the partition's archive."""
         archive = Archive(store_at(self.s.store_url), part.number)
-        if part.archived is None:
+        if part.archived is None:  # (the first archiving since the take)
+            archive.clean_temporary()
             part.archived = archive.last()
         start = "-" if part.archived is None else "(" + part.archived
         while True:
