@@ -424,3 +424,123 @@ def test_archive_retention_runs_on_quiet_partitions_and_with_archiving_off(
     assert len(list(old.read(None))) == 2
     Worker(s, Engine(load_model(model_file))).run(burst=True)
     assert list(old.read(None)) == [] and old.pruned() == "2000-0"
+
+
+def test_an_old_model_worker_that_has_not_seen_the_deploy_cannot_take_a_partition_back(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """Workers learn of a deploy at their next look at PREFIX:meta. One of the old model
+    that took a partition in between (its new owner released it) overwrote the switch point
+    and answered after the new model had (a review's reproduction). The switch makes the new
+    model the only one that may take the partitions, and ACQUIRE records the switch."""
+    r, keys = redis_server.client(), Keys(PREFIX)
+    model_b = tmp_path / "b.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=82), model_b)
+    a_fp, b_fp = load_model(model_file).fingerprint, load_model(model_b).fingerprint
+
+    def worker(model, worker_id):
+        w = Worker(worker_settings(redis_url, tmp_path, model, PREFIX, PARTITIONS,
+                                   worker_id=worker_id), Engine(load_model(model)))  # fmt: skip
+        w.burst = True
+        w._start_up()
+        return w
+
+    send(r, PREFIX, PARTITIONS, events(120, NAMES, DIMS, np.random.default_rng(45)))
+    stale = worker(model_file, "A-stale")  # it looked at PREFIX:meta before the deploy
+    assert stale.owner.active and not stale.parts
+    Worker(
+        worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS),
+        Engine(load_model(model_file)),
+    ).run(burst=True)  # fmt: skip (served, released)
+    assert deploy(worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS),
+                  model_b, jobs=1)["switched"]  # fmt: skip
+    b = worker(model_b, "B")
+    b.owner.rebalance(b.keeper.members, grace=True)
+    switches = {p: r.hgetall(keys.part(p, "switch")) for p in range(PARTITIONS)}
+    assert {text(s[b"from"]) + ">" + text(s[b"to"]) for s in switches.values()} == {
+        f"{a_fp}>{b_fp}"
+    }
+    b.shutdown()  # (leases released)
+    for p in range(PARTITIONS):
+        stale.owner.take(p)
+    assert not stale.parts  # refused: model B serves them now
+    assert {p: r.hgetall(keys.part(p, "switch")) for p in range(PARTITIONS)} == switches
+    assert {text(r.get(keys.part(p, "model"))) for p in range(PARTITIONS)} == {b_fp}
+
+
+def test_one_deploy_at_a_time_and_a_lost_record_does_not_bring_the_old_model_back(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """A second deploy (or a call-off) reset the first's marks while it caught up, so the
+    old model trimmed what the new one still needed (its partitions then unservable). And
+    after PREFIX:meta was lost, a restarting worker of the old model wrote its own record:
+    the deploy silently undone (both: a review's reproductions)."""
+    from worker.settings import SettingsError
+    from worker.upgrade import DeployLock, UpgradeError
+
+    r, keys = redis_server.client(), Keys(PREFIX)
+    model_b = tmp_path / "b.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=83), model_b)
+    s = worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS)
+    send(r, PREFIX, PARTITIONS, events(120, NAMES, DIMS, np.random.default_rng(46)))
+    Worker(s, Engine(load_model(model_file))).run(burst=True)
+    with DeployLock(r, keys.deploy):  # (another deploy running)
+        for call in (lambda: deploy(s, model_b, jobs=1), lambda: deploy(s, model_file, jobs=1)):
+            with pytest.raises(UpgradeError, match="another memnet deploy or rebuild is running"):
+                call()
+        with pytest.raises(UpgradeError, match="another memnet deploy or rebuild is running"):
+            rebuild(s, model_b, jobs=1)
+    assert r.get(keys.deploy) is None  # released
+    assert deploy(s, model_b, jobs=1)["switched"] and r.get(keys.deploy) is None
+    r.delete(keys.meta)
+    with pytest.raises(SettingsError, match=r"missing, and this deployment's partitions are "
+                       r"served by model " + load_model(model_b).fingerprint[:12]):  # fmt: skip
+        Worker(s, Engine(load_model(model_file)))._start_up()
+    assert not r.exists(keys.meta)
+    sb = worker_settings(redis_url, tmp_path, model_b, PREFIX, PARTITIONS)
+    Worker(sb, Engine(load_model(model_b)))._start_up()  # B's worker writes it again
+    assert text(r.hget(keys.meta, "model")) == load_model(model_b).fingerprint
+
+
+def test_a_deploy_stopped_by_sigterm_calls_itself_off(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """SIGTERM (a supervisor, a closed terminal's SIGHUP) ended memnet deploy on the spot:
+    its marks stayed, so the old model's workers never trimmed again (a review's
+    reproduction). It now stops as Ctrl-C does, calling itself off."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    r, keys = redis_server.client(), Keys(PREFIX)
+    s = worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS)
+    send(r, PREFIX, PARTITIONS, events(2000, NAMES, DIMS, np.random.default_rng(47)))
+    Worker(s, Engine(load_model(model_file))).run(burst=True)
+    model_b = tmp_path / "b.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=84), model_b)
+    a_fp, b_fp = load_model(model_file).fingerprint, load_model(model_b).fingerprint
+    env = {
+        **os.environ, "REDIS_URL": redis_url, "MEMNET_PREFIX": PREFIX,
+        "MEMNET_PARTITIONS": str(PARTITIONS), "MEMNET_SNAPSHOT_DIR": str(tmp_path / "snap"),
+        "MEMNET_CACHE_DIR": str(tmp_path / "cache"), "MEMNET_MODEL": str(model_file),
+    }  # fmt: skip
+    deploying = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "deploy", "--model", str(model_b)],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def marks():
+        return {text(r.get(keys.part(p, "deploying"))) for p in range(PARTITIONS)}
+
+    deadline = time.monotonic() + 120
+    while marks() != {b_fp} and deploying.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    deploying.send_signal(signal.SIGTERM)
+    _, err = deploying.communicate(timeout=120)
+    assert deploying.returncode == 128 + signal.SIGTERM, err
+    assert marks() == {a_fp} and text(r.hget(keys.meta, "model")) == a_fp
+    assert r.get(keys.deploy) is None

@@ -49,6 +49,7 @@ def record(settings: Settings, model: Model) -> dict[str, str]:
 class Meta:
     def __init__(self, client: Client, keys: Keys, values: dict[str, str], model: str) -> None:
         self.client = client
+        self.keys = keys
         self.key = keys.meta
         self.values = values
         self.model = model  # how to name this worker's model file in messages
@@ -61,9 +62,30 @@ class Meta:
             if time.monotonic() > deadline:
                 break  # nobody re-asserted it: the live set is stale, claim it
             time.sleep(0.1)
+        served = self.served_elsewhere()
+        if served is not None:
+            raise SettingsError(
+                f"{self.key} is missing, and this deployment's partitions are served by model "
+                f"{served[:12]} (memnet deploy); MEMNET_MODEL {self.model} is model "
+                f"{self.values['model'][:12]}. Start a worker of model {served[:12]} (it "
+                "writes the record again), or deploy this one with memnet deploy"
+            )
         mismatch = self.reassert()
         if mismatch:
             raise SettingsError(mismatch)
+
+    def served_elsewhere(self) -> str | None:
+        """With the record missing (deleted, or lost by Redis): the model memnet deploy
+        made the only one to take the partitions (PREFIX:{p}:serve), if not this worker's:
+        its workers re-assert the record; a worker of the old model must not write its
+        own, which would undo the deploy."""
+        if self.client.exists(self.key):
+            return None
+        pipe = self.client.pipeline(transaction=False)
+        for p in range(int(self.values["partitions"])):
+            pipe.get(self.keys.part(p, "serve"))
+        served = {text(v) for v in pipe.execute() if v is not None} - {self.values["model"]}
+        return min(served) if served else None
 
     def reassert(self) -> str | None:
         """Fill in missing fields; what differs from this worker's values, or None."""

@@ -241,9 +241,10 @@ class Ownership:
         try:
             store = open_store(self.s, p, self.engine)
             floor = max(store.newest_epoch(), self._floor.get(p, 0))
-            epoch = self.scripts.acquire(
-                keys=[self.keys.part(p, n) for n in ("lease", "epoch", "taker")],
-                args=[self.s.worker_id, self.s.lease_ms, floor],
+            names = ("lease", "epoch", "taker", "serve", "model", "switch", "offset")
+            took = self.scripts.acquire(
+                keys=[self.keys.part(p, n) for n in names],
+                args=[self.s.worker_id, self.s.lease_ms, floor, self.model],
             )
         except Exception as e:  # an unreadable store, a refused ACQUIRE: not this time
             if classify(e) is Kind.UNAVAILABLE:
@@ -254,11 +255,14 @@ class Ownership:
                 "%.0f s", p, e, delay,
             )  # fmt: skip
             return
-        if epoch is None:
+        if took is None or took == -1:  # (held; or another model serves it: a deploy)
             return
-        part = Partition(
-            p, int(epoch), self.engine, store, self.s.partitions, self.s.max_message_bytes
-        )
+        epoch, before = int(took[0]), text(took[1]) if took[1] else None
+        part = Partition(p, epoch, self.engine, store, self.s.partitions, self.s.max_message_bytes)
+        if before is not None and before != self.model:
+            switch = self.client.hgetall(self.keys.part(p, "switch"))
+            log.info("partition %d: switched to model %s after entry %s (model %s before)",
+                     p, self.model[:12], text(switch.get(b"after")), before[:12])  # fmt: skip
         with self._lock:
             self.parts[p] = part
             self.share_budget()
@@ -290,7 +294,6 @@ class Ownership:
             return False
         committed = self.client.get(self.keys.part(p, "offset"))
         part.committed = text(committed) if committed is not None else None
-        self.record_switch(part)
         if part.position and (
             part.committed is None or parse_id(part.committed) < parse_id(part.position)
         ):
@@ -306,23 +309,6 @@ class Ownership:
         self.ensure_group(part, part.position or "0")
         self.plan_replay(part)
         return True
-
-    def record_switch(self, part: Partition) -> None:
-        """The first owner of a newly deployed model records where the switch happened:
-        entries up to the committed offset were applied (and answered) by the previous
-        model, every later one is this model's (PREFIX:{p}:switch, shown by memnet status)."""
-        p = part.number
-        served = self.client.get(self.keys.part(p, "model"))
-        if served is not None and text(served) == self.model:
-            return
-        pipe = self.client.pipeline(transaction=False)
-        if served is not None:
-            switch = {"from": text(served), "to": self.model, "after": part.committed or "0-0"}
-            pipe.hset(self.keys.part(p, "switch"), mapping={**switch, "epoch": part.epoch})
-            log.info("partition %d: switched to model %s after entry %s (model %s before)",
-                     p, self.model[:12], switch["after"], switch["from"][:12])  # fmt: skip
-        pipe.set(self.keys.part(p, "model"), self.model)
-        pipe.execute()
 
     def restore(self, part: Partition) -> bool:
         """Load the newest good snapshot; False if the partition cannot be rebuilt exactly."""
@@ -470,7 +456,13 @@ class Ownership:
             keys = [self.keys.part(p, k) for k in names]
             archived = "1" if self.s.archive else "0"  # (else memnet rebuild refuses the hole)
             args = [part.epoch, point, self.model, archived, self.s.worker_id]
-            fenced(self.scripts.trim, keys=keys, args=args)
+            if fenced(self.scripts.trim, keys=keys, args=args) == -1:
+                self.throttled.log(
+                    f"deploying-{p}", logging.WARNING, "partition %d: input not trimmed while "
+                    "memnet deploy switches to another model (%s); if none runs, an "
+                    "interrupted one left it: call it off with memnet deploy --model (the "
+                    "served model's file)", p, self.keys.part(p, "deploying"),
+                )  # fmt: skip
         if self.parts.get(p) is part:  # (not after the trim found it fenced)
             self.prune_quietly(part)
 

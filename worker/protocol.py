@@ -6,11 +6,13 @@ Keys (``{p}`` is the partition number in a Redis Cluster hash tag):
   <prefix>:{p}:in        input stream (writes, queries, deletes), consumer group "memnet"
   <prefix>:{p}:out       responses, each at the stream id of its query (or delete with an id)
   <prefix>:{p}:dead      dead letters, each at the stream id of its input entry
-  <prefix>:{p}:lease|epoch|offset|trimmed    ownership and bookkeeping
+  <prefix>:{p}:lease|epoch|taker|offset|trimmed    ownership and bookkeeping
   <prefix>:{p}:unarchived                     the last trim point of a worker with
                          MEMNET_ARCHIVE=0 (memnet rebuild refuses the history before it)
-  <prefix>:{p}:model|switch|deploying         the model serving it, where it switched last,
-                         and the model being deployed (worker/upgrade.py)
+  <prefix>:{p}:model|switch|deploying|serve   the model serving it, where it switched last,
+                         the model being deployed, the only model that may take it once
+                         deployed (worker/upgrade.py)
+  <prefix>:deploy        held by the one memnet deploy or rebuild running
 A memory named ``name`` lives in partition ``crc32(utf8(name)) mod partitions``.
 """
 
@@ -44,6 +46,10 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    @property
+    def deploy(self) -> str:
+        return f"{self.prefix}:deploy"
 
     def part(self, p: int, name: str) -> str:
         return f"{self.prefix}:{{{p}}}:{name}"

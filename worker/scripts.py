@@ -50,20 +50,36 @@ local function check_offset(key, committed, also)
 end
 """
 
-# KEYS: lease, epoch, taker  ARGV: worker id, lease ms, floor  ->  the new epoch, or nil if
-# held. The epoch always exceeds floor (the newest snapshot's epoch), even if Redis lost its
-# data; the taker records who took it (_CHECK).
+# KEYS: lease, epoch, taker, serve, model, switch, offset
+# ARGV: worker id, lease ms, floor, the worker's model
+# ->  {the new epoch, the model that served it before or false}; nil if held; -1 if another
+# model serves the partition (serve: set by memnet deploy at the switch).
+# The epoch always exceeds floor (the newest snapshot's epoch), even if Redis lost its data;
+# the taker records who took it (_CHECK). The first taker of another model than the one
+# that served the partition records the switch point: entries up to the committed offset
+# were the previous model's, every later one is this model's (shown by memnet status). In
+# the same script as the take, so no other owner commits in between, and a worker of the
+# old model that still thinks it is served (its last look at PREFIX:meta was before the
+# deploy) cannot take the partition back.
 ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local epoch = redis.call('INCR', KEYS[2])
-  if epoch <= tonumber(ARGV[3]) then
-    epoch = tonumber(ARGV[3]) + 1
-    redis.call('SET', KEYS[2], epoch)
-  end
-  redis.call('SET', KEYS[3], ARGV[1])
-  return epoch
+local serve = redis.call('GET', KEYS[4])
+if serve and serve ~= ARGV[4] then return -1 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+local epoch = redis.call('INCR', KEYS[2])
+if epoch <= tonumber(ARGV[3]) then
+  epoch = tonumber(ARGV[3]) + 1
+  redis.call('SET', KEYS[2], epoch)
 end
-return false
+redis.call('SET', KEYS[3], ARGV[1])
+local served = redis.call('GET', KEYS[5])
+if served ~= ARGV[4] then
+  if served then
+    local after = redis.call('GET', KEYS[7]) or '0-0'
+    redis.call('HSET', KEYS[6], 'from', served, 'to', ARGV[4], 'after', after, 'epoch', epoch)
+  end
+  redis.call('SET', KEYS[5], ARGV[4])
+end
+return {epoch, served or false}
 """
 
 # KEYS: epoch, lease, taker  ARGV: epoch, worker id, lease ms  ->  1 renewed, 0 lost (the

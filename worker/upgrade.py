@@ -23,6 +23,7 @@ same way, from its own snapshots (kept under their own prefix) and the archive.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import multiprocessing
 import time
@@ -231,11 +232,18 @@ def _chunks(entries: Iterator[Any]) -> Iterator[list[Any]]:
         yield chunk
 
 
-def rebuild(settings: Settings, model: Path, jobs: int) -> list[dict]:
+def rebuild(settings: Settings, model: Path, jobs: int, locked: bool = False) -> list[dict]:
     """Every partition, ``jobs`` at a time: this process and jobs - 1 others (they share
     nothing). The others take partitions from the first up once they have started (a
     spawned process imports JAX and compiles: seconds); this process starts at once, from
-    the last partition down, taking each that no other has started, until none is left."""
+    the last partition down, taking each that no other has started, until none is left.
+    Under the deployment's DeployLock (taken here unless the caller holds it)."""
+    if not locked:
+        from worker.connection import connect
+        from worker.protocol import Keys
+
+        with DeployLock(connect(settings.redis_url), Keys(settings.prefix).deploy):
+            return rebuild(settings, model, jobs, locked=True)
     from worker.ownership import claim_store
 
     claim_store(settings)
@@ -270,32 +278,93 @@ def _process_start(settings: Settings) -> None:
     keep_compilations(settings.cache_dir)
 
 
+class DeployLock:
+    """PREFIX:deploy, held by the one memnet deploy or rebuild running: a second deploy (or
+    the call-off, a deploy of the served model) would reset the marks of the first while it
+    catches up, and two rebuilds of one model would race for its snapshots. It expires
+    LOCK_MS after its holder stops renewing it (a killed deploy's goes by itself)."""
+
+    LOCK_MS = 30_000
+
+    def __init__(self, client: Any, key: str) -> None:
+        import os
+        import socket
+        import threading
+        import uuid
+
+        self.client, self.key = client, key
+        self.token = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
+        self._done = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="deploy-lock", daemon=True)
+        self._mine = client.register_script(_IF_MINE)
+
+    def __enter__(self) -> DeployLock:
+        from worker.connection import text
+
+        if not self.client.set(self.key, self.token, nx=True, px=self.LOCK_MS):
+            raise UpgradeError(
+                f"another memnet deploy or rebuild is running ({self.key} is held by "
+                f"{text(self.client.get(self.key))}); wait for it (a killed one's lock "
+                f"expires within {self.LOCK_MS // 1000} s)"
+            )
+        self._renewer.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._done.wait(self.LOCK_MS / 3000):
+            with contextlib.suppress(Exception):  # (Redis away: the next try, or it expires)
+                self._mine(keys=[self.key], args=[self.token, self.LOCK_MS])
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._renewer.join()
+        with contextlib.suppress(Exception):  # (it expires)
+            self._mine(keys=[self.key], args=[self.token, 0])
+
+
+# KEYS: the lock  ARGV: token, ms (0: release)  ->  1 done, 0 not held by token
+_IF_MINE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
 def deploy(settings: Settings, model: Path, jobs: int) -> dict:
     from memnet import load_model
     from worker.connection import connect, text
     from worker.events import NoDeployment
-    from worker.meta import record
     from worker.protocol import Keys
 
     new = load_model(model)
     keys = Keys(settings.prefix)
     client = connect(settings.redis_url)
-    meta = {text(k): text(v) for k, v in client.hgetall(keys.meta).items()}
-    if not meta:
-        raise NoDeployment(f"{keys.meta} does not exist: start a worker first")
-    settings = replace(settings, partitions=int(meta["partitions"]))
-    old = meta.get("model")
-    _check_inputs(meta, new)
+    with DeployLock(client, keys.deploy):
+        meta = {text(k): text(v) for k, v in client.hgetall(keys.meta).items()}
+        if not meta:
+            raise NoDeployment(f"{keys.meta} does not exist: start a worker first")
+        settings = replace(settings, partitions=int(meta["partitions"]))
+        _check_inputs(meta, new)
+        return _deploy(client, keys, settings, model, new, meta.get("model"), jobs)
+
+
+def _deploy(
+    client: Any, keys: Any, settings: Settings, model: Path, new: Any, old: str | None, jobs: int
+) -> dict:
+    from worker.meta import record
+
     pipe = client.pipeline(transaction=False)
     for p in range(settings.partitions):  # from now on only NEW's workers trim
         pipe.set(keys.part(p, "deploying"), new.fingerprint)
+        if old == new.fingerprint:  # (a call-off: the served model takes them, as before)
+            pipe.set(keys.part(p, "serve"), new.fingerprint)
     pipe.hset(keys.meta, "deploying", new.fingerprint)
     pipe.execute()
     if old == new.fingerprint:  # (also how an interrupted deploy is called off)
         return {"model": new.fingerprint, "previous": old, "switched": False, "rebuilt": []}
     try:
-        rebuilt = rebuild(settings, model, jobs)  # caught up: nothing can be trimmed meanwhile
-        _check_fits(rebuilt, new.fingerprint)
+        rebuilt = rebuild(settings, model, jobs, locked=True)  # caught up: nothing trimmed
+        _check_fits(rebuilt, new.fingerprint)  # meanwhile
     except UpgradeError as e:  # called off: the old model's workers may trim again
         _call_off(client, keys, settings.partitions, old)
         raise UpgradeError(f"{e}; deploy called off, model {str(old)[:12]} serves on") from None
@@ -303,7 +372,11 @@ def deploy(settings: Settings, model: Path, jobs: int) -> dict:
         _call_off(client, keys, settings.partitions, old)
         raise
     fields = {k: v for k, v in record(settings, new).items() if k not in ("partitions", "protocol")}
-    client.hset(keys.meta, mapping={**fields, "previous": old or ""})
+    pipe = client.pipeline(transaction=False)  # the switch, in one round trip: from the
+    for p in range(settings.partitions):  # first write on, no worker of the old model takes a
+        pipe.set(keys.part(p, "serve"), new.fingerprint)  # partition (ACQUIRE), even one
+    pipe.hset(keys.meta, mapping={**fields, "previous": old or ""})  # that has not yet seen
+    pipe.execute()  # PREFIX:meta change
     return {"model": new.fingerprint, "previous": old, "switched": True, "rebuilt": rebuilt}
 
 
@@ -382,12 +455,26 @@ def _model_file(path: Path) -> Path:
     return path
 
 
+def _stopped_by_signals() -> None:
+    """SIGTERM and SIGHUP end memnet deploy / rebuild as Ctrl-C does: through their
+    clean-up (a deploy calls itself off: left marked, the old model's workers would never
+    trim again), not at once."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from memnet import load_model
     from worker.connection import connect, text
     from worker.protocol import Keys
 
     settings = Settings.from_env()
+    _stopped_by_signals()
     fingerprint = load_model(_model_file(args.model)).fingerprint
     meta = connect(settings.redis_url).hgetall(Keys(settings.prefix).meta)
     if text(meta.get(b"model")) == fingerprint:
@@ -405,6 +492,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    _stopped_by_signals()
     started = time.perf_counter()
     result = deploy(settings, _model_file(args.model), args.jobs)
     if not result["switched"]:
