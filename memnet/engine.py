@@ -185,10 +185,13 @@ class Engine:
         n = MEMORY_OVERHEAD_BYTES + search.overlay_bytes()
         if isinstance(search, ExactSlots):
             n += search.changed.nbytes
-            if search.base is not self._scan_base:  # folded into a private copy
-                n += search.base.vectors.nbytes + search.base.norms.nbytes
-        elif not search.base.shared:  # its own graph: vectors, and about as much of links
-            n += 3 * search.base.vectors.nbytes
+            base = search.base
+            if base is not self._scan_base:  # folded into a private copy, with its codes
+                n += base.vectors.nbytes + base.norms.nbytes
+                n += 0 if base.filled is None else base.filled.nbytes
+                n += 0 if base.codes is None else base.codes.nbytes
+        elif not search.base.shared:  # its own graph
+            n += search.base.nbytes
         return n
 
     def arena(self) -> Arena:

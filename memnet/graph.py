@@ -35,6 +35,9 @@ from memnet.errors import SnapshotError
 
 log = logging.getLogger(__name__)
 
+HNSW_LOCK_BYTES = 40  # a std::mutex (x86-64 glibc)
+HNSW_LABEL_LOCKS = 65_536  # hnswlib's MAX_LABEL_OPERATION_LOCKS: per index, whatever its size
+
 
 @dataclass(eq=False)
 class GraphBase:
@@ -158,6 +161,19 @@ class GraphBase:
     @property
     def count(self) -> int:
         return int(self.index.get_current_count())
+
+    @property
+    def nbytes(self) -> int:
+        """About what it holds: its arrays, and hnswlib's index (per slot its vector,
+        2m level-0 links with their count, a label and a lock; the upper levels, a 1/m
+        share of the slots with m links a level; and a table of 65,536 locks, whatever the
+        index's size: 2.6 MB)."""
+        slots, dim = self.vectors.shape
+        m = int(self.index.M)
+        per_slot = 4 * dim + 4 * (2 * m + 1) + 8 + HNSW_LOCK_BYTES + 4 * (m + 1) // max(1, m - 1)
+        ours = self.vectors.nbytes + self.filled.nbytes
+        ours += 0 if self._norms is None else self._norms.nbytes
+        return ours + slots * per_slot + HNSW_LABEL_LOCKS * HNSW_LOCK_BYTES
 
 
 def sha256_file(path: Path) -> str:

@@ -148,6 +148,14 @@ class Quantized:
     extremes: np.ndarray  # [4] float64: min R, min E, max R, max E
     dim: int
 
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            a.nbytes
+            for a in (self.codes, self.rowsum, self.coef, self.norms, self.row_norm,
+                      self.row_err, self.R, self.E, self.extremes)
+        )  # fmt: skip
+
     @classmethod
     def of(cls, vectors: np.ndarray, norms: np.ndarray) -> Quantized:
         """Quantize a base: vectors [S, M] float32 and their squared norms [S] (+inf where

@@ -340,3 +340,42 @@ def test_the_initial_graph_survives_racing_and_dead_builders(tmp_path, monkeypat
         cache.get(init, filled, model.config.index)
         assert cache.pointer.exists() and not lock.exists()
         monkeypatch.undo()
+
+
+def test_memory_bytes_counts_a_folded_memorys_codes_and_an_own_graphs_index(rng):
+    """MEMNET_RESIDENT_MB is kept by these estimates: a folded exact memory's int8 codes
+    and an own graph's hnswlib index were left out, so RAM went to 2x and 30x the budget
+    (a review's measurements)."""
+    import os
+
+    from memnet import Engine
+    from tests.conftest import make_model
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    model = make_model(0, input_dim=8, memory_dim=8, output_dim=3, slots=1024,
+                       generalizer="append-only")  # fmt: skip
+    for kind, index in (
+        ("exact", IndexConfig(overlay_max=4)),
+        ("graph", IndexConfig(exact_max_slots=512, overlay_max=4)),
+    ):
+        config = type(model.config)(**{**model.config.__dict__, "index": index})
+        engine = Engine(type(model).create(config, model.params))
+        engine.apply(engine.new_memory(), engine.query(q=rng.standard_normal(8).astype(np.float32)))
+        before, memories = rss(), []
+        for _ in range(30):
+            memory = engine.new_memory()
+            for _ in range(6):  # (folded: its own base)
+                engine.apply(memory, engine.write(rng.standard_normal(8).astype(np.float32)))
+            engine.apply(memory, engine.query(q=rng.standard_normal(8).astype(np.float32)))
+            memories.append(memory)
+        estimate = sum(engine.memory_bytes(m) for m in memories)
+        if kind == "exact":
+            base = memories[0].search.base
+            held = base.vectors.nbytes + base.norms.nbytes + base.filled.nbytes
+            assert base.codes is not None
+            assert engine.memory_bytes(memories[0]) >= held + base.codes.nbytes
+        else:
+            assert rss() - before <= 1.1 * estimate  # (hnswlib's allocations: not traced)
