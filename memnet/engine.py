@@ -189,7 +189,8 @@ class Engine:
             if base is not self._scan_base:  # folded into a private copy, with its codes
                 n += base.vectors.nbytes + base.norms.nbytes
                 n += 0 if base.filled is None else base.filled.nbytes
-                n += 0 if base.codes is None else base.codes.nbytes
+                n += quantized.Quantized.nbytes_of(*base.vectors.shape)  # (made by its
+                # first scan: a memory fetched, then only queried, is not sized again)
         elif not search.base.shared:  # its own graph
             n += search.base.nbytes
         return n

@@ -148,13 +148,11 @@ class Quantized:
     extremes: np.ndarray  # [4] float64: min R, min E, max R, max E
     dim: int
 
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            a.nbytes
-            for a in (self.codes, self.rowsum, self.coef, self.norms, self.row_norm,
-                      self.row_err, self.R, self.E, self.extremes)
-        )  # fmt: skip
+    @staticmethod
+    def nbytes_of(slots: int, dim: int) -> int:
+        """What ``of`` allocates for a base of these sizes (the arrays below)."""
+        padded = -(-max(slots, 1) // PAD) * PAD
+        return padded * (-(-dim // 4) * 4 + 4 + 4 + 4 + 8 + 8) + padded // LANES * 16 + 32
 
     @classmethod
     def of(cls, vectors: np.ndarray, norms: np.ndarray) -> Quantized:

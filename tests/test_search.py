@@ -375,7 +375,20 @@ def test_memory_bytes_counts_a_folded_memorys_codes_and_an_own_graphs_index(rng)
         if kind == "exact":
             base = memories[0].search.base
             held = base.vectors.nbytes + base.norms.nbytes + base.filled.nbytes
-            assert base.codes is not None
-            assert engine.memory_bytes(memories[0]) >= held + base.codes.nbytes
+            codes = sum(a.nbytes for a in base.codes._arrays())
+            assert engine.memory_bytes(memories[0]) >= held + codes
+            fetched = engine.new_memory()  # (as read back from a snapshot: no codes yet)
+            fetched.search = ExactSlots(type(base).over(base.vectors.copy(), base.filled), 4)
+            assert fetched.search.base.codes is None
+            assert engine.memory_bytes(fetched) >= held + codes  # (sized before its query)
         else:
             assert rss() - before <= 1.1 * estimate  # (hnswlib's allocations: not traced)
+
+
+@pytest.mark.parametrize("slots, dim", [(1, 1), (255, 3), (1024, 8), (5000, 64)])
+def test_the_size_of_a_bases_codes_is_known_before_they_are_made(slots, dim):
+    from memnet.quantized import Quantized
+
+    vectors = np.ones((slots, dim), np.float32)
+    made = Quantized.of(vectors, np.full(slots, float(dim), np.float32))
+    assert Quantized.nbytes_of(slots, dim) == sum(a.nbytes for a in made._arrays())
