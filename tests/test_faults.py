@@ -96,10 +96,11 @@ def test_a_zombie_cannot_publish_ack_or_trim(redis_url, redis_server, tmp_path, 
     assert "MEMNET_FENCED" in caplog.text and "dropping partition" in caplog.text
     keys = Keys(PREFIX)
     with pytest.raises(Fenced):
+        names = ("epoch", "in", "trimmed", "deploying", "unarchived", "taker")
         fenced(
             a.scripts.trim,
-            keys=[keys.part(p, "epoch"), keys.inp(p), keys.part(p, "trimmed")],
-            args=[old_epoch, "9999999999999-0"],
+            keys=[keys.part(p, n) for n in names],
+            args=[old_epoch, "9999999999999-0", "m", "1", "A"],
         )
     assert (
         a.scripts.renew(

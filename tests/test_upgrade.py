@@ -466,6 +466,9 @@ def test_an_old_model_worker_that_has_not_seen_the_deploy_cannot_take_a_partitio
     assert not stale.parts  # refused: model B serves them now
     assert {p: r.hgetall(keys.part(p, "switch")) for p in range(PARTITIONS)} == switches
     assert {text(r.get(keys.part(p, "model"))) for p in range(PARTITIONS)} == {b_fp}
+    r.delete(keys.meta)  # and the record lost: its keeper must not write model A back
+    stale.keeper.tick()
+    assert text(r.hget(keys.meta, "model")) != a_fp and not stale.keeper.meta.active
 
 
 def test_one_deploy_at_a_time_and_a_lost_record_does_not_bring_the_old_model_back(
@@ -495,6 +498,12 @@ def test_one_deploy_at_a_time_and_a_lost_record_does_not_bring_the_old_model_bac
     r.delete(keys.meta)
     with pytest.raises(SettingsError, match=r"missing, and this deployment's partitions are "
                        r"served by model " + load_model(model_b).fingerprint[:12]):  # fmt: skip
+        Worker(s, Engine(load_model(model_file)))._start_up()
+    assert not r.exists(keys.meta)
+    r.flushall()  # and with it the partitions' serve keys: the store's record remains
+    with pytest.raises(
+        SettingsError, match=r"served by model " + load_model(model_b).fingerprint[:12]
+    ):
         Worker(s, Engine(load_model(model_file)))._start_up()
     assert not r.exists(keys.meta)
     sb = worker_settings(redis_url, tmp_path, model_b, PREFIX, PARTITIONS)

@@ -47,8 +47,16 @@ def record(settings: Settings, model: Model) -> dict[str, str]:
 
 
 class Meta:
-    def __init__(self, client: Client, keys: Keys, values: dict[str, str], model: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        keys: Keys,
+        values: dict[str, str],
+        model: str,
+        deployed: Callable[[], str | None] = lambda: None,
+    ) -> None:
         self.client = client
+        self.deployed = deployed  # the model the snapshot store records as deployed
         self.keys = keys
         self.key = keys.meta
         self.values = values
@@ -63,6 +71,9 @@ class Meta:
                 break  # nobody re-asserted it: the live set is stale, claim it
             time.sleep(0.1)
         served = self.served_elsewhere()
+        if served is None and not self.client.exists(self.key):  # (FLUSHALL: serve keys too)
+            recorded = self.deployed()
+            served = recorded if recorded not in (None, self.values["model"]) else None
         if served is not None:
             raise SettingsError(
                 f"{self.key} is missing, and this deployment's partitions are served by model "
@@ -89,6 +100,8 @@ class Meta:
 
     def reassert(self) -> str | None:
         """Fill in missing fields; what differs from this worker's values, or None."""
+        if self.active and self.served_elsewhere() is not None:
+            self.active = False  # (deployed away since its last look: it must not write)
         pipe = self.client.pipeline(transaction=False)
         if self.active:  # (an inactive worker must not bring its model back)
             for field, value in self.values.items():

@@ -260,9 +260,8 @@ class Ownership:
         epoch, before = int(took[0]), text(took[1]) if took[1] else None
         part = Partition(p, epoch, self.engine, store, self.s.partitions, self.s.max_message_bytes)
         if before is not None and before != self.model:
-            switch = self.client.hgetall(self.keys.part(p, "switch"))
             log.info("partition %d: switched to model %s after entry %s (model %s before)",
-                     p, self.model[:12], text(switch.get(b"after")), before[:12])  # fmt: skip
+                     p, self.model[:12], text(took[2]), before[:12])  # fmt: skip
         with self._lock:
             self.parts[p] = part
             self.share_budget()
@@ -554,6 +553,25 @@ def store_at(url: str) -> Store:
 
 
 DEPLOYMENT = "deployment.json"  # at the store's root: the deployment it belongs to
+
+
+def deployed_model(settings: Settings) -> str | None:
+    """The model the last memnet deploy switched to, as recorded in the snapshot store
+    (None: never deployed, or the store cannot be read now): what survives Redis losing
+    everything (FLUSHALL), PREFIX:meta and the partitions' serve keys included."""
+    try:
+        return json.loads(store_at(settings.store_url).get(DEPLOYMENT)).get("model")
+    except Exception:  # (no record, an unreachable store: nothing to go by)
+        return None
+
+
+def record_deployed(settings: Settings, model: str) -> None:
+    """After a deploy's switch: the model, beside the deployment's prefix (claim_store)."""
+    data = json.dumps({"prefix": settings.prefix, "model": model}).encode()
+    try:
+        store_at(settings.store_url).put(DEPLOYMENT, data)
+    except Exception as e:  # (the switch stands; only the record for a lost Redis is old)
+        log.warning("could not record the deployed model in the snapshot store (%s)", e)
 
 
 def claim_store(settings: Settings) -> None:

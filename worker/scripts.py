@@ -52,8 +52,8 @@ end
 
 # KEYS: lease, epoch, taker, serve, model, switch, offset
 # ARGV: worker id, lease ms, floor, the worker's model
-# ->  {the new epoch, the model that served it before or false}; nil if held; -1 if another
-# model serves the partition (serve: set by memnet deploy at the switch).
+# ->  {the new epoch, the model that served it before or false, the switch point or false};
+# nil if held; -1 if another model serves the partition (serve: set by memnet deploy).
 # The epoch always exceeds floor (the newest snapshot's epoch), even if Redis lost its data;
 # the taker records who took it (_CHECK). The first taker of another model than the one
 # that served the partition records the switch point: entries up to the committed offset
@@ -72,14 +72,15 @@ if epoch <= tonumber(ARGV[3]) then
 end
 redis.call('SET', KEYS[3], ARGV[1])
 local served = redis.call('GET', KEYS[5])
+local after = false
 if served ~= ARGV[4] then
   if served then
-    local after = redis.call('GET', KEYS[7]) or '0-0'
+    after = redis.call('GET', KEYS[7]) or '0-0'
     redis.call('HSET', KEYS[6], 'from', served, 'to', ARGV[4], 'after', after, 'epoch', epoch)
   end
   redis.call('SET', KEYS[5], ARGV[4])
 end
-return {epoch, served or false}
+return {epoch, served or false, after}
 """
 
 # KEYS: epoch, lease, taker  ARGV: epoch, worker id, lease ms  ->  1 renewed, 0 lost (the

@@ -263,6 +263,10 @@ def rebuild(settings: Settings, model: Path, jobs: int, locked: bool = False) ->
         for p, run in runs.items():
             if p not in done:
                 done[p] = run.result()
+    except (KeyboardInterrupt, SystemExit):  # stopped (a signal): the others too, at once,
+        for process in list(getattr(pool, "_processes", {}).values()):  # not after their
+            process.terminate()  # partitions (a deploy calls itself off only after this)
+        raise
     finally:  # (on a failure, what has not started is not started)
         pool.shutdown(wait=True, cancel_futures=True)
     return [done[p] for p in partitions]
@@ -353,31 +357,54 @@ def _deploy(
 ) -> dict:
     from worker.meta import record
 
-    pipe = client.pipeline(transaction=False)
-    for p in range(settings.partitions):  # from now on only NEW's workers trim
-        pipe.set(keys.part(p, "deploying"), new.fingerprint)
-        if old == new.fingerprint:  # (a call-off: the served model takes them, as before)
-            pipe.set(keys.part(p, "serve"), new.fingerprint)
-    pipe.hset(keys.meta, "deploying", new.fingerprint)
-    pipe.execute()
-    if old == new.fingerprint:  # (also how an interrupted deploy is called off)
-        return {"model": new.fingerprint, "previous": old, "switched": False, "rebuilt": []}
+    calling_off = old == new.fingerprint  # (how an interrupted deploy is called off)
     try:
+        pipe = client.pipeline(transaction=False)
+        for p in range(settings.partitions):  # from now on only NEW's workers trim
+            pipe.set(keys.part(p, "deploying"), new.fingerprint)
+            if calling_off:  # (the served model takes them, as before)
+                pipe.set(keys.part(p, "serve"), new.fingerprint)
+        pipe.hset(keys.meta, "deploying", new.fingerprint)
+        pipe.execute()
+        if calling_off:
+            return {"model": new.fingerprint, "previous": old, "switched": False, "rebuilt": []}
         rebuilt = rebuild(settings, model, jobs, locked=True)  # caught up: nothing trimmed
         _check_fits(rebuilt, new.fingerprint)  # meanwhile
     except UpgradeError as e:  # called off: the old model's workers may trim again
         _call_off(client, keys, settings.partitions, old)
         raise UpgradeError(f"{e}; deploy called off, model {str(old)[:12]} serves on") from None
     except BaseException:
-        _call_off(client, keys, settings.partitions, old)
+        if not calling_off:
+            _call_off(client, keys, settings.partitions, old)
         raise
     fields = {k: v for k, v in record(settings, new).items() if k not in ("partitions", "protocol")}
     pipe = client.pipeline(transaction=False)  # the switch, in one round trip: from the
     for p in range(settings.partitions):  # first write on, no worker of the old model takes a
         pipe.set(keys.part(p, "serve"), new.fingerprint)  # partition (ACQUIRE), even one
     pipe.hset(keys.meta, mapping={**fields, "previous": old or ""})  # that has not yet seen
-    pipe.execute()  # PREFIX:meta change
+    with _signals_held():  # PREFIX:meta change; a stop signal now waits for the switch
+        pipe.execute()
+    from worker.ownership import record_deployed
+
+    record_deployed(settings, new.fingerprint)
     return {"model": new.fingerprint, "previous": old, "switched": True, "rebuilt": rebuilt}
+
+
+_held: list[int] = []  # while the switch is written: stop signals that came meanwhile
+_holding = False
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """A stop signal (_stopped_by_signals) waits until the block is done, then stops."""
+    global _holding
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = False
+    if _held:
+        raise SystemExit(128 + _held[0])
 
 
 def _check_inputs(meta: dict[str, str], new: Any) -> None:
@@ -462,9 +489,12 @@ def _stopped_by_signals() -> None:
     import signal
 
     def stop(signum: int, frame: Any) -> None:
+        if _holding:  # (the switch is being written: stop right after it)
+            _held.append(signum)
+            return
         raise SystemExit(128 + signum)
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, stop)
 
 

@@ -45,7 +45,7 @@ from worker.faults import (
 )
 from worker.leases import LeaseKeeper
 from worker.meta import Meta, record
-from worker.ownership import Ownership, claim_store
+from worker.ownership import Ownership, claim_store, deployed_model
 from worker.partition import Batch, Partition, Pending
 from worker.permissions import acl_rules
 from worker.protocol import Keys
@@ -87,7 +87,9 @@ class Worker:
         self.owner = Ownership(settings, self.client, self.scripts, engine, self.snapshot)
         values = record(settings, engine.model)
         model_name = str(settings.model or engine.model.fingerprint[:12])
-        self.meta = Meta(self.client, self.keys, values, model_name)
+        self.meta = Meta(
+            self.client, self.keys, values, model_name, lambda: deployed_model(settings)
+        )
         self.stopping = threading.Event()
         self._stop_at: float | None = None
         self._progress = time.monotonic()
