@@ -25,7 +25,7 @@ from worker.archive import Archive
 from worker.connection import text
 from worker.ownership import model_prefix, store_at
 from worker.protocol import Keys, parse_id, partition_of
-from worker.status import gather, render
+from worker.status import gather, problems, render
 from worker.upgrade import deploy, rebuild
 from worker.worker import Worker
 
@@ -469,6 +469,11 @@ def test_an_old_model_worker_that_has_not_seen_the_deploy_cannot_take_a_partitio
     r.delete(keys.meta)  # and the record lost: its keeper must not write model A back
     stale.keeper.tick()
     assert text(r.hget(keys.meta, "model")) != a_fp and not stale.keeper.meta.active
+    b = worker(model_b, "B2")  # (writes the record again)
+    r.hset(keys.meta, "model", a_fp)  # were meta and the serve keys at odds, status says so
+    status = gather(worker_settings(redis_url, tmp_path, model_b, PREFIX, PARTITIONS))
+    assert f"partition 0: only model {b_fp[:12]} may take it" in "\n".join(problems(status))
+    b.shutdown()
 
 
 def test_one_deploy_at_a_time_and_a_lost_record_does_not_bring_the_old_model_back(

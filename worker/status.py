@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from worker.protocol import Keys
 
 MAX_LAG = 10_000
-_PER_PARTITION = ("lease", "epoch", "offset", "trimmed", "model")  # (model: serving it)
+# (model: serving it; serve: the only model that may take it, set by memnet deploy)
+_PER_PARTITION = ("lease", "epoch", "offset", "trimmed", "model", "serve")
 
 
 def redis_ms(client: Client) -> int:
@@ -238,6 +239,12 @@ def problems(status: dict[str, Any], max_lag: int = MAX_LAG) -> list[str]:
     found = [] if status["workers"] else [f"no live workers under prefix {status['prefix']}"]
     for row in status["rows"]:
         p, owner, lag = row["partition"], row["owner"], row["lag"]
+        if row.get("serve") not in (None, status["model"]):
+            found.append(
+                f"partition {p}: only model {row['serve'][:12]} may take it (memnet deploy), "
+                f"but the deployment serves model {str(status['model'])[:12]}: an interrupted "
+                "deploy? Run memnet deploy --model with the file of the model to serve"
+            )
         if owner is None:
             found.append(f"partition {p}: no live owner (no lease)")
         elif not row["owner_alive"]:
