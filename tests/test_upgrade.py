@@ -469,7 +469,12 @@ def test_an_old_model_worker_that_has_not_seen_the_deploy_cannot_take_a_partitio
     r.delete(keys.meta)  # and the record lost: its keeper must not write model A back
     stale.keeper.tick()
     assert text(r.hget(keys.meta, "model")) != a_fp and not stale.keeper.meta.active
+    r.flushall()  # the serve keys gone too: the store's record (deployment.json) says B
+    stale.keeper.meta.active = True  # (as if it had not looked since the deploy)
+    stale.keeper.tick()
+    assert not r.exists(keys.meta) and not stale.keeper.meta.active
     b = worker(model_b, "B2")  # (writes the record again)
+    r.set(keys.part(0, "serve"), b_fp)
     r.hset(keys.meta, "model", a_fp)  # were meta and the serve keys at odds, status says so
     status = gather(worker_settings(redis_url, tmp_path, model_b, PREFIX, PARTITIONS))
     assert f"partition 0: only model {b_fp[:12]} may take it" in "\n".join(problems(status))
@@ -558,3 +563,52 @@ def test_a_deploy_stopped_by_sigterm_calls_itself_off(
     assert deploying.returncode == 128 + signal.SIGTERM, err
     assert marks() == {a_fp} and text(r.hget(keys.meta, "model")) == a_fp
     assert r.get(keys.deploy) is None
+    nohup = subprocess.Popen(  # a hang-up it was told to ignore (nohup) does not stop it
+        ["nohup", sys.executable, "-m", "worker.cli", "deploy", "--model", str(model_b)],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    while not r.exists(keys.deploy) and nohup.poll() is None and time.monotonic() < deadline + 120:
+        time.sleep(0.005)  # (its handlers are set: it holds the lock)
+    nohup.send_signal(signal.SIGHUP)
+    _, err = nohup.communicate(timeout=120)
+    assert nohup.returncode == 0, err
+    assert text(r.hget(keys.meta, "model")) == b_fp
+
+
+def test_a_deploy_that_lost_its_lock_does_not_switch_and_a_stale_record_defers_to_redis(
+    redis_url, redis_server, tmp_path, model_file, monkeypatch
+):
+    """A deploy paused past its lock's expiry (a call-off may have run meanwhile) switched
+    anyway, onto partitions nobody could serve; and the store's record of the deployed
+    model, left behind by a switch cut short, refused the served model's workers after
+    PREFIX:meta was lost (a review's reproductions)."""
+    from worker import upgrade
+    from worker.ownership import record_deployed
+    from worker.upgrade import LockLost
+
+    r, keys = redis_server.client(), Keys(PREFIX)
+    model_b = tmp_path / "b.safetensors"
+    save_model(random_model(WORKER_MODEL, seed=85), model_b)
+    a_fp = load_model(model_file).fingerprint
+    s = worker_settings(redis_url, tmp_path, model_file, PREFIX, PARTITIONS)
+    send(r, PREFIX, PARTITIONS, events(120, NAMES, DIMS, np.random.default_rng(48)))
+    Worker(s, Engine(load_model(model_file))).run(burst=True)
+    real = upgrade.rebuild
+
+    def paused(*args, **kwargs):
+        done = real(*args, **kwargs)
+        r.delete(keys.deploy)  # (expired while the deploy was paused)
+        return done
+
+    monkeypatch.setattr(upgrade, "rebuild", paused)
+    with pytest.raises(LockLost, match="nothing switched"):
+        deploy(s, model_b, jobs=1)
+    assert text(r.hget(keys.meta, "model")) == a_fp
+    assert {r.get(keys.part(p, "serve")) for p in range(PARTITIONS)} == {None}
+    monkeypatch.setattr(upgrade, "rebuild", real)
+    deploy(s, model_file, jobs=1)  # the call-off: A's marks, A's serve keys
+    record_deployed(s, load_model(model_b).fingerprint)  # a record left behind
+    r.delete(keys.meta)
+    Worker(s, Engine(load_model(model_file)))._start_up()  # the serve keys say A: accepted
+    assert text(r.hget(keys.meta, "model")) == a_fp

@@ -71,9 +71,6 @@ class Meta:
                 break  # nobody re-asserted it: the live set is stale, claim it
             time.sleep(0.1)
         served = self.served_elsewhere()
-        if served is None and not self.client.exists(self.key):  # (FLUSHALL: serve keys too)
-            recorded = self.deployed()
-            served = recorded if recorded not in (None, self.values["model"]) else None
         if served is not None:
             raise SettingsError(
                 f"{self.key} is missing, and this deployment's partitions are served by model "
@@ -87,16 +84,21 @@ class Meta:
 
     def served_elsewhere(self) -> str | None:
         """With the record missing (deleted, or lost by Redis): the model memnet deploy
-        made the only one to take the partitions (PREFIX:{p}:serve), if not this worker's:
-        its workers re-assert the record; a worker of the old model must not write its
-        own, which would undo the deploy."""
+        made the only one to take the partitions (PREFIX:{p}:serve), or, where Redis lost
+        those too (FLUSHALL), the one the snapshot store records as deployed, if not this
+        worker's: its workers re-assert the record; a worker of the old model must not
+        write its own, which would undo the deploy."""
         if self.client.exists(self.key):
             return None
+        mine = self.values["model"]
         pipe = self.client.pipeline(transaction=False)
         for p in range(int(self.values["partitions"])):
             pipe.get(self.keys.part(p, "serve"))
-        served = {text(v) for v in pipe.execute() if v is not None} - {self.values["model"]}
-        return min(served) if served else None
+        serve = {text(v) for v in pipe.execute() if v is not None}
+        if serve:
+            return min(serve - {mine}) if serve - {mine} else None
+        recorded = self.deployed()
+        return recorded if recorded not in (None, mine) else None
 
     def reassert(self) -> str | None:
         """Fill in missing fields; what differs from this worker's values, or None."""

@@ -76,6 +76,7 @@ def gather(settings: Settings, *, snapshots: bool = True, client: Client | None 
         "protocol": meta.get("protocol"),
         "model": meta.get("model"),
         "deploying": meta.get("deploying"),
+        "deploy_running": text(client.get(keys.deploy)),  # (who holds PREFIX:deploy)
         "previous_model": meta.get("previous") or None,
         "stall_s": settings.stall_s,  # (a step longer than this is stuck: /healthz's limit)
         "dims": {k: int(meta[k]) for k in ("input_dim", "memory_dim", "output_dim") if k in meta},
@@ -349,7 +350,12 @@ def _headline(status: dict[str, Any]) -> str:
     if status["components"]:
         line += f", components {status['components']}"
     if status["deploying"] and status["deploying"] != status["model"]:
-        line += f"; deploying model {status['deploying'][:12]} (memnet deploy is catching up)"
+        line += f"; deploying model {status['deploying'][:12]} " + (
+            f"(memnet deploy is catching up: {status['deploy_running']})"
+            if status.get("deploy_running")
+            else "(no memnet deploy runs: an interrupted one left its marks, and only that "
+            "model's workers may trim; call it off by deploying the served model's file)"
+        )
     return line
 
 

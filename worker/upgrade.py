@@ -44,6 +44,11 @@ class UpgradeError(ClientError):
     """A rebuild or deploy cannot go on; the message says why and what to do."""
 
 
+class LockLost(UpgradeError):
+    """A deploy no longer holds PREFIX:deploy (paused past its expiry, or Redis lost it):
+    it must not switch, nor call anything off (another deploy may run now)."""
+
+
 def rebuild_partition(settings: Settings, model: Path, p: int, quiet: bool = False) -> dict:
     """Bring model's snapshots of partition p to the end of its input; what was done."""
     from tqdm import tqdm
@@ -299,6 +304,7 @@ class DeployLock:
         self.client, self.key = client, key
         self.token = f"{socket.gethostname()} pid {os.getpid()} {uuid.uuid4().hex[:8]}"
         self._done = threading.Event()
+        self.lost = False  # a renewal found the lock gone or another's
         self._renewer = threading.Thread(target=self._renew, name="deploy-lock", daemon=True)
         self._mine = client.register_script(_IF_MINE)
 
@@ -317,7 +323,25 @@ class DeployLock:
     def _renew(self) -> None:
         while not self._done.wait(self.LOCK_MS / 3000):
             with contextlib.suppress(Exception):  # (Redis away: the next try, or it expires)
-                self._mine(keys=[self.key], args=[self.token, self.LOCK_MS])
+                if self._mine(keys=[self.key], args=[self.token, self.LOCK_MS]) == 0:
+                    self.lost = True
+
+    def check(self, partitions: int, keys: Any, model: str) -> None:
+        """Before the switch: still held, and every partition still marked for model (a
+        call-off or another deploy resets the marks); LockLost otherwise."""
+        from worker.connection import text
+
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.key)
+        for p in range(partitions):
+            pipe.get(keys.part(p, "deploying"))
+        holder, *marks = [text(v) for v in pipe.execute()]
+        if self.lost or holder != self.token or set(marks) != {model}:
+            raise LockLost(
+                f"this deploy lost {self.key} before its switch (paused past "
+                f"{self.LOCK_MS // 1000} s, or Redis lost the lock), and the partitions' marks "
+                "may have changed since: nothing switched; see memnet status, and deploy again"
+            )
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
@@ -343,21 +367,29 @@ def deploy(settings: Settings, model: Path, jobs: int) -> dict:
     new = load_model(model)
     keys = Keys(settings.prefix)
     client = connect(settings.redis_url)
-    with DeployLock(client, keys.deploy):
+    with DeployLock(client, keys.deploy) as lock:
         meta = {text(k): text(v) for k, v in client.hgetall(keys.meta).items()}
         if not meta:
             raise NoDeployment(f"{keys.meta} does not exist: start a worker first")
         settings = replace(settings, partitions=int(meta["partitions"]))
         _check_inputs(meta, new)
-        return _deploy(client, keys, settings, model, new, meta.get("model"), jobs)
+        return _deploy(client, keys, settings, model, new, meta.get("model"), jobs, lock)
 
 
 def _deploy(
-    client: Any, keys: Any, settings: Settings, model: Path, new: Any, old: str | None, jobs: int
+    client: Any,
+    keys: Any,
+    settings: Settings,
+    model: Path,
+    new: Any,
+    old: str | None,
+    jobs: int,
+    lock: DeployLock,
 ) -> dict:
-    from worker.meta import record
+    from worker.ownership import record_deployed
 
     calling_off = old == new.fingerprint  # (how an interrupted deploy is called off)
+    switched = False
     try:
         pipe = client.pipeline(transaction=False)
         for p in range(settings.partitions):  # from now on only NEW's workers trim
@@ -366,28 +398,39 @@ def _deploy(
                 pipe.set(keys.part(p, "serve"), new.fingerprint)
         pipe.hset(keys.meta, "deploying", new.fingerprint)
         pipe.execute()
-        if calling_off:
+        if calling_off:  # (and the store's record follows: a switch cut short leaves it)
+            record_deployed(settings, new.fingerprint)
             return {"model": new.fingerprint, "previous": old, "switched": False, "rebuilt": []}
         rebuilt = rebuild(settings, model, jobs, locked=True)  # caught up: nothing trimmed
         _check_fits(rebuilt, new.fingerprint)  # meanwhile
+        with _signals_held():  # a stop signal from here waits for the switch to be written
+            lock.check(settings.partitions, keys, new.fingerprint)
+            _switch(client, keys, settings, new, old)
+            switched = True
+            record_deployed(settings, new.fingerprint)
+    except LockLost:
+        raise  # (nothing of ours to call off: the marks may be another deploy's now)
     except UpgradeError as e:  # called off: the old model's workers may trim again
         _call_off(client, keys, settings.partitions, old)
         raise UpgradeError(f"{e}; deploy called off, model {str(old)[:12]} serves on") from None
     except BaseException:
-        if not calling_off:
+        if not (calling_off or switched):
             _call_off(client, keys, settings.partitions, old)
         raise
-    fields = {k: v for k, v in record(settings, new).items() if k not in ("partitions", "protocol")}
-    pipe = client.pipeline(transaction=False)  # the switch, in one round trip: from the
-    for p in range(settings.partitions):  # first write on, no worker of the old model takes a
-        pipe.set(keys.part(p, "serve"), new.fingerprint)  # partition (ACQUIRE), even one
-    pipe.hset(keys.meta, mapping={**fields, "previous": old or ""})  # that has not yet seen
-    with _signals_held():  # PREFIX:meta change; a stop signal now waits for the switch
-        pipe.execute()
-    from worker.ownership import record_deployed
-
-    record_deployed(settings, new.fingerprint)
     return {"model": new.fingerprint, "previous": old, "switched": True, "rebuilt": rebuilt}
+
+
+def _switch(client: Any, keys: Any, settings: Settings, new: Any, old: str | None) -> None:
+    """In one round trip: from its first write on, no worker of the old model takes a
+    partition (ACQUIRE), even one that has not yet seen PREFIX:meta change."""
+    from worker.meta import record
+
+    fields = {k: v for k, v in record(settings, new).items() if k not in ("partitions", "protocol")}
+    pipe = client.pipeline(transaction=False)
+    for p in range(settings.partitions):
+        pipe.set(keys.part(p, "serve"), new.fingerprint)
+    pipe.hset(keys.meta, mapping={**fields, "previous": old or ""})
+    pipe.execute()
 
 
 _held: list[int] = []  # while the switch is written: stop signals that came meanwhile
@@ -495,7 +538,8 @@ def _stopped_by_signals() -> None:
         raise SystemExit(128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(signum, stop)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # (nohup's, a script's &: kept)
+            signal.signal(signum, stop)
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:

@@ -109,7 +109,9 @@ class Worker:
             self.owner.mark_lost,
             lambda: self._progress,
             stall_s=settings.stall_s,
-            meta=lambda client: Meta(client, self.keys, values, model_name),
+            meta=lambda client: Meta(
+                client, self.keys, values, model_name, lambda: deployed_model(settings)
+            ),
         )
 
     @property
