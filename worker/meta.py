@@ -101,16 +101,22 @@ class Meta:
         return recorded if recorded not in (None, mine) else None
 
     def reassert(self) -> str | None:
-        """Fill in missing fields; what differs from this worker's values, or None."""
-        if self.active and self.served_elsewhere() is not None:
+        """Fill in missing fields (one round trip when none is missing); what differs from
+        this worker's values, or None (also while the record is missing and another
+        worker's to write)."""
+        stored = self._stored()
+        if self.active and not stored and self.served_elsewhere() is not None:
             self.active = False  # (deployed away since its last look: it must not write)
-        pipe = self.client.pipeline(transaction=False)
-        if self.active:  # (an inactive worker must not bring its model back)
+        if self.active and not self.values.keys() <= stored.keys():
+            pipe = self.client.pipeline(transaction=False)
             for field, value in self.values.items():
                 pipe.hsetnx(self.key, field, value)
-        pipe.hgetall(self.key)
-        stored = {text(k): text(v) for k, v in pipe.execute()[-1].items()}
-        return self.mismatch(stored)
+            pipe.execute()
+            stored = self._stored()
+        return self.mismatch(stored) if stored else None
+
+    def _stored(self) -> dict[str, str]:
+        return {text(k): text(v) for k, v in self.client.hgetall(self.key).items()}
 
     def mismatch(self, stored: dict[str, str]) -> str | None:
         mine = self.values
