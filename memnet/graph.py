@@ -98,10 +98,7 @@ class GraphBase:
             self.index.save_index(path)
             if not os.path.exists(path) or os.path.getsize(path) == 0:
                 raise SnapshotError(f"base {self.id}: hnswlib wrote no index (disk full?)")
-            index = hnswlib.Index(space="l2", dim=self.vectors.shape[1])
-            index.load_index(path, max_elements=len(self.vectors))
-        index.set_ef(ef)
-        self.index, self.fresh = index, True
+            self.index, self.fresh = _read_index(path, self.vectors, ef), True
 
     def _largest_norm(self) -> float:
         """The largest norm of the filled rows, exactly as squared_norms computes it from
@@ -141,9 +138,7 @@ class GraphBase:
         cls, path: Path, vectors: np.ndarray, filled: np.ndarray, cfg: IndexConfig, base_id: str
     ) -> GraphBase:
         """Load a graph file whose checksum the caller verified, into a fresh Index."""
-        index = hnswlib.Index(space="l2", dim=vectors.shape[1])  # never reuse an Index
-        index.load_index(str(path), max_elements=len(vectors))
-        index.set_ef(cfg.ef_search)  # ef is not stored in the file
+        index = _read_index(str(path), vectors, cfg.ef_search)
         if index.get_current_count() != int(filled.sum()):
             raise SnapshotError(
                 f"{path}: holds {index.get_current_count()} items, expected {int(filled.sum())}"
@@ -174,6 +169,15 @@ class GraphBase:
         ours = self.vectors.nbytes + self.filled.nbytes
         ours += 0 if self._norms is None else self._norms.nbytes
         return ours + slots * per_slot + HNSW_LABEL_LOCKS * HNSW_LOCK_BYTES
+
+
+def _read_index(path: str, vectors: np.ndarray, ef: int) -> hnswlib.Index:
+    """An index file read into a fresh Index, the one way every graph is read back (a
+    restore and GraphBase._reload must leave hnswlib's level generator in one state)."""
+    index = hnswlib.Index(space="l2", dim=vectors.shape[1])  # never reuse an Index
+    index.load_index(path, max_elements=len(vectors))
+    index.set_ef(ef)  # (ef is not stored in the file)
+    return index
 
 
 def sha256_file(path: Path) -> str:
