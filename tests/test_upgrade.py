@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from tests.streams import (
     wait_for,
     worker_settings,
 )
+from worker import upgrade
 from worker.archive import Archive
 from worker.connection import text
 from worker.ownership import model_prefix, store_at
@@ -144,10 +146,12 @@ def test_only_the_served_or_deploying_model_may_start_and_a_rollback_is_a_deploy
 
 
 def test_a_rebuild_on_several_processes_computes_what_one_process_does(
-    redis_url, redis_server, tmp_path, model_file
+    redis_url, redis_server, tmp_path, model_file, monkeypatch
 ):
     """--jobs 2: this process and a spawned one take the partitions, each rebuilt once;
-    every memory's state in the snapshots equals a one-process run's."""
+    every memory's state in the snapshots equals a one-process run's. This process waits
+    in its first partition until the spawned one has claimed one: the spawned one claims
+    partitions as it begins them (from the first up), not when the pool hands them out."""
     r = redis_server.client()
     model_b = tmp_path / "b.safetensors"
     save_model(random_model(WORKER_MODEL, seed=78), model_b)
@@ -165,8 +169,21 @@ def test_a_rebuild_on_several_processes_computes_what_one_process_does(
             shutil.rmtree(d)  # (the next run starts from nothing)
         return found
 
+    here = []
+    rebuild_partition = upgrade.rebuild_partition
+
+    def slow_start(settings, model, p, **kw):
+        claims, waited = upgrade._claims[0], time.monotonic()
+        while not here and not any(claims[:p]) and time.monotonic() - waited < 120:
+            time.sleep(0.05)
+        here.append(p)
+        return rebuild_partition(settings, model, p, **kw)
+
+    monkeypatch.setattr(upgrade, "rebuild_partition", slow_start)
     several = rebuild(s, model_b, jobs=2)
+    monkeypatch.undo()
     by_several = blobs()
+    assert 0 not in here and sorted(here) == here[::-1], here  # (0: the other's first)
     one = rebuild(s, model_b, jobs=1)
     assert [d["partition"] for d in several] == list(range(PARTITIONS))
     assert [(d["entries"], d["position"]) for d in several] == [

@@ -239,9 +239,11 @@ def _chunks(entries: Iterator[Any]) -> Iterator[list[Any]]:
 
 def rebuild(settings: Settings, model: Path, jobs: int, locked: bool = False) -> list[dict]:
     """Every partition, ``jobs`` at a time: this process and jobs - 1 others (they share
-    nothing). The others take partitions from the first up once they have started (a
-    spawned process imports JAX and compiles: seconds); this process starts at once, from
-    the last partition down, taking each that no other has started, until none is left.
+    nothing). Whoever is free claims the next partition no one has claimed: the others
+    from the first up once they have started (a spawned process imports JAX and loads the
+    compiled functions: seconds), this process at once, from the last partition down. A
+    partition is claimed when a process begins it, not when it is handed out: a pool hands
+    the first ones to a process before it has started, and this process would wait for it.
     Under the deployment's DeployLock (taken here unless the caller holds it)."""
     if not locked:
         from worker.connection import connect
@@ -257,34 +259,61 @@ def rebuild(settings: Settings, model: Path, jobs: int, locked: bool = False) ->
     if jobs <= 1 or len(partitions) == 1:
         return [rebuild_partition(settings, model, p) for p in partitions]
     context = multiprocessing.get_context("spawn")  # (JAX and threads: no fork)
+    claims = context.Array("b", len(partitions))  # 1: a process has begun that partition
     done: dict[int, dict] = {}
     others = min(jobs, len(partitions)) - 1
-    pool = ProcessPoolExecutor(others, context, initializer=_process_start, initargs=(settings,))
+    pool = ProcessPoolExecutor(
+        others, context, initializer=_process_start, initargs=(settings, claims)
+    )
     try:
-        runs = {p: pool.submit(rebuild_partition, settings, model, p) for p in partitions}
+        runs = [pool.submit(_claimed, settings, model, p) for p in partitions]
+        _claims.append(claims)
         for p in reversed(partitions):
-            if runs[p].cancel():  # (True only if no other process has started it)
-                done[p] = rebuild_partition(settings, model, p)
-        for p, run in runs.items():
-            if p not in done:
-                done[p] = run.result()
+            mine = _claimed(settings, model, p)
+            if mine is not None:
+                done[p] = mine
+        if len(done) < len(partitions):  # (the others' results)
+            done.update((d["partition"], d) for d in (run.result() for run in runs) if d)
     except (KeyboardInterrupt, SystemExit):  # stopped (a signal): the others too, at once,
-        for process in list(getattr(pool, "_processes", {}).values()):  # not after their
-            process.terminate()  # partitions (a deploy calls itself off only after this)
+        _stop(pool)  # not after their partitions (a deploy calls itself off only after this)
         raise
     finally:  # (on a failure, what has not started is not started)
+        _claims.clear()
+        if len(done) == len(partitions):  # all done here: the others, still starting,
+            _stop(pool)  # can claim nothing (they would only start to find that out)
         pool.shutdown(wait=True, cancel_futures=True)
     return [done[p] for p in partitions]
 
 
-def _process_start(settings: Settings) -> None:
+_claims: list[Any] = []  # this process's claims array, while a rebuild shares partitions
+
+
+def _claimed(settings: Settings, model: Path, p: int) -> dict | None:
+    """rebuild_partition(p) if no process has begun it (then this one claims it), else None."""
+    claims = _claims[0]
+    with claims.get_lock():
+        if claims[p]:
+            return None
+        claims[p] = 1
+    return rebuild_partition(settings, model, p)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+
+
+def _process_start(settings: Settings, claims: Any = None) -> None:
     """As a worker starts (a rebuild is its data path): its collector's pace, and the
-    compiled functions this machine's workers keep (memnet.batching.keep_compilations)."""
+    compiled functions this machine's workers keep (memnet.batching.keep_compilations);
+    in a spawned process, the claims array it shares with the others."""
     from memnet.batching import keep_compilations
     from worker.worker import collect_less
 
     collect_less(settings.gc_threshold)
     keep_compilations(settings.cache_dir)
+    if claims is not None:
+        _claims[:] = [claims]
 
 
 class DeployLock:
