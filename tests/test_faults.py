@@ -688,6 +688,25 @@ def test_one_partitions_failed_renewal_leaves_the_others_renewed(
     assert ttl[0] <= 50 and all(t > 400 for t in ttl[1:]), ttl
 
 
+@pytest.mark.parametrize(
+    "error",
+    ["ClusterError:TTL exhausted.", "RedisClusterUnreachableError:cannot be connected",
+     "SlotNotCoveredError:slot 12 is not covered", "MasterDownError:MASTERDOWN link down"],
+)  # fmt: skip
+def test_a_cluster_out_of_reach_or_reconfiguring_is_waited_out(error):
+    """What redis-py raises when a cluster cannot be reached (a refresh of its topology
+    reaches no node), when TRYAGAIN outlasts its retries (a slot being migrated) or a slot
+    has no node: waited out like an outage, never an error that ends a starting worker
+    (RedisClusterException is no RedisError) or releases every partition."""
+    import redis as redis_py
+
+    from worker.faults import UNAVAILABLE, Kind, classify
+
+    name, message = error.split(":", 1)
+    exc = getattr(redis_py.exceptions, name)(message)
+    assert classify(exc) is Kind.UNAVAILABLE and isinstance(exc, UNAVAILABLE)
+
+
 def test_an_archive_that_cannot_be_written_leaves_the_partition_serving_untrimmed(
     redis_url, redis_server, tmp_path, model_file, monkeypatch, caplog
 ):

@@ -26,9 +26,17 @@ LOST = "MEMNET_LOST"
 UNAVAILABLE = (
     redis.ConnectionError,
     redis.TimeoutError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
     redis.exceptions.BusyLoadingError,
+    # A cluster that cannot be reached or is reconfiguring. redis-py follows MOVED/ASK and
+    # retries TRYAGAIN (a multi-key script on a slot being migrated whose declared keys are
+    # not all there) itself, then raises ClusterError("TTL exhausted."); it raises
+    # RedisClusterUnreachableError when a refresh of the topology reaches no node, and
+    # SlotNotCoveredError for a slot no node serves. (RedisClusterException, their base,
+    # also means deterministic errors: cross-slot keys, unsupported commands.)
+    redis.exceptions.ClusterError,  # (ClusterDownError, MasterDownError included)
+    redis.exceptions.TryAgainError,
+    redis.exceptions.RedisClusterUnreachableError,
+    redis.exceptions.SlotNotCoveredError,
 )
 
 
