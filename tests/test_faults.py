@@ -688,6 +688,32 @@ def test_one_partitions_failed_renewal_leaves_the_others_renewed(
     assert ttl[0] <= 50 and all(t > 400 for t in ttl[1:]), ttl
 
 
+@pytest.mark.parametrize("step", ["time", "heartbeat"])
+def test_a_live_set_out_of_reach_leaves_the_leases_renewed(
+    redis_url, redis_server, tmp_path, model_file, monkeypatch, step
+):
+    """PREFIX:workers and Redis's clock may sit on a cluster node that holds none of this
+    worker's partitions: that node down (or failing over) must not let every lease lapse."""
+    import redis as redis_py
+
+    r = redis_server.client()
+    w = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    assert sorted(w.parts) == list(range(PARTITIONS))
+
+    def down(*args, **kwargs):
+        raise redis_py.ConnectionError("the node of PREFIX:workers is down")
+
+    if step == "time":
+        monkeypatch.setattr(w.keeper, "redis_ms", down)
+    else:
+        monkeypatch.setattr(w.keeper.scripts, "heartbeat", down)
+    for p in range(PARTITIONS):
+        r.pexpire(Keys(PREFIX).part(p, "lease"), 50)
+    with pytest.raises(redis_py.ConnectionError, match="PREFIX:workers"):
+        w.keeper.tick()
+    assert all(r.pttl(Keys(PREFIX).part(p, "lease")) > 400 for p in range(PARTITIONS))
+
+
 @pytest.mark.parametrize(
     "error",
     ["ClusterError:TTL exhausted.", "RedisClusterUnreachableError:cannot be connected",

@@ -102,6 +102,24 @@ class LeaseKeeper(threading.Thread):
             self._show_lag_of(set())  # (their next owners show it; a stale figure would stay)
             return
         self.throttled.clear("stall", "the main loop makes progress again: renewing leases")
+        owned = self.owned()
+        self._show_lag_of(set(owned))
+        failed: Exception | None = None
+        for p, epoch in owned.items():  # first, each on its own: neither one partition's
+            try:  # failure (its cluster node down) nor that of the node holding the live set
+                self.renew(p, epoch)  # (below) may let the other leases lapse
+            except Exception as e:
+                failed = failed or e
+        for step in (self._heartbeat, self._reassert):
+            try:
+                step()
+            except Exception as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed  # (logged by run, once)
+
+    def _heartbeat(self) -> None:
+        """Be counted among the live workers (or leave them), and read who they are."""
         s = self.settings
         now = self.redis_ms()
         if self.meta.active:
@@ -111,14 +129,8 @@ class LeaseKeeper(threading.Thread):
             self.leave()
             live = self.client.zrangebyscore(self.keys.workers, now, "+inf")
         self.members = sorted(text(live))
-        owned = self.owned()
-        self._show_lag_of(set(owned))
-        failed: Exception | None = None
-        for p, epoch in owned.items():  # each on its own: one partition's failure (its
-            try:  # cluster node down) must not let the others' leases lapse
-                self.renew(p, epoch)
-            except Exception as e:
-                failed = failed or e
+
+    def _reassert(self) -> None:
         mismatch = self.meta.reassert()
         if mismatch and "MEMNET_MODEL" in mismatch:
             self.throttled.log(
@@ -128,8 +140,6 @@ class LeaseKeeper(threading.Thread):
             self.throttled.log(
                 "meta", logging.ERROR, "%s: a worker of another configuration joined", mismatch
             )
-        if failed is not None:
-            raise failed  # (logged by run, once)
 
     def _show_lag_of(self, partitions: set[int]) -> None:
         """Export the lag of these partitions only: the others' owners show theirs."""
