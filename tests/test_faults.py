@@ -134,7 +134,7 @@ def test_two_workers_never_hold_one_epoch_after_redis_forgot_a_take(
     send(r, PREFIX, PARTITIONS, events(40, MEMORIES, DIMS, np.random.default_rng(3)))
     assert isinstance(a.owner.read([a.parts[p]])[a.parts[p]], Fenced)
     a.keeper.renew(p, epoch)
-    assert a.owner._lost == {p: False}  # (its lease is lost: dropped at the next step)
+    assert a.owner._lost == {p: (epoch, False)}  # (its lease is lost: dropped at the next step)
     assert not isinstance(b.owner.read([b.parts[p]])[b.parts[p]], Exception)
 
 
@@ -530,6 +530,113 @@ def test_an_engine_failure_that_comes_back_stays_with_its_partition(
     finally:
         worker.stop()
     assert len(failures) >= 2 and all(failures[1:])  # after the first, it failed alone
+
+
+def test_a_failed_finish_commits_none_of_its_call(redis_url, redis_server, tmp_path, model_file,
+                                                  monkeypatch):  # fmt: skip
+    """A bug in one partition's finish, inside an engine call shared by every partition,
+    reloads every partition of the call: none of their batches may be committed then (the
+    partitions finished before it were: released, yet their offsets moved on, their
+    backoff was erased)."""
+    from worker.partition import Partition
+
+    r, keys = redis_server.client(), Keys(PREFIX)
+    send(r, PREFIX, PARTITIONS, events(80, MEMORIES, DIMS, np.random.default_rng(3)))
+    w = started(
+        settings(redis_url, tmp_path, model_file, lease_ms=5000), Engine(load_model(model_file))
+    )
+    assert sorted(w.parts) == list(range(PARTITIONS))
+    real = Partition.finish
+
+    def finish(self, pending, results):
+        if self.number == 2:
+            raise RuntimeError("a bug in finish")
+        return real(self, pending, results)
+
+    monkeypatch.setattr(Partition, "finish", finish)
+    before = [r.get(keys.part(p, "offset")) for p in range(PARTITIONS)]
+    w.step()
+    assert w.parts == {}  # every partition of the call reloaded
+    assert [r.get(keys.part(p, "offset")) for p in range(PARTITIONS)] == before
+    assert sorted(w.owner._retry) == list(range(PARTITIONS))  # each backs off
+
+
+def test_a_lease_lost_at_an_epoch_drops_only_that_epoch(redis_url, redis_server, tmp_path,
+                                                        model_file):  # fmt: skip
+    """The keeper's verdict names the epoch it lost: when the loop has dropped the
+    partition and taken it again meanwhile, the new take stays (it was dropped without a
+    release, its lease held, the partition unserved until it expired)."""
+    w = started(
+        settings(redis_url, tmp_path, model_file, lease_ms=5000), Engine(load_model(model_file))
+    )
+    part = w.parts[1]
+    old = part.epoch
+    w.owner.drop(1, "a fault")
+    w.owner.release(part)
+    w.owner.take(1)
+    assert w.parts[1].epoch > old
+    w.owner.mark_lost(1, old, data_lost=False)  # (the keeper's renewal at the old epoch)
+    w.owner.drop_lost()
+    assert 1 in w.parts and w.parts[1].epoch > old
+    w.owner.mark_lost(1, w.parts[1].epoch, data_lost=False)
+    w.owner.drop_lost()
+    assert 1 not in w.parts
+
+
+def test_one_partitions_failing_snapshots_are_logged_once_while_others_succeed(
+    redis_url, redis_server, tmp_path, model_file, monkeypatch, caplog
+):
+    """A store that fits small snapshots but not a big one: partition 0's snapshot fails
+    at every try while the others' succeed. Its failure is told once (the others' success
+    ended it, and it was told again at every try, with 'snapshots succeed again')."""
+    from memnet.errors import SnapshotError
+    from worker.partition import Partition
+
+    w = started(settings(redis_url, tmp_path, model_file), Engine(load_model(model_file)))
+    real = Partition.snapshot
+
+    def snapshot(self, abort=None):
+        if self.number == 0:
+            raise SnapshotError("the store is full")
+        return real(self, abort)
+
+    monkeypatch.setattr(Partition, "snapshot", snapshot)
+    with caplog.at_level(logging.INFO, logger="worker.worker"):
+        for _ in range(4):
+            for p in range(PARTITIONS):
+                w.snapshot(w.parts[p])
+    assert caplog.text.count("partition 0: snapshot failed") == 1
+    assert "succeed again" not in caplog.text
+
+
+def test_a_held_back_line_keeps_no_exception_alive():
+    """Throttled keeps the latest held-back line to tell it within the minute: an exception
+    there would keep its traceback's frames alive (a dropped partition's memories with
+    them). It keeps the exception's text."""
+    import gc
+    import weakref
+
+    from worker.faults import Throttled
+
+    class Big:
+        pass
+
+    def fail(held):
+        held = held  # (a frame local the traceback keeps)
+        raise RuntimeError("a fault")
+
+    throttled, errors = Throttled(logging.getLogger("test")), []
+    for _ in range(2):  # the second is held back
+        big = Big()
+        try:
+            fail(big)
+        except RuntimeError as e:
+            throttled.log("k", logging.ERROR, "failed (%s)", e)
+            errors.append(weakref.ref(big))
+        del big
+    gc.collect()
+    assert errors[1]() is None
+    assert throttled._latest["k"][2] == ("a fault",)
 
 
 def commit_fails(w, monkeypatch, error, times):

@@ -155,7 +155,10 @@ class Throttled:
         last, held = self._active.get(key, (None, 0))
         if last is not None and now - last < self.every_s:
             self._active[key] = (last, held + 1)
-            self._latest[key] = (level, msg, args)
+            # (an exception kept as its text: its traceback would keep the frames it went
+            # through alive, with what they hold, e.g. a dropped partition's memories)
+            text = tuple(str(a) if isinstance(a, BaseException) else a for a in args)
+            self._latest[key] = (level, msg, text)
             return
         if held:
             msg += f" ({held} similar lines held back)"

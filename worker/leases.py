@@ -46,7 +46,7 @@ class LeaseKeeper(threading.Thread):
         client: Client,
         owned: Callable[[], dict[int, int]],
         holding: Callable[[int, int], AbstractContextManager[bool]],
-        on_lost: Callable[[int, bool], None],
+        on_lost: Callable[[int, int, bool], None],
         last_progress: Callable[[], float],
         stall_s: float,
         meta: Callable[[Client], Meta],
@@ -156,7 +156,7 @@ class LeaseKeeper(threading.Thread):
                 return
             renewed = self.scripts.renew(keys=keys, args=[epoch, s.worker_id, s.lease_ms])
         if renewed != 1:
-            self.on_lost(p, renewed == -1)
+            self.on_lost(p, epoch, renewed == -1)
         self.report_lag(p)
 
     def others_alive(self) -> bool:

@@ -40,6 +40,8 @@ from worker.streams import Entries, StreamIO
 
 log = logging.getLogger(__name__)
 
+SERVED_FOR_S = 60.0  # served this long since its take, a partition's backoff starts over
+
 
 class Ownership:
     def __init__(
@@ -85,17 +87,23 @@ class Ownership:
             part = self.parts.get(p)
             yield part is not None and part.epoch == epoch
 
-    def mark_lost(self, p: int, data_lost: bool) -> None:
-        """The lease keeper could not renew p (data_lost: Redis forgot its epoch)."""
+    def mark_lost(self, p: int, epoch: int, data_lost: bool) -> None:
+        """The lease keeper could not renew p at epoch (data_lost: Redis forgot it)."""
         with self._lock:
-            self._lost[p] = self._lost.get(p, False) or data_lost
+            was = self._lost.get(p)
+            self._lost[p] = (epoch, data_lost or (was is not None and was == (epoch, True)))
 
     def drop_lost(self) -> None:
+        """Drop the partitions whose leases the keeper lost: at the epoch it lost (the
+        main loop may have dropped one and taken it again since, at a newer epoch)."""
         with self._lock:
             lost, self._lost = self._lost, {}
-        for p, data_lost in lost.items():
-            if data_lost and p in self.parts:
-                self._redis_lost(self.parts[p], "its epoch is gone or went down")
+        for p, (epoch, data_lost) in lost.items():
+            part = self.parts.get(p)
+            if part is None or part.epoch != epoch:
+                continue
+            if data_lost:
+                self._redis_lost(part, "its epoch is gone or went down")
             else:
                 self.drop(p, "lease lost")
 
@@ -140,9 +148,15 @@ class Ownership:
             self._back_off(part, kind, error)
 
     def served(self, part: Partition) -> None:
-        """part read (and committed what it read) without a fault: its backoff starts over.
-        Not at a take: a fault that comes back after each take (a revoked XREADGROUP) would
-        otherwise be retried every second, with a release and a restore each time."""
+        """part read (and committed what it read) without a fault: its backoff starts over,
+        once it has served SERVED_FOR_S since it was taken. Not at a take, nor at its first
+        commit: a fault that comes back after each take (a revoked XREADGROUP), or later in
+        the pass that committed (a revoked XTRIM, after the snapshot), would otherwise be
+        retried every second, with a release, a restore and a log line each time."""
+        if self.parts.get(part.number) is not part:
+            return  # (dropped meanwhile: its backoff stays)
+        if time.monotonic() - part.taken_at < SERVED_FOR_S:
+            return
         if self._retry.pop(part.number, None) is not None:
             p = part.number
             for key in (*(kind.name for kind in Kind), "take", "nogroup"):

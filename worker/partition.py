@@ -89,7 +89,7 @@ class Partition:
         self.uncommitted = False  # memories are ahead of what Redis acknowledged
         self.tidy = False  # other consumers of the group removed after replay
         self.since_snapshot = 0
-        self.snapshot_at = time.monotonic()
+        self.snapshot_at = self.taken_at = time.monotonic()
         # Snapshots still owed to a delete: its own and MEMNET_SNAPSHOTS_KEPT - 1 more make
         # the deleted memory's blobs (and, with the trim after them, its input entries) go,
         # taken on time even if no input comes (erasure must not wait for traffic).

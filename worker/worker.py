@@ -99,6 +99,7 @@ class Worker:
         self.backoff = Backoff(base_s=0.1, cap_s=5.0)
         self._faulted_at = 0.0  # the loop's last fault (time.monotonic())
         self.throttled = Throttled(log)
+        self._snapshot_failing: set[int] = set()  # partitions whose last snapshot failed
         self._resync = False  # a Redis call failed: re-plan from Redis's state before reading
         self.burst = False
         self.keeper = LeaseKeeper(
@@ -329,7 +330,8 @@ class Worker:
             except Exception as e:
                 metrics.ERRORS.labels("process").inc()
                 self._alone_until = time.monotonic() + ALONE_S
-                for part in group:
+                for part in group:  # (none of the group commits: each is reloaded)
+                    batches.pop(part, None)
                     self.owner.contain(part, e)
         return batches
 
@@ -385,6 +387,7 @@ class Worker:
         except Exception as e:  # SnapshotError expected; anything else contained the same way
             delay = part.snapshot_retry.fail()
             metrics.ERRORS.labels("snapshot").inc()
+            self._snapshot_failing.add(p)
             self.throttled.log(
                 "snapshot",
                 logging.ERROR,
@@ -396,7 +399,9 @@ class Worker:
                 exc_info=None if isinstance(e, SnapshotError) else e,
             )
             return
-        self.throttled.clear("snapshot", "snapshots succeed again (partition %d)", p)
+        self._snapshot_failing &= set(self.parts) - {p}  # (one line for a fault of the store:
+        if not self._snapshot_failing:  # told again only once none fails, not when one works)
+            self.throttled.clear("snapshot", "snapshots succeed again (partition %d)", p)
         self.resident_gauges()  # (the snapshot let memories be evicted)
         metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - started)
         if point is not None:
