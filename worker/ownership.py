@@ -8,7 +8,9 @@ the consumer group is gone: recreate it at the applied position; a stored memory
 checksum (moved aside): take it again at once, from a snapshot that does not need it;
 anything else (a missing ACL right, an unreachable snapshot store, an unexpected error):
 release it and back off before taking it again. Only a
-connection fault escapes (``UNAVAILABLE``): the worker loop backs off as a whole.
+connection fault escapes (``UNAVAILABLE``): the worker loop backs off as a whole; except in
+a Redis Cluster, where a node out of reach or a slot being migrated holds back only the
+partitions of its slots (``out_of_reach``), each retried alone, and the others serve on.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from memnet.snapshot import SnapshotStore
 from memnet.store import Store
 from worker import metrics
 from worker.archive import Archive
-from worker.connection import Client, text
+from worker.connection import Client, is_cluster, text
 from worker.faults import Backoff, Kind, Throttled, classify
 from worker.leases import fair_share
 from worker.partition import Batch, Partition
@@ -72,6 +74,10 @@ class Ownership:
         self._floor: dict[int, int] = {}  # epochs seen, for a Redis that forgot them
         self.throttled = Throttled(log)
         self.rebuild_due = False  # a partition was dropped to be rebuilt: rebalance now
+        # In a Redis Cluster, a node out of reach or a slot being migrated faults only the
+        # partitions it holds: each waits alone (out_of_reach), the others serve on.
+        self.cluster = is_cluster(client)
+        self.unreachable: dict[int, Backoff] = {}
 
     # ---- the table -----------------------------------------------------------------------
     def owned(self) -> dict[int, int]:
@@ -113,6 +119,7 @@ class Ownership:
             part = self.parts.pop(p, None)
             self.share_budget()
         self.idle.discard(p)
+        self.unreachable.pop(p, None)
         if part is not None:
             self._floor[p] = max(self._floor.get(p, 0), part.epoch)
             log.warning("dropping partition %d (epoch %d): %s", p, part.epoch, why)
@@ -125,18 +132,20 @@ class Ownership:
         try:
             yield
         except Exception as e:
-            if classify(e) is Kind.UNAVAILABLE:
+            if classify(e) is Kind.UNAVAILABLE and not self.cluster:
                 raise
             self.contain(part, e)
 
     def contain(self, part: Partition, error: BaseException) -> None:
         """What a fault of one partition does to it (the module docstring has the table)."""
         kind = classify(error)
-        if kind is Kind.UNAVAILABLE:
+        if kind is Kind.UNAVAILABLE and not self.cluster:
             raise error
         if self.parts.get(part.number) is not part:
             return  # already dropped or replaced
-        if isinstance(error, CorruptBlob):  # moved aside: the next load falls back
+        if kind is Kind.UNAVAILABLE:
+            self.out_of_reach(part, error)
+        elif isinstance(error, CorruptBlob):  # moved aside: the next load falls back
             self.rebuild(part, str(error))
         elif kind is Kind.FENCED:
             self.drop(part.number, str(error))
@@ -146,6 +155,27 @@ class Ownership:
             self._recreate_group(part, error)
         else:
             self._back_off(part, kind, error)
+
+    def out_of_reach(self, part: Partition, error: BaseException) -> None:
+        """A cluster's node holding part's slot is out of reach, or the slot is being
+        migrated (TRYAGAIN): part keeps its memories, and the batch it could not commit
+        (``held``), and waits alone with backoff (Worker.ready_parts tries it again: the
+        held batch committed, its replay planned again), while the others serve on. Its
+        lease lapses if the node stays away: the keeper's verdict drops it then."""
+        p = part.number
+        delay = self.unreachable.setdefault(p, Backoff(base_s=0.1, cap_s=5.0)).fail()
+        metrics.ERRORS.labels("redis").inc()
+        self.throttled.log(
+            f"unreachable-{p}", logging.WARNING, "partition %d: its Redis node is out of reach "
+            "or its slot is moving (%s); the other partitions serve on, it is tried again in "
+            "%.1f s", p, error, delay,
+        )  # fmt: skip
+
+    def reachable(self, part: Partition) -> None:
+        if self.unreachable.pop(part.number, None) is not None:
+            self.throttled.clear(
+                f"unreachable-{part.number}", "partition %d: Redis reached again", part.number
+            )
 
     def served(self, part: Partition) -> None:
         """part read (and committed what it read) without a fault: its backoff starts over,
@@ -242,7 +272,12 @@ class Ownership:
         pipe = self.client.pipeline(transaction=False)
         for p in range(self.s.partitions):
             pipe.exists(self.keys.part(p, "lease"))
-        held = pipe.execute()
+        try:
+            held = pipe.execute()
+        except Exception as e:  # in a cluster, one node out of reach: ask each alone, a
+            if classify(e) is not Kind.UNAVAILABLE or not self.cluster:  # partition
+                raise  # whose node does not answer counts as held
+            held = [self._held(p) for p in range(self.s.partitions)]
         free = [
             p
             for p in range(self.s.partitions)
@@ -250,6 +285,14 @@ class Ownership:
         ]
         shift = sum(map(ord, self.s.worker_id)) % max(1, len(free))  # spread first tries
         return free[shift:] + free[:shift]
+
+    def _held(self, p: int) -> bool:
+        try:
+            return bool(self.client.exists(self.keys.part(p, "lease")))
+        except Exception as e:
+            if classify(e) is not Kind.UNAVAILABLE:
+                raise
+            return True
 
     def take(self, p: int) -> None:
         try:
@@ -261,7 +304,7 @@ class Ownership:
                 args=[self.s.worker_id, self.s.lease_ms, floor, self.model],
             )
         except Exception as e:  # an unreadable store, a refused ACQUIRE: not this time
-            if classify(e) is Kind.UNAVAILABLE:
+            if classify(e) is Kind.UNAVAILABLE and not self.cluster:
                 raise
             delay = self._retry.setdefault(p, Backoff(base_s=1.0, cap_s=60.0)).fail()
             self.throttled.log(
@@ -406,6 +449,7 @@ class Ownership:
             self.parts.pop(p, None)
             self.share_budget()
         self.idle.discard(p)
+        self.unreachable.pop(p, None)
         self.release(part)
         metrics.OWNED.set(len(self.parts))
         log.info("released partition %d (epoch %d) at %s", p, part.epoch, part.position)
@@ -427,7 +471,7 @@ class Ownership:
             try:
                 out[part] = self.io.replay(part)
             except Exception as e:
-                if classify(e) is Kind.UNAVAILABLE:
+                if classify(e) is Kind.UNAVAILABLE and not self.cluster:
                     raise
                 out[part] = e
         live = [p for p in parts if p not in out]
@@ -449,10 +493,13 @@ class Ownership:
         for part, error in replies.items():
             if error is None:
                 continue
-            if classify(error) is Kind.UNAVAILABLE:  # (Redis refusing writes: OOM, READONLY)
-                refused = refused or error  # the caller retries the whole commit (idempotent)
-            else:
+            if classify(error) is not Kind.UNAVAILABLE:
                 self.contain(part, error)
+            elif self.cluster:  # its node out of reach: it holds its batch, the others go on
+                part.held = batches[part]
+                self.contain(part, error)
+            else:  # (Redis refusing writes: OOM, READONLY)
+                refused = refused or error  # the caller retries the whole commit (idempotent)
         if refused is not None:
             raise refused
         return done

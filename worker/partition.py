@@ -87,6 +87,7 @@ class Partition:
         self.seen: str | None = None  # last entry id delivered to us (XREAD waits after it)
         self.replay_until: str | None = None  # replay (position, replay_until] before ">"
         self.uncommitted = False  # memories are ahead of what Redis acknowledged
+        self.held: Batch | None = None  # a batch whose commit met its cluster node out of reach
         self.tidy = False  # other consumers of the group removed after replay
         self.since_snapshot = 0
         self.snapshot_at = self.taken_at = time.monotonic()

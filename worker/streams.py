@@ -138,11 +138,13 @@ class _Sequential:
         self.calls.append(args)
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """Each call's reply, or (raise_on_error False) its fault: a node out of reach or a
+        slot being migrated fails only the calls of the partitions it holds."""
         replies: list[Any] = []
         for args in self.calls:
             try:
                 replies.append(self.client.evalsha(*args))
-            except redis.ResponseError as e:
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as e:
                 if raise_on_error:
                     raise
                 replies.append(e)

@@ -261,6 +261,7 @@ class Worker:
         parts = [self.parts[p] for p in sorted(self.parts)]
         if not parts or self.stopping.is_set():
             return False
+        parts = self.ready_parts(parts)
         work = {}
         for part, got in self.owner.read(parts).items():
             if isinstance(got, Exception):
@@ -277,6 +278,28 @@ class Worker:
             if self.parts.get(part.number) is part and part.snapshot_due(*every):
                 self.snapshot(part, self.stopping.is_set)
         return bool(work)
+
+    def ready_parts(self, parts: list[Partition]) -> list[Partition]:
+        """The partitions to read in this pass: in a cluster, one whose node was out of
+        reach waits out its backoff, then commits the batch it holds and plans its replay
+        again (entries the failed read delivered), alone: the others are not held up."""
+        ready = []
+        for part in parts:
+            retry = self.owner.unreachable.get(part.number)
+            if retry is not None and not retry.ready:
+                continue
+            if retry is not None:
+                with self.owner.contained(part):  # (out of reach again: it waits longer)
+                    if part.held is not None and self.owner.commit({part: part.held})[part]:
+                        self.committed(part, part.held)
+                        part.held = None
+                    if part.held is None and self.parts.get(part.number) is part:
+                        self.owner.plan_replay(part)
+                        self.owner.reachable(part)
+                if part.number in self.owner.unreachable or self.parts.get(part.number) is not part:
+                    continue
+            ready.append(part)
+        return ready
 
     def idle(self, part: Partition) -> None:
         """A partition read nothing: tidy it after its replay, prune its archive hourly."""
@@ -302,14 +325,17 @@ class Worker:
             return
         committed = self.commit_all(batches)
         for part, batch in batches.items():
-            if not committed.get(part):
-                continue
-            for op, n in batch.counts.items():
-                metrics.DEAD_LETTERS.inc(n) if op == "dead" else metrics.ENTRIES.labels(op).inc(n)
-            if batch.dead:
-                log_dead_letters(self.throttled, part.number, batch.dead)
+            if committed.get(part):
+                self.committed(part, batch)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         self.resident_gauges()
+
+    def committed(self, part: Partition, batch: Batch) -> None:
+        """A batch landed: count it, tell its dead letters."""
+        for op, n in batch.counts.items():
+            metrics.DEAD_LETTERS.inc(n) if op == "dead" else metrics.ENTRIES.labels(op).inc(n)
+        if batch.dead:
+            log_dead_letters(self.throttled, part.number, batch.dead)
 
     def apply(self, pending: dict[Partition, Pending]) -> dict[Partition, Batch]:
         """The engine's results for every partition's pending batch, as the batches to
