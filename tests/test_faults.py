@@ -609,6 +609,40 @@ def test_one_partitions_failing_snapshots_are_logged_once_while_others_succeed(
     assert "succeed again" not in caplog.text
 
 
+def test_a_librarys_repeated_error_lines_pass_once_a_minute():
+    """redis-py's cluster client logs every failed topology refresh at ERROR, at each call
+    while a node is out of reach (several a second): the worker's log handler lets such a
+    line through once a minute per kind, with the count held back; memnet's own lines
+    (throttled where they repeat) all pass."""
+    import io
+
+    from worker.logs import LibraryLinesThrottled
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    throttle = LibraryLinesThrottled(every_s=0.2)
+    handler.addFilter(throttle)
+    library, ours = logging.getLogger("redis.cluster"), logging.getLogger("worker.worker")
+    for logger in (library, ours):
+        logger.addHandler(handler)
+    try:
+        for port in range(5):
+            library.error(f"Topology refresh failed, keeping the current one: port {port}")
+            ours.warning("partition 0: its Redis node is out of reach (port %d)", port)
+        time.sleep(0.25)
+        library.error("Topology refresh failed, keeping the current one: port 9")
+    finally:
+        for logger in (library, ours):
+            logger.removeHandler(handler)
+    lines = out.getvalue().splitlines()
+    refresh = [line for line in lines if line.startswith("Topology")]
+    assert refresh == [
+        "Topology refresh failed, keeping the current one: port 0",
+        "Topology refresh failed, keeping the current one: port 9 (4 like it held back)",
+    ]
+    assert sum(line.startswith("partition 0") for line in lines) == 5
+
+
 def test_a_held_back_line_keeps_no_exception_alive():
     """Throttled keeps the latest held-back line to tell it within the minute: an exception
     there would keep its traceback's frames alive (a dropped partition's memories with

@@ -22,9 +22,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class LibraryLinesThrottled(logging.Filter):
+    """redis-py's cluster client logs each failed refresh of the cluster's topology at ERROR
+    level, at every call while a node is out of reach: several lines a second, for a fault
+    the worker tells itself once a minute. A library's line (a logger outside memnet's) goes
+    through once a minute per kind (its first 48 characters), with a count of those held
+    back."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in ("worker", "memnet", "__main__"):
+            return True
+        key, now = (record.name, record.getMessage()[:48]), time.monotonic()
+        last, held = self._seen.get(key, (None, 0))
+        if last is not None and now - last < self.every_s:
+            self._seen[key] = (last, held + 1)
+            return False
+        if len(self._seen) > 1000:  # (kinds are few; bounded whatever a library logs)
+            self._seen.clear()
+        if held:
+            record.msg, record.args = f"{record.getMessage()} ({held} like it held back)", None
+        self._seen[key] = (now, 0)
+        return True
+
+
 def configure(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(LibraryLinesThrottled())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
