@@ -847,3 +847,29 @@ def test_what_a_refused_branch_dropped_stays_for_the_line_that_went_on_without_i
     got = again.fetch(["m00000"])["m00000"]  # P's m00000, which the line still uses
     np.testing.assert_array_equal(got.matrix(), before_c["m00000"][0])
     assert got.writes == before_c["m00000"][1]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 64])
+def test_a_memory_blob_is_the_safetensors_file_safetensors_writes(n):
+    """encode_memory writes its safetensors file itself (the library's numpy wrapper was
+    three quarters of a small memory's encoding): safetensors reads it back as the file it
+    writes itself, arrays and metadata, for names JSON must escape."""
+    from safetensors.numpy import load as st_load
+    from safetensors.numpy import save as st_save
+
+    from memnet.codec import _memory_blob, _metadata
+
+    rng = np.random.default_rng(n)
+    slots = np.sort(rng.choice(64, n, replace=False)).astype("<i8")
+    rows = rng.standard_normal((n, 5)).astype("<f4")
+    for name in ['m"1\\', "é\u2028\x01", "\U0001f600 user", "a" * 300]:
+        ours = _memory_blob(name, "exact", 12, "3-4", slots, rows)
+        meta = {"name": name, "kind": "exact", "writes": "12", "made": "3-4"}
+        theirs = st_save({"slots": slots, "rows": rows}, metadata=meta)
+        got, want = st_load(ours), st_load(theirs)
+        assert got.keys() == want.keys() == {"slots", "rows"}
+        for key in got:
+            assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape
+            assert got[key].tobytes() == want[key].tobytes()
+        assert _metadata(ours) == _metadata(theirs) == meta
+        assert len(ours) == len(theirs) and int.from_bytes(ours[:8], "little") % 8 == 0
