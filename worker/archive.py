@@ -42,6 +42,12 @@ class Segment:
     key: str
 
 
+def _spans(entries: list[tuple[str, bytes]], segment: Segment) -> bool:
+    """Whether entries run from the segment's first id to its last (append writes them in
+    stream order: read from Redis, ids increasing)."""
+    return bool(entries) and entries[0][0] == segment.first and entries[-1][0] == segment.last
+
+
 def _padded(entry_id: str) -> str:
     ms, seq = parse_id(entry_id)
     return f"{ms:013d}-{seq:010d}"
@@ -99,8 +105,13 @@ class Archive:
         for segment in self.segments():
             if parse_id(segment.last) <= floor:
                 continue
-            for entry_id, raw in self._entries(segment):
-                at = parse_id(entry_id)
+            entries = self._entries(segment)
+            if parse_id(segment.first) > floor and _spans(entries, segment):
+                yield from entries  # (all after floor, in order: no id parsed per entry)
+                floor = parse_id(segment.last)
+                continue
+            for entry_id, raw in entries:  # (overlapping segments: a re-archive after a
+                at = parse_id(entry_id)  # crash between an append and its trim)
                 if at > floor:
                     floor = at
                     yield entry_id, raw

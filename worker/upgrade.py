@@ -163,7 +163,7 @@ def _history(
     transaction, and when that point passed what was read, the entries below it are read
     from the archive first (a worker archives before it trims)."""
     from worker.connection import text
-    from worker.protocol import Keys
+    from worker.protocol import Keys, parse_id
 
     keys, at = Keys(settings.prefix), _Position(after)
     yield from at.take((i, raw_fields(raw)) for i, raw in archive.read(after))
@@ -188,7 +188,8 @@ def _history(
             continue  # (and read the page again after them)
         if not got:
             return
-        yield from at.take(((text(i), fields) for i, fields in got), end)
+        past = parse_id(text(got[-1][0])) > parse_id(end)  # (only the first page, read to +)
+        yield from at.take(((text(i), fields) for i, fields in got), end if past else None)
         if not at.before(end):
             return
 
@@ -207,18 +208,18 @@ class _Position:
     def take(
         self, entries: Iterator[tuple[str, dict[bytes, Any]]], end: str | None = None
     ) -> Iterator[tuple[str, dict[bytes, Any]]]:
-        """The entries after the last one given, up to end (all if None), in order."""
+        """entries up to end (all if None), remembering the last one given. Each source
+        gives its entries in stream order after ``last``: the archive's read(last), and
+        XRANGE from "(last" (so no id is parsed per entry, but against end when given: a
+        rebuild reads millions)."""
         from worker.protocol import parse_id
 
         stop = None if end is None else parse_id(end)
-        floor = None if self.last is None else parse_id(self.last)
         for entry_id, fields in entries:
-            at = parse_id(entry_id)  # (once per entry: a rebuild reads millions)
-            if stop is not None and at > stop:
+            if stop is not None and parse_id(entry_id) > stop:
                 return
-            if floor is None or at > floor:
-                floor, self.last = at, entry_id
-                yield entry_id, fields
+            self.last = entry_id
+            yield entry_id, fields
 
 
 def raw_fields(raw: bytes) -> dict[bytes, Any]:
