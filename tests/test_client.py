@@ -504,3 +504,52 @@ def test_a_tail_of_a_partition_the_deployment_lacks_is_refused(redis_server, dep
                 await anext(client.tail([-1]))
 
     asyncio.run(run())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["standalone", "cluster"])
+def test_produce_never_sends_an_event_twice_after_a_lost_reply(tmp_path, monkeypatch, kind):
+    """A reply lost after Redis ran the XADDs (a timeout): produce stops with the error and
+    its note, and no event is added twice. A cluster's pipeline sent every command of the
+    node again on its own, whatever the client's retry policy: each event twice, reported
+    as sent once."""
+    import redis.connection
+
+    from worker.servers import RedisCluster, RedisServer
+
+    server = RedisServer(tmp_path / "r") if kind == "standalone" else RedisCluster(tmp_path / "c")
+    try:
+        r = server.client()
+        r.hset(Keys("cl-lost").meta, mapping=VECTOR_META)
+        path = write_lines(tmp_path / "events.jsonl", [good(j) for j in range(20)])
+        client = MemnetClient(server.url, "cl-lost")
+        assert client.deployment.partitions == PARTITIONS  # (read before the fault)
+        send, read, lose = (
+            redis.connection.Connection.send_packed_command,
+            redis.connection.Connection.read_response,
+            [],
+        )
+
+        def sending(self, command, *args, **kwargs):
+            data = b"".join(command) if isinstance(command, list) else command
+            if b"XADD" in data and not lose:
+                lose.append(self)  # (this connection's next reply is lost)
+            return send(self, command, *args, **kwargs)
+
+        def reading(self, *args, **kwargs):
+            if lose and lose[0] is self:
+                lose[0] = None
+                self.disconnect()
+                raise redis.exceptions.TimeoutError("Timeout reading from socket (lost)")
+            return read(self, *args, **kwargs)
+
+        monkeypatch.setattr(redis.connection.Connection, "send_packed_command", sending)
+        monkeypatch.setattr(redis.connection.Connection, "read_response", reading)
+        with pytest.raises(redis.exceptions.TimeoutError) as caught:
+            produce_file(client, path)
+        monkeypatch.undo()
+        landed = sum(lengths(r, "cl-lost"))
+        assert 0 < landed <= 20  # each at most once
+        assert "resume with skip" in caught.value.__notes__[0]
+    finally:
+        server.stop()

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from worker.client import ClientError, Deployment, InvalidEvent, MemnetClient
+from worker.connection import is_cluster
 from worker.protocol import pack
 
 PIPELINE = 500  # events per round trip
@@ -53,18 +54,31 @@ def produce_file(client: MemnetClient, path: str | os.PathLike[str], skip: int =
     deployment = client.deployment
     total = sum(1 for _ in _events(path, deployment, "check"))
     sent = 0
+    # A cluster's pipeline sends every command of a node whose reply was lost again, on
+    # its own, whatever the client's retry policy: each event would be added twice. There
+    # the events go one by one (a command alone is not sent again).
+    cluster = is_cluster(client.redis)
     pipe = client.redis.pipeline(transaction=False)
     try:
         for n, event in enumerate(_events(path, deployment, "produce"), 1):
             if n <= skip:
                 continue
-            pipe.xadd(client.keys.inp(deployment.partition(event["memory"])), {"msg": pack(event)})
+            stream, fields = (
+                client.keys.inp(deployment.partition(event["memory"])),
+                {"msg": pack(event)},
+            )
+            if cluster:
+                client.redis.xadd(stream, fields)
+                sent += 1
+                continue
+            pipe.xadd(stream, fields)
             if len(pipe) >= PIPELINE:
                 sent += len(pipe.execute())
         sent += len(pipe.execute())
     except Exception as e:
+        more = 1 if cluster else PIPELINE
         e.add_note(
-            f"sent {sent} of {max(0, total - skip)} events (up to {PIPELINE} more may have "
+            f"sent {sent} of {max(0, total - skip)} events (up to {more} more may have "
             f"landed); resume with skip {skip + sent} (memnet produce --skip {skip + sent})"
         )
         raise
