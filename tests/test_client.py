@@ -553,3 +553,65 @@ def test_produce_never_sends_an_event_twice_after_a_lost_reply(tmp_path, monkeyp
         assert "resume with skip" in caught.value.__notes__[0]
     finally:
         server.stop()
+
+
+def test_a_response_trimmed_before_it_was_read_is_told_apart_from_a_timeout(
+    redis_server, deployment
+):
+    """Out streams keep MEMNET_RESPONSE_MAXLEN responses: one trimmed before the client
+    read it raises ResponseTrimmed at once (a QueryTimeout, so handlers of that still
+    catch it), not a timeout saying no worker runs; one not yet published times out."""
+    from worker.client import QueryTimeout, ResponseTrimmed
+
+    r = deployment("cl-trim")
+    out = Keys("cl-trim").out(0)
+    for j in range(1, 201):
+        r.xadd(out, {"msg": msgpack.packb({"id": f"q{j}", "y": [0.0]})}, id=f"{j}-0")
+    r.xtrim(out, maxlen=10, approximate=False)
+
+    async def waited(entry_id):
+        async with AsyncMemnetClient(redis_server.url, "cl-trim") as client:
+            return await client.wait(0, entry_id, timeout_s=3)
+
+    with MemnetClient(redis_server.url, "cl-trim") as client:
+        assert client.wait(0, "195-0")["id"] == "q195"
+        with pytest.raises(
+            ResponseTrimmed, match=r"no response to 5-0 .* goes on from 191-0: it was trimmed"
+        ):
+            client.wait(0, "5-0", timeout_s=30)
+        with pytest.raises(QueryTimeout) as caught:
+            client.wait(0, "300-0", timeout_s=1.5)
+        assert not isinstance(caught.value, ResponseTrimmed)
+    with pytest.raises(ResponseTrimmed):
+        asyncio.run(waited("190-0"))
+
+
+def test_an_event_of_more_keys_than_a_worker_decodes_is_refused_before_it_is_sent(
+    redis_server, deployment
+):
+    r = deployment("cl-keys")
+    event = {"op": "write", "memory": "m", "x": [1.0] * D_IN}
+    event.update({f"k{j}": j for j in range(64 - len(event))})
+    with MemnetClient(redis_server.url, "cl-keys") as client:
+        client.send(event)  # 64 keys: the most a worker decodes
+        with pytest.raises(InvalidEvent, match="at most 64 keys, this one 65"):
+            client.send({**event, "one more": 1})
+    assert sum(lengths(r, "cl-keys")) == 1
+
+
+@pytest.mark.slow
+def test_the_asyncio_client_refuses_a_cluster_it_does_not_support(tmp_path):
+    from worker.servers import RedisCluster
+
+    cluster = RedisCluster(tmp_path / "c")
+    try:
+        cluster.client().hset(Keys("cl-async").meta, mapping=VECTOR_META)
+
+        async def run():
+            async with AsyncMemnetClient(cluster.url, "cl-async") as client:
+                await client.write("bob", x=[1.0] * D_IN)
+
+        with pytest.raises(ClientError, match="does not support Redis Cluster"):
+            asyncio.run(run())
+    finally:
+        cluster.stop()

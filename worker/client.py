@@ -15,6 +15,7 @@ commands (docs/protocol.md). Importing this module imports neither JAX nor memne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 import msgpack
+import redis
 from redis.backoff import NoBackoff
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ from worker.events import (
     NoDeployment,
     QueryTimeout,
     Response,
+    ResponseTrimmed,
     delete_event,
     query_event,
     write_event,
@@ -52,6 +55,7 @@ __all__ = [
     "MemnetError",
     "NoDeployment",
     "QueryTimeout",
+    "ResponseTrimmed",
     "delete_event",
     "query_event",
     "write_event",
@@ -71,12 +75,21 @@ def _unpack(fields: Mapping[bytes, bytes]) -> Response:
 
 
 def _find(reply: Any, entry_id: str, after: str) -> tuple[Response | None, str]:
-    """Look for entry_id in an XREAD reply: (its response or None, the id to read after)."""
-    for _stream, entries in reply or []:
+    """Look for entry_id in an XREAD reply (read after the id just before it): (its
+    response or None, the id to read after). A later response there and not this one:
+    responses are published in input order, so this one was, and was trimmed since
+    (ResponseTrimmed)."""
+    for stream, entries in reply or []:
         for got_id, fields in entries:
             after = text(got_id)
             if after == entry_id:
                 return _unpack(fields), after
+            raise ResponseTrimmed(
+                f"no response to {entry_id} is left in {text(stream)}, which goes on from "
+                f"{after}: it was trimmed before it was read (more than "
+                f"MEMNET_RESPONSE_MAXLEN responses came after it), or {entry_id} was no "
+                "query of this partition"
+            )
     return None, after
 
 
@@ -349,8 +362,16 @@ class AsyncMemnetClient(_ClientBase):
         await self.close()
 
     async def deployment(self) -> Deployment:
-        """The deployment's record, read once (raises NoDeployment while it is missing)."""
+        """The deployment's record, read once (raises NoDeployment while it is missing;
+        ClientError on a Redis Cluster, which this client does not support: its commands
+        for slots of other nodes would fail with MOVED)."""
         if self._deployment is None:
+            with contextlib.suppress(redis.ResponseError):  # (a user without INFO)
+                if (await self.redis.info("cluster")).get("cluster_enabled"):
+                    raise ClientError(
+                        "AsyncMemnetClient does not support Redis Cluster: use MemnetClient "
+                        "(in a thread, e.g. asyncio.to_thread)"
+                    )
             values = await self.redis.hgetall(self.keys.meta)
             self._deployment = Deployment.from_meta(values, self.keys.meta)
         return self._deployment

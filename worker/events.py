@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from worker.connection import text
-from worker.protocol import MAX_NAME_BYTES, OPS, partition_of
+from worker.protocol import MAX_KEYS, MAX_NAME_BYTES, OPS, partition_of
 
 Response = dict[str, Any]
 TEXT_ENCODERS = frozenset({"position-bow"})  # memnet's text I components (add new ones here)
@@ -49,6 +49,11 @@ class InvalidEvent(ClientError, ValueError):
 
 class QueryTimeout(ClientError, TimeoutError):
     """No response arrived in time (is a worker running?)."""
+
+
+class ResponseTrimmed(QueryTimeout):
+    """The response was published and has since been trimmed from the out stream (more
+    than MEMNET_RESPONSE_MAXLEN responses came after it before it was read)."""
 
 
 class MemnetError(ClientError):
@@ -107,6 +112,8 @@ class Deployment:
         op = event.get("op")
         if op not in OPS:
             raise InvalidEvent(f"unknown op {op!r} (expected 'write', 'query' or 'delete')")
+        if len(event) > MAX_KEYS:
+            raise InvalidEvent(f"an event has at most {MAX_KEYS} keys, this one {len(event)}")
         _check_name(event.get("memory"))
         for key, value in event.items():  # (every string is sent: each must be UTF-8)
             if isinstance(key, str):
