@@ -134,6 +134,7 @@ class SnapshotStore:
         self._resolved = False  # view and head reflect the store's newest snapshot
         self._bodies: dict[str, dict[str, Any]] = {}  # manifest key -> verified body
         self._gc_mark: SnapshotInfo | None = None  # dropped lists processed up to here
+        self._mine: list[SnapshotInfo] = []  # published by this writer, not yet retired
 
     @property
     def where(self) -> str:
@@ -156,12 +157,15 @@ class SnapshotStore:
         return sorted(found, reverse=True)
 
     def _listed(self) -> list[SnapshotInfo]:
-        """snapshots(), with this writer's newest even where the listing does not show it
-        yet (stores whose listings lag behind a create)."""
+        """snapshots(), with those this writer published and has not retired even where
+        the listing does not show them yet (stores whose listings lag behind creates: by
+        one or several; a kept snapshot missing from it would not count as kept, and the
+        sweep would delete what it needs)."""
         found = self.snapshots()
-        if self.head is not None and self.head[0] not in found:
-            found = sorted([*found, self.head[0]], reverse=True)
-        return found
+        missing = [info for info in self._mine if info not in found]
+        if self.head is not None and self.head[0] not in found + missing:
+            missing.append(self.head[0])
+        return sorted([*found, *missing], reverse=True) if missing else found
 
     def manifests(self) -> list[tuple[SnapshotInfo, dict[str, Any]]]:
         """(snapshot, manifest body) newest first, for those whose manifest verifies."""
@@ -404,6 +408,7 @@ class SnapshotStore:
         self.view.remove(removed)
         self.view.update(changes)
         self.head = (info, body)
+        self._mine.append(info)
         self._bodies[info.key] = body
         try:
             self._retire(full=body["parent"] is None)
@@ -615,6 +620,7 @@ class SnapshotStore:
         self.store.delete(i.key for i in retired)
         for info in retired:
             self._bodies.pop(info.key, None)
+        self._mine = [info for info in self._mine if info not in retired]
         self._gc_mark = oldest
         if full:
             self._sweep(kept, needed)
