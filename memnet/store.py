@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +44,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 THREADS = 8  # concurrent requests of one put_many/get_many (I/O bound: network or fsync)
+CREATE_TRIES = 5  # an object store's create met by a conflicting request in progress (409)
 
 
 class StoreError(SnapshotError):
@@ -196,7 +199,7 @@ class DirectoryStore:
     @staticmethod
     def _write_temporary(final: str, data: bytes) -> str:
         parent = os.path.dirname(final)
-        os.makedirs(parent, exist_ok=True)
+        _make_dirs(parent)
         tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
@@ -218,12 +221,19 @@ class DirectoryStore:
         try:
             stack = [top] if os.path.isdir(top) else []
             while stack:
-                with os.scandir(stack.pop()) as entries:
+                try:
+                    entries = os.scandir(stack.pop())
+                except FileNotFoundError:  # (removed since it was listed)
+                    continue
+                with entries:
                     for entry in entries:
                         if entry.is_dir(follow_symlinks=False):
                             stack.append(entry.path)
                         elif not entry.name.startswith(".tmp-"):
-                            st = entry.stat()
+                            try:
+                                st = entry.stat()
+                            except FileNotFoundError:  # deleted while this lists (a prune,
+                                continue  # a retention): not listed, as a moment later
                             key = entry.path[skip:].replace(os.sep, "/")
                             out.append(Listed(key, st.st_size, st.st_mtime))
         except OSError as e:
@@ -252,6 +262,19 @@ class DirectoryStore:
                     _unlink(os.path.join(parent, name))
 
 
+def _make_dirs(path: str) -> None:
+    """os.makedirs, each directory it makes fsynced in its parent: the first snapshot's
+    manifest is durable only with its directory's entry (the input is trimmed after it)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        _make_dirs(parent)
+    with contextlib.suppress(FileExistsError):  # (another writer made it meanwhile)
+        os.mkdir(path)
+    fsync_path(parent)
+
+
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -265,7 +288,7 @@ class ObjectStore:
     def __init__(self, url: str) -> None:
         from obstore.store import from_url
 
-        self.url = url
+        self.url = _masked(url)  # (in every message; credentials in the URL are not shown)
         try:
             self._store = from_url(
                 url,
@@ -285,7 +308,7 @@ class ObjectStore:
                 },
             )
         except Exception as e:  # obstore's configuration errors: a bad URL or variable
-            raise StoreError(f"{url}: cannot open ({e})") from e
+            raise StoreError(f"{self.url}: cannot open ({_short(e)})") from e
 
     def get(self, key: str) -> bytes:
         import obstore
@@ -319,12 +342,33 @@ class ObjectStore:
         import obstore
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
+        for attempt in range(CREATE_TRIES):
+            try:
+                obstore.put(self._store, key, data, mode="create")
+                return
+            except (AlreadyExistsError, PreconditionError):
+                # 412: the object exists. 409 (which obstore reports the same way): another
+                # request on the key is in progress (this client's own retry after a
+                # timeout, say), and S3 asks to try again: only an object there says which.
+                if self._exists(key):
+                    raise AlreadyExists(f"{self.url}/{key}: already exists") from None
+                time.sleep(0.1 * 2**attempt)
+            except Exception as e:
+                raise StoreError(f"{self.url}/{key}: cannot write ({_short(e)})") from e
+        raise StoreError(
+            f"{self.url}/{key}: cannot write (requests in conflict, {CREATE_TRIES} tries)"
+        )
+
+    def _exists(self, key: str) -> bool:
+        import obstore
+
         try:
-            obstore.put(self._store, key, data, mode="create")
-        except (AlreadyExistsError, PreconditionError):
-            raise AlreadyExists(f"{self.url}/{key}: already exists") from None
+            obstore.head(self._store, key)
+        except FileNotFoundError:
+            return False
         except Exception as e:
-            raise StoreError(f"{self.url}/{key}: cannot write ({_short(e)})") from e
+            raise StoreError(f"{self.url}/{key}: cannot read ({_short(e)})") from e
+        return True
 
     def list(self, prefix: str) -> list[Listed]:
         import obstore
@@ -353,5 +397,14 @@ class ObjectStore:
 
 
 def _short(e: Exception) -> str:
-    """obstore's messages carry the whole request debug dump: keep its first line."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    """obstore's messages carry the whole request debug dump: keep its first line (with
+    any credentials of a URL in it masked: an endpoint from AWS_ENDPOINT_URL may carry them)."""
+    return _masked(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+_CREDENTIALS = re.compile(r"(//[^/@\s:]*:)[^@\s]*@")
+
+
+def _masked(text: str) -> str:
+    """text with the password of each user:password@ in a URL replaced by ***."""
+    return _CREDENTIALS.sub(r"\1***@", text)

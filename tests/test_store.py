@@ -182,3 +182,67 @@ def test_snapshot_writers_racing_on_s3_publish_one_manifest(s3_env):
         second.save({}, "3-0", epoch=1, abort=lambda: not published and race())
     loaded = SnapshotStore(url, engine).load()
     assert loaded.name == published[0].name and loaded.position == "2-0"
+
+
+def test_a_create_met_by_a_conflicting_request_is_tried_again(s3_env, monkeypatch):
+    """S3 answers 409 (ConditionalRequestConflict) to a conditional PUT while another
+    request on the key is in progress -- this client's own retry after a timeout, say --
+    and asks to try again; obstore reports it as AlreadyExistsError, like 412. Taken for
+    "already there", a blob was never written and its snapshot published without it. Only
+    an object at the key means it exists."""
+    import obstore
+    from obstore.exceptions import AlreadyExistsError
+
+    store = open_store(s3_env.url("root"))
+    real, conflicts = obstore.put, [2]
+
+    def put(*args, **kwargs):
+        if kwargs.get("mode") == "create" and conflicts[0]:
+            conflicts[0] -= 1
+            raise AlreadyExistsError("409 Conflict: ConditionalRequestConflict")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obstore, "put", put)
+    store.create("blobs/b", b"bytes")
+    assert store.get("blobs/b") == b"bytes" and conflicts == [0]
+    with pytest.raises(AlreadyExists):  # (an object there: it exists, as a 412 says)
+        store.create("blobs/b", b"bytes")
+
+
+def test_a_directory_listing_skips_a_file_gone_while_it_lists(tmp_path):
+    """A prune or a retention deletes files while another process lists the directory (a
+    takeover's load, a rebuild reading the archive): the file is left out, not an error
+    that fails the listing. (A dangling link stands for it: listed, then gone.)"""
+    store = DirectoryStore(tmp_path / "store")
+    store.put("archive/p0/a", b"1")
+    (tmp_path / "store" / "archive" / "p0" / "b").symlink_to(tmp_path / "gone")
+    assert [item.key for item in store.list("archive/")] == ["archive/p0/a"]
+
+
+def test_a_directory_store_makes_its_new_directories_durable(tmp_path, monkeypatch):
+    """Each directory the store makes is fsynced in its parent: the first manifest's
+    directory entry too (the input is trimmed right after the first snapshot)."""
+    from memnet import store as store_module
+
+    synced = []
+    real = store_module.fsync_path
+    monkeypatch.setattr(store_module, "fsync_path", lambda p: synced.append(p) or real(p))
+    root = tmp_path / "store"
+    DirectoryStore(root).create("p0/MODEL/manifests/m", b"1")
+    for made in ("p0", "p0/MODEL", "p0/MODEL/manifests"):
+        assert str((root / made).parent) in synced, (made, synced)
+
+
+def test_credentials_in_a_store_url_are_never_shown(s3_env):
+    """A URL written with user:password@ (which obstore refuses for s3://), and obstore's
+    messages naming an endpoint given with credentials: the password is masked."""
+    from memnet.store import _short
+
+    with pytest.raises(StoreError) as caught:
+        ObjectStore(s3_env.url("root").replace("s3://", "s3://AKIAKEY:SeCr/et@"))
+    assert "SeCr/et" not in str(caught.value) and "AKIAKEY:***@" in str(caught.value)
+    error = OSError("Generic S3 error: sending http://minio:SeCrEtPw@10.0.0.1:9000/b failed")
+    assert (
+        _short(error)
+        == "OSError: Generic S3 error: sending http://minio:***@10.0.0.1:9000/b failed"
+    )
