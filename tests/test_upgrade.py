@@ -629,3 +629,14 @@ def test_a_deploy_that_lost_its_lock_does_not_switch_and_a_stale_record_defers_t
     r.delete(keys.meta)
     Worker(s, Engine(load_model(model_file)))._start_up()  # the serve keys say A: accepted
     assert text(r.hget(keys.meta, "model")) == a_fp
+
+
+def test_the_archives_pruned_mark_only_goes_up(tmp_path):
+    """A prune working from an older listing (an old owner's, slowed by retries) must not
+    bring PRUNED back below segments another prune deleted: a rebuild would then pass its
+    hole check and skip the entries silently."""
+    archive = Archive(store_at(f"file://{tmp_path / 'store'}"), 0)
+    archive.append([("1000-0", b"a"), ("1001-0", b"b")])  # (ids in ms: long ago)
+    archive.store.put(archive.prefix + "PRUNED", b"5000-0")  # (another prune went further)
+    assert archive.prune(days=1) == 1
+    assert archive.pruned() == "5000-0"

@@ -131,6 +131,9 @@ class Archive:
         if not old:
             return 0
         newest = max((s.last for s in old), key=parse_id)
+        before = self.pruned()  # (only up: a slower prune of an older listing, an old
+        if before is not None and parse_id(before) > parse_id(newest):  # owner's, must not
+            newest = before  # bring it down below segments another prune deleted)
         self.store.put(self.prefix + "PRUNED", newest.encode())
         self.store.delete(s.key for s in old)
         return len(old)
