@@ -496,6 +496,34 @@ def test_a_snapshot_store_serves_one_deployment(redis_url, redis_server, tmp_pat
     again.shutdown()  # (its own deployment: accepted)
 
 
+def test_a_store_that_ignores_conditional_writes_is_refused_at_start_up(
+    redis_url, redis_server, tmp_path, model_file, monkeypatch
+):
+    """Some S3-compatible services ignore If-None-Match: a create overwrites. Snapshot
+    publication (one manifest per serial) and the store's deployment claim rely on creates
+    that fail where an object exists; such a store is refused, naming what it lacks."""
+    from worker import ownership
+    from worker.settings import SettingsError
+
+    real = ownership.store_at
+
+    class Overwriting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def create(self, key, data):
+            self.inner.put(key, data)
+
+    monkeypatch.setattr(ownership, "store_at", lambda url: Overwriting(real(url)))
+    with pytest.raises(SettingsError, match="does not refuse to create an object that exists"):
+        Worker(
+            settings(redis_url, tmp_path, model_file), Engine(load_model(model_file))
+        )._start_up()
+
+
 def test_an_engine_failure_that_comes_back_stays_with_its_partition(
     redis_url, redis_server, tmp_path, model_file
 ):

@@ -635,6 +635,23 @@ def record_deployed(settings: Settings, model: str) -> None:
         log.warning("could not record the deployed model in the snapshot store (%s)", e)
 
 
+def _check_creates(store: Store, settings: Settings, claim: bytes) -> None:
+    """A store that ignores conditional writes (S3's If-None-Match: some S3-compatible
+    services) lets two writers publish the same manifest, each over the other, and two
+    deployments claim one store: refused at start-up. (Told by creating what was just
+    created, which must fail.)"""
+    try:
+        store.create(DEPLOYMENT, claim)
+    except memnet.store.AlreadyExists:
+        return
+    raise SettingsError(
+        f"MEMNET_SNAPSHOT_URL: the store {settings.store_url} does not refuse to create an "
+        "object that exists (it ignores S3's conditional writes, If-None-Match: *), which "
+        "snapshots and leases of the store rely on: use a store that honours them (AWS S3, "
+        "MinIO, Cloudflare R2 and others do)"
+    )
+
+
 def claim_store(settings: Settings) -> None:
     """The snapshot store belongs to one deployment (MEMNET_PREFIX): its keys (pP/MODEL/,
     archive/pP/) do not name the prefix, so two deployments pointed at one store would load
@@ -646,9 +663,12 @@ def claim_store(settings: Settings) -> None:
         store = store_at(settings.store_url)
         try:
             store.create(DEPLOYMENT, claim.encode())
+            _check_creates(store, settings, claim.encode())
             return
         except memnet.store.AlreadyExists:
             owner = json.loads(store.get(DEPLOYMENT)).get("prefix")
+    except SettingsError:
+        raise
     except Exception as e:  # (unreachable, or a client that cannot be made yet)
         log.warning("could not check the snapshot store's deployment (%s)", e)
         return
