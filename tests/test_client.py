@@ -589,13 +589,20 @@ def test_a_response_trimmed_before_it_was_read_is_told_apart_from_a_timeout(
 def test_an_event_of_more_keys_than_a_worker_decodes_is_refused_before_it_is_sent(
     redis_server, deployment
 ):
+    """A worker's decoding refuses a map of more than 64 keys, at any depth, and a key
+    that is not a string: the client refuses them before sending, as every other check."""
     r = deployment("cl-keys")
     event = {"op": "write", "memory": "m", "x": [1.0] * D_IN}
     event.update({f"k{j}": j for j in range(64 - len(event))})
     with MemnetClient(redis_server.url, "cl-keys") as client:
         client.send(event)  # 64 keys: the most a worker decodes
-        with pytest.raises(InvalidEvent, match="at most 64 keys, this one 65"):
+        with pytest.raises(InvalidEvent, match="the event has 65 keys: a map holds at most 64"):
             client.send({**event, "one more": 1})
+        nested = {"op": "write", "memory": "m", "x": [1.0] * D_IN}
+        with pytest.raises(InvalidEvent, match="'tags' has 65 keys"):
+            client.send({**nested, "tags": {f"t{j}": j for j in range(65)}})  # (any map)
+        with pytest.raises(InvalidEvent, match="a key that is not a string: 7"):
+            client.send({**nested, "tags": [{7: "seven"}]})
     assert sum(lengths(r, "cl-keys")) == 1
 
 

@@ -112,14 +112,8 @@ class Deployment:
         op = event.get("op")
         if op not in OPS:
             raise InvalidEvent(f"unknown op {op!r} (expected 'write', 'query' or 'delete')")
-        if len(event) > MAX_KEYS:
-            raise InvalidEvent(f"an event has at most {MAX_KEYS} keys, this one {len(event)}")
+        _check_maps(event, None)
         _check_name(event.get("memory"))
-        for key, value in event.items():  # (every string is sent: each must be UTF-8)
-            if isinstance(key, str):
-                _utf8(key, key)
-            if isinstance(value, str):
-                _utf8(value, str(key))
         if op == "delete":
             return _delete(event)
         if op == "query" and not (isinstance(event.get("id"), str) and event["id"]):
@@ -170,6 +164,26 @@ def _utf8(value: str, field: str) -> bytes:
         raise InvalidEvent(
             f"'{field}' is not valid Unicode (a lone surrogate at {e.start})"
         ) from None
+
+
+def _check_maps(value: Any, field: str | None) -> None:
+    """What a worker's decoding refuses, refused before sending: a map (the event, field
+    None, or one nested in a field's value) of more than MAX_KEYS keys or with a key that
+    is not a string, and a string that is not valid Unicode."""
+    where = "the event" if field is None else f"'{field}'"
+    if isinstance(value, str):
+        _utf8(value, str(field))
+    elif isinstance(value, Mapping):
+        if len(value) > MAX_KEYS:
+            raise InvalidEvent(f"{where} has {len(value)} keys: a map holds at most {MAX_KEYS}")
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidEvent(f"{where} has a key that is not a string: {key!r}")
+            _utf8(key, key)
+            _check_maps(item, key if field is None else field)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_maps(item, field)
 
 
 def _check_name(memory: Any) -> None:
