@@ -162,7 +162,8 @@ class SnapshotStore:
         one or several; a kept snapshot missing from it would not count as kept, and the
         sweep would delete what it needs)."""
         found = self.snapshots()
-        missing = [info for info in self._mine if info not in found]
+        listed = set(found)
+        missing = [info for info in self._mine if info not in listed]
         if self.head is not None and self.head[0] not in found + missing:
             missing.append(self.head[0])
         return sorted([*found, *missing], reverse=True) if missing else found

@@ -402,9 +402,11 @@ def _short(e: Exception) -> str:
     return _masked(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
-_CREDENTIALS = re.compile(r"(//[^/@\s:]*:)[^@\s]*@")
+_CREDENTIALS = re.compile(r"(//[^/@\s:]*:)\S*@")  # (to the last @: a password may hold @)
 
 
 def _masked(text: str) -> str:
-    """text with the password of each user:password@ in a URL replaced by ***."""
+    """text with the password of each user:password@ in a URL replaced by *** (from the
+    first ":" after the user to the URL's last "@": more than the password where a path
+    holds "@", never less)."""
     return _CREDENTIALS.sub(r"\1***@", text)

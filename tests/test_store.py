@@ -246,3 +246,5 @@ def test_credentials_in_a_store_url_are_never_shown(s3_env):
         _short(error)
         == "OSError: Generic S3 error: sending http://minio:***@10.0.0.1:9000/b failed"
     )
+    raw = OSError("cannot open s3://AKIA:se@cret@bucket/root")  # (a raw "@" in the password)
+    assert _short(raw) == "OSError: cannot open s3://AKIA:***@bucket/root"
