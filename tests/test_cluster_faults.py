@@ -250,3 +250,92 @@ def test_a_node_down_leaves_the_partitions_of_the_other_nodes_served(
         send(r, PREFIX, PARTITIONS, after)
         wait_for(lambda: len(answers(r)) >= queries(batch), 60, "every answer")
     assert_all_answered_once(r, first + down + after, engine)
+
+
+@pytest.mark.parametrize("script", ["read", "commit"])
+def test_a_reply_lost_after_its_script_ran_is_answered_once(
+    cluster, tmp_path, model_file, engine, script
+):
+    """Partition 0's read (or commit) runs on its node, and its reply is lost twice (a
+    timeout): the read's entries were delivered to the group and never reached the
+    worker, so its replay must be planned again before it reads on; the commit's batch is
+    held and sent again (idempotent). Every query is answered exactly once."""
+    import redis
+
+    r = cluster.client()
+    worker = Worker(settings(cluster, tmp_path, model_file, lease_ms=5000), engine)
+    worker.burst = True
+    worker._start_up()
+    worker.owner.rebalance(worker.keeper.members, grace=True)
+    assert sorted(worker.parts) == list(range(PARTITIONS))
+    batch = events(200, MEMORIES, DIMS, np.random.default_rng(34))
+    send(r, PREFIX, PARTITIONS, batch)
+    sha = getattr(worker.scripts, script).sha
+    real, lost = worker.client.evalsha, [2]
+
+    def evalsha(called, n, *rest):
+        reply = real(called, n, *rest)
+        if called == sha and rest[0] == KEYS.part(0, "epoch") and lost[0]:
+            lost[0] -= 1
+            raise redis.TimeoutError("the reply was lost (the script ran)")
+        return reply
+
+    worker.client.evalsha = evalsha
+    deadline = time.monotonic() + 30
+    while len(answers(r)) < queries(batch) and time.monotonic() < deadline:
+        worker.step()
+        time.sleep(0.01)
+    assert lost == [0] and not worker.owner.unreachable
+    assert sorted(worker.parts) == list(range(PARTITIONS))  # none dropped or rebuilt
+    assert_all_answered_once(r, batch, engine)
+    worker.shutdown()
+
+
+def test_a_node_that_stops_answering_holds_back_only_its_partitions(
+    cluster, tmp_path, model_file, engine
+):
+    """A node frozen or cut off accepts connections and never answers: each call to it
+    waits out the client's timeout. The keeper's calls time out within a lease, so the
+    other partitions' leases never lapse, and a retry of the partition out of reach first
+    pings its node briefly, so the others are served without stalls of the full timeout.
+    Once the node answers again, every query is answered exactly once."""
+    import os
+    import signal
+
+    for node in cluster.nodes:
+        node.client().config_set("cluster-require-full-coverage", "no")
+    r = cluster.client()
+    home = {p: node_of(cluster, r.keyslot(KEYS.inp(p))) for p in range(PARTITIONS)}
+    victim = home[0]
+    healthy = [p for p in range(PARTITIONS) if home[p] is not victim]
+    assert healthy and victim not in {
+        node_of(cluster, r.keyslot(k)) for k in (KEYS.meta, KEYS.workers)
+    }
+    batch = events(240, MEMORIES, DIMS, np.random.default_rng(35))
+    first, rest = batch[:80], batch[80:]
+    worker = Worker(settings(cluster, tmp_path, model_file, lease_ms=3000), engine)
+    with serving(worker):
+        holds_every_partition(worker)
+        send(r, PREFIX, PARTITIONS, first)
+        wait_for(lambda: len(answers(r)) >= queries(first), 30, "the first answers")
+        epochs = {p: worker.parts[p].epoch for p in healthy}
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        try:
+            lapsed, waits, began = set(), [], time.monotonic()
+            for at in range(0, len(rest), 20):
+                chunk = in_partitions(rest[at : at + 20], healthy)
+                send(r, PREFIX, PARTITIONS, chunk)
+                sent = time.monotonic()
+                wanted = queries(first + rest[: at + 20], healthy)
+                wait_for(lambda n=wanted: len(answers(r, healthy)) >= n, 15, "healthy answers")
+                waits.append(time.monotonic() - sent)
+                lapsed |= {p for p in healthy if not r.exists(KEYS.part(p, "lease"))}
+            assert time.monotonic() - began > 3  # (long enough for the keeper to go round)
+            assert not lapsed, lapsed
+            assert sorted(waits)[len(waits) // 2] < 2.0, waits  # (not the 5 s timeout)
+            assert {p: getattr(worker.parts.get(p), "epoch", None) for p in healthy} == epochs
+        finally:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+        send(r, PREFIX, PARTITIONS, in_partitions(rest, [0]))
+        wait_for(lambda: len(answers(r)) >= queries(batch), 60, "every answer")
+    assert_all_answered_once(r, batch, engine)

@@ -21,7 +21,7 @@ def connect(url: str, *, timeout_s: float = 5.0, retries: int = 0) -> Client:
     """A client for url; a Redis Cluster is detected and served through RedisCluster."""
     options: dict[str, Any] = {
         "socket_timeout": timeout_s,
-        "socket_connect_timeout": 5.0,
+        "socket_connect_timeout": min(5.0, timeout_s),
         "retry": Retry(NoBackoff(), retries),
     }
     client = redis.Redis.from_url(url, **options)

@@ -42,6 +42,7 @@ from worker.streams import Entries, StreamIO
 
 log = logging.getLogger(__name__)
 
+PROBE_S = 0.5  # how long a cluster node out of reach has to answer before a retry
 SERVED_FOR_S = 60.0  # served this long since its take, a partition's backoff starts over
 
 
@@ -163,6 +164,7 @@ class Ownership:
         held batch committed, its replay planned again), while the others serve on. Its
         lease lapses if the node stays away: the keeper's verdict drops it then."""
         p = part.number
+        self.idle.discard(p)  # (a burst run waits for it)
         delay = self.unreachable.setdefault(p, Backoff(base_s=0.1, cap_s=5.0)).fail()
         metrics.ERRORS.labels("redis").inc()
         self.throttled.log(
@@ -170,6 +172,20 @@ class Ownership:
             "or its slot is moving (%s); the other partitions serve on, it is tried again in "
             "%.1f s", p, error, delay,
         )  # fmt: skip
+
+    def probe(self, part: Partition) -> None:
+        """Raise (UNAVAILABLE) unless the cluster node holding part's slot answers a PING
+        within PROBE_S: one that stopped answering (frozen, cut off) would hold the loop
+        for the client's whole timeout at each retry, the other partitions with it."""
+        node = self.client.get_node_from_key(self.keys.inp(part.number))
+        pool = node.redis_connection.connection_pool
+        options = {**pool.connection_kwargs, "socket_timeout": PROBE_S}
+        probe = pool.connection_class(**{**options, "socket_connect_timeout": PROBE_S})
+        try:  # (a connection of the node's own kind: its credentials, TLS, and no retry)
+            probe.send_command("PING")
+            probe.read_response()
+        finally:
+            probe.disconnect()
 
     def reachable(self, part: Partition) -> None:
         if self.unreachable.pop(part.number, None) is not None:
@@ -450,7 +466,12 @@ class Ownership:
             self.share_budget()
         self.idle.discard(p)
         self.unreachable.pop(p, None)
-        self.release(part)
+        try:
+            self.release(part)
+        except Exception as e:  # in a cluster, its node out of reach: its lease lapses
+            if not self.cluster or classify(e) is not Kind.UNAVAILABLE:
+                raise
+            log.warning("partition %d: its lease could not be released (%s); it lapses", p, e)
         metrics.OWNED.set(len(self.parts))
         log.info("released partition %d (epoch %d) at %s", p, part.epoch, part.position)
 

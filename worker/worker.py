@@ -102,9 +102,12 @@ class Worker:
         self._snapshot_failing: set[int] = set()  # partitions whose last snapshot failed
         self._resync = False  # a Redis call failed: re-plan from Redis's state before reading
         self.burst = False
+        # The keeper's calls time out well within a lease: one cluster node that stops
+        # answering must not hold the renewals of the other leases past their expiry.
+        keeper_client = connect(settings.redis_url, timeout_s=min(5.0, settings.lease_ms / 4000))
         self.keeper = LeaseKeeper(
             settings,
-            connect(settings.redis_url),
+            keeper_client,
             self.owner.owned,
             self.owner.holding,
             self.owner.mark_lost,
@@ -290,6 +293,7 @@ class Worker:
                 continue
             if retry is not None:
                 with self.owner.contained(part):  # (out of reach again: it waits longer)
+                    self.owner.probe(part)
                     if part.held is not None and self.owner.commit({part: part.held})[part]:
                         self.committed(part, part.held)
                         part.held = None
