@@ -132,6 +132,21 @@ def assert_all_answered_once(r, batch, engine):
         assert_same_answer(response, expected[response["id"]])
 
 
+def partition_zeros_node(cluster, r):
+    """(partition 0's node, the partitions on other nodes), the cluster set to serve its
+    other slots while a node is away; that node is neither REDIS_URL's nor the one of
+    PREFIX:meta or PREFIX:workers."""
+    for node in cluster.nodes:
+        node.client().config_set("cluster-require-full-coverage", "no")
+    home = {p: node_of(cluster, r.keyslot(KEYS.inp(p))) for p in range(PARTITIONS)}
+    victim = home[0]
+    healthy = [p for p in range(PARTITIONS) if home[p] is not victim]
+    assert healthy, "every partition on one node: no partition to stay served"
+    assert victim is not cluster.nodes[0]  # (REDIS_URL's node stays up)
+    assert victim not in {node_of(cluster, r.keyslot(k)) for k in (KEYS.meta, KEYS.workers)}
+    return victim, healthy
+
+
 def dropped(log_text):
     """The partitions the worker dropped (to take again, or rebuild) in log_text."""
     return {int(p) for p in re.findall(r"dropping partition (\d+)", log_text)}
@@ -215,15 +230,8 @@ def test_a_node_down_leaves_the_partitions_of_the_other_nodes_served(
     it: the partitions on the other nodes are answered meanwhile, never dropped. Once the
     node is back (restarted with its data), every query -- partition 0's too, sent before
     it went down and after it came back -- is answered exactly once."""
-    for node in cluster.nodes:
-        node.client().config_set("cluster-require-full-coverage", "no")
     r = cluster.client()
-    home = {p: node_of(cluster, r.keyslot(KEYS.inp(p))) for p in range(PARTITIONS)}
-    victim = home[0]
-    healthy = [p for p in range(PARTITIONS) if home[p] is not victim]
-    assert healthy, "every partition on one node: no partition to stay served"
-    assert victim is not cluster.nodes[0]  # (REDIS_URL's node stays up)
-    assert victim not in {node_of(cluster, r.keyslot(k)) for k in (KEYS.meta, KEYS.workers)}
+    victim, healthy = partition_zeros_node(cluster, r)
     victim.client().config_set("save", "3600 1")  # stopped, it saves: a restart keeps data
     batch = events(360, MEMORIES, DIMS, np.random.default_rng(33))
     first, rest = batch[:120], batch[120:]
@@ -302,15 +310,8 @@ def test_a_node_that_stops_answering_holds_back_only_its_partitions(
     import os
     import signal
 
-    for node in cluster.nodes:
-        node.client().config_set("cluster-require-full-coverage", "no")
     r = cluster.client()
-    home = {p: node_of(cluster, r.keyslot(KEYS.inp(p))) for p in range(PARTITIONS)}
-    victim = home[0]
-    healthy = [p for p in range(PARTITIONS) if home[p] is not victim]
-    assert healthy and victim not in {
-        node_of(cluster, r.keyslot(k)) for k in (KEYS.meta, KEYS.workers)
-    }
+    victim, healthy = partition_zeros_node(cluster, r)
     batch = events(240, MEMORIES, DIMS, np.random.default_rng(35))
     first, rest = batch[:80], batch[80:]
     worker = Worker(settings(cluster, tmp_path, model_file, lease_ms=3000), engine)
