@@ -281,12 +281,15 @@ class MemnetClient(_ClientBase):
         key = self.keys.out(partition)
         deadline = time.monotonic() + timeout_s
         after = _before(entry_id)
-        while (left := deadline - time.monotonic()) > 0:
+        while True:  # (read at least once: timeout_s=0 polls)
+            left = deadline - time.monotonic()
             block = max(1, min(READ_BLOCK_MS, int(left * 1000)))
             reply = self.redis.xread({key: after}, count=100, block=block)
             response, after = _find(reply, entry_id, after)
             if response is not None:
                 return _answered(response)
+            if time.monotonic() >= deadline:
+                break
         raise QueryTimeout(f"no response to {entry_id} in {key} within {timeout_s} s")
 
     def tail(
@@ -422,12 +425,15 @@ class AsyncMemnetClient(_ClientBase):
         key = self.keys.out(partition)
         deadline = time.monotonic() + timeout_s
         after = _before(entry_id)
-        while (left := deadline - time.monotonic()) > 0:
+        while True:  # (read at least once: timeout_s=0 polls)
+            left = deadline - time.monotonic()
             block = max(1, min(READ_BLOCK_MS, int(left * 1000)))
             reply = await self.redis.xread({key: after}, count=100, block=block)
             response, after = _find(reply, entry_id, after)
             if response is not None:
                 return _answered(response)
+            if time.monotonic() >= deadline:
+                break
         raise QueryTimeout(f"no response to {entry_id} in {key} within {timeout_s} s")
 
     async def tail(
