@@ -1008,29 +1008,3 @@ def test_a_commit_refused_by_a_replica_reconnects_before_it_retries(
     monkeypatch.setattr(w.client.connection_pool, "disconnect", lambda: dropped.append(1))
     assert w.step() and fails == [0]
     assert len(dropped) == 2
-
-
-def test_a_stopping_worker_leaves_the_trim_to_the_next_owner(
-    redis_url, redis_server, tmp_path, model_file
-):
-    """The final snapshots of a stop are bounded by MEMNET_STOP_SNAPSHOT_S; the trim after
-    each (with archiving: copying the untrimmed backlog to the archive first) was not, and
-    could outlast the supervisor's kill. A stopping worker snapshots and releases; the next
-    owner trims at its first snapshot."""
-    r, keys = redis_server.client(), Keys(PREFIX)
-    send(r, PREFIX, PARTITIONS, events(120, MEMORIES, DIMS, np.random.default_rng(7)))
-    s = settings(redis_url, tmp_path, model_file, snapshot_every_entries=10_000, archive=True)
-    w = started(s, Engine(load_model(model_file)))
-    while w.step():
-        pass
-    assert not any(r.exists(keys.part(p, "trimmed")) for p in range(PARTITIONS))
-    w.request_stop()
-    w.shutdown()
-    assert not any(r.exists(keys.part(p, "trimmed")) for p in range(PARTITIONS))
-    assert all(r.xlen(keys.inp(p)) for p in range(PARTITIONS))  # (the input stays)
-    again = started(s, Engine(load_model(model_file)))  # (from the stop's snapshots)
-    assert all(part.position is not None for part in again.parts.values())
-    for part in list(again.parts.values()):
-        again.snapshot(part)
-    assert all(r.exists(keys.part(p, "trimmed")) for p in range(PARTITIONS))
-    again.shutdown()

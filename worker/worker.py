@@ -434,9 +434,8 @@ class Worker:
             self.throttled.clear("snapshot", "snapshots succeed again (partition %d)", p)
         self.resident_gauges()  # (the snapshot let memories be evicted)
         metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - started)
-        if point is not None and not self.stopping.is_set():  # (stopping: the next owner
-            self.owner.trim(part, point)  # trims; archiving a backlog first could outlast
-            # MEMNET_STOP_SNAPSHOT_S and the supervisor's kill)
+        if point is not None:
+            self.owner.trim(part, point)
 
     def wait(self) -> None:
         """Block until an owned input stream has new entries (or block_ms passes)."""
