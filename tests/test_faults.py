@@ -1008,3 +1008,45 @@ def test_a_commit_refused_by_a_replica_reconnects_before_it_retries(
     monkeypatch.setattr(w.client.connection_pool, "disconnect", lambda: dropped.append(1))
     assert w.step() and fails == [0]
     assert len(dropped) == 2
+
+
+def test_a_stop_right_after_a_delete_still_trims_the_deleted_memorys_writes(
+    redis_url, redis_server, tmp_path, model_file
+):
+    """Erasure on time without more input: a stop whose final snapshot is the one after a
+    delete trims the deleted memory's writes from the input (the next owner owes no
+    erasure snapshot, and an idle partition takes none). A review's reproduction of a
+    change that left the trim to the next owner: the writes stayed."""
+    r, keys, rng = redis_server.client(), Keys(PREFIX), np.random.default_rng(1)
+    p = partition_of("gone", PARTITIONS)
+    filler = next(f"m{i}" for i in range(100) if partition_of(f"m{i}", PARTITIONS) == p)
+
+    def write(name):
+        return {"op": "write", "memory": name, "x": rng.standard_normal(DIMS[0]).tolist()}
+
+    def drain(worker):
+        while worker.step():
+            pass
+
+    s = settings(redis_url, tmp_path, model_file, snapshot_every_entries=10_000,
+                 snapshot_every_s=0.3, snapshots_kept=2, archive=False)  # fmt: skip
+    w = started(s, Engine(load_model(model_file)))
+    send(r, PREFIX, PARTITIONS, [write(filler)])
+    drain(w)
+    w.snapshot(w.parts[p])
+    send(
+        r,
+        PREFIX,
+        PARTITIONS,
+        [write("gone") for _ in range(3)] + [{"op": "delete", "memory": "gone"}],
+    )
+    drain(w)
+    w.snapshot(w.parts[p])  # the delete's own snapshot: one more is owed
+    send(r, PREFIX, PARTITIONS, [write(filler)])
+    drain(w)
+    w.request_stop()
+    w.shutdown()  # (its final snapshot is the one owed)
+    from tests.streams import stream
+
+    writes = [m for _, m in stream(r, keys.inp(p)) if m["memory"] == "gone" and m["op"] == "write"]
+    assert writes == []
