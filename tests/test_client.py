@@ -603,7 +603,8 @@ def test_an_event_of_more_keys_than_a_worker_decodes_is_refused_before_it_is_sen
             client.send({**nested, "tags": {f"t{j}": j for j in range(65)}})  # (any map)
         with pytest.raises(InvalidEvent, match="a key that is not a string: 7"):
             client.send({**nested, "tags": [{7: "seven"}]})
-    assert sum(lengths(r, "cl-keys")) == 1
+        client.send({**nested, b"trace": {b"span": 1}})  # (bin keys: decoded by workers)
+    assert sum(lengths(r, "cl-keys")) == 2
 
 
 @pytest.mark.slow

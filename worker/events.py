@@ -177,6 +177,9 @@ def _check_maps(value: Any, field: str | None) -> None:
         if len(value) > MAX_KEYS:
             raise InvalidEvent(f"{where} has {len(value)} keys: a map holds at most {MAX_KEYS}")
         for key, item in value.items():
+            if isinstance(key, bytes):  # (msgpack bin: a worker's decoding takes it)
+                _check_maps(item, field)
+                continue
             if not isinstance(key, str):
                 raise InvalidEvent(f"{where} has a key that is not a string: {key!r}")
             _utf8(key, key)
