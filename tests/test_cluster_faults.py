@@ -304,8 +304,9 @@ def test_a_node_that_stops_answering_holds_back_only_its_partitions(
 ):
     """A node frozen or cut off accepts connections and never answers: each call to it
     waits out the client's timeout. The keeper's calls time out within a lease, so the
-    other partitions' leases never lapse, and a retry of the partition out of reach first
-    pings its node briefly, so the others are served without stalls of the full timeout.
+    other partitions' leases never lapse; a retry of the partition out of reach first
+    pings its node briefly, and the free leases are asked with the keeper's timeouts, once
+    a node, so the others are served without stalls of the full timeout.
     Once the node answers again, every query is answered exactly once."""
     import os
     import signal
@@ -333,6 +334,9 @@ def test_a_node_that_stops_answering_holds_back_only_its_partitions(
                 lapsed |= {p for p in healthy if not r.exists(KEYS.part(p, "lease"))}
             assert time.monotonic() - began > 3  # (long enough for the keeper to go round)
             assert not lapsed, lapsed
+            asked = time.monotonic()  # (a rebalance below its share asks every lease)
+            assert 0 not in worker.owner.free_partitions()
+            assert time.monotonic() - asked < 2.5  # (the keeper's timeouts, once a node)
             assert sorted(waits)[len(waits) // 2] < 2.0, waits  # (not the 5 s timeout)
             assert {p: getattr(worker.parts.get(p), "epoch", None) for p in healthy} == epochs
         finally:

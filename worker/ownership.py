@@ -79,6 +79,8 @@ class Ownership:
         # partitions it holds: each waits alone (out_of_reach), the others serve on.
         self.cluster = is_cluster(client)
         self.unreachable: dict[int, Backoff] = {}
+        self.quick = client  # calls that may skip a node: the keeper's client (Worker sets it;
+        # in a cluster, with timeouts well within a lease)
 
     # ---- the table -----------------------------------------------------------------------
     def owned(self) -> dict[int, int]:
@@ -285,15 +287,16 @@ class Ownership:
             part.budget_bytes = share
 
     def free_partitions(self) -> list[int]:
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.quick.pipeline(transaction=False)  # (short timeouts: the keeper's)
         for p in range(self.s.partitions):
             pipe.exists(self.keys.part(p, "lease"))
         try:
             held = pipe.execute()
         except Exception as e:  # in a cluster, one node out of reach: ask each alone, a
             if classify(e) is not Kind.UNAVAILABLE or not self.cluster:  # partition
-                raise  # whose node does not answer counts as held
-            held = [self._held(p) for p in range(self.s.partitions)]
+                raise  # whose node does not answer counts as held (one try a node)
+            down: set[str] = set()
+            held = [self._held(p, down) for p in range(self.s.partitions)]
         free = [
             p
             for p in range(self.s.partitions)
@@ -302,12 +305,17 @@ class Ownership:
         shift = sum(map(ord, self.s.worker_id)) % max(1, len(free))  # spread first tries
         return free[shift:] + free[:shift]
 
-    def _held(self, p: int) -> bool:
+    def _held(self, p: int, down: set[str]) -> bool:
+        key = self.keys.part(p, "lease")
+        node = self.quick.get_node_from_key(key).name
+        if node in down:
+            return True
         try:
-            return bool(self.client.exists(self.keys.part(p, "lease")))
+            return bool(self.quick.exists(key))
         except Exception as e:
             if classify(e) is not Kind.UNAVAILABLE:
                 raise
+            down.add(node)
             return True
 
     def take(self, p: int) -> None:
@@ -465,13 +473,15 @@ class Ownership:
             self.parts.pop(p, None)
             self.share_budget()
         self.idle.discard(p)
-        self.unreachable.pop(p, None)
-        try:
-            self.release(part)
-        except Exception as e:  # in a cluster, its node out of reach: its lease lapses
-            if not self.cluster or classify(e) is not Kind.UNAVAILABLE:
-                raise
-            log.warning("partition %d: its lease could not be released (%s); it lapses", p, e)
+        if self.unreachable.pop(p, None) is not None:  # (its node out of reach: a release
+            log.warning("partition %d: its node is out of reach; its lease lapses", p)
+        else:  # would wait out the client's timeout, at a stop past the supervisor's kill)
+            try:
+                self.release(part)
+            except Exception as e:  # in a cluster, its node out of reach: its lease lapses
+                if not self.cluster or classify(e) is not Kind.UNAVAILABLE:
+                    raise
+                log.warning("partition %d: its lease could not be released (%s); it lapses", p, e)
         metrics.OWNED.set(len(self.parts))
         log.info("released partition %d (epoch %d) at %s", p, part.epoch, part.position)
 

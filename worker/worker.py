@@ -102,9 +102,12 @@ class Worker:
         self._snapshot_failing: set[int] = set()  # partitions whose last snapshot failed
         self._resync = False  # a Redis call failed: re-plan from Redis's state before reading
         self.burst = False
-        # The keeper's calls time out well within a lease: one cluster node that stops
-        # answering must not hold the renewals of the other leases past their expiry.
-        keeper_client = connect(settings.redis_url, timeout_s=min(5.0, settings.lease_ms / 4000))
+        # In a cluster the keeper's calls time out well within a lease: one node that stops
+        # answering must not hold the renewals of the other leases past their expiry. (A
+        # standalone Redis that is slow is slow for every lease: no shorter timeout there.)
+        quick = min(5.0, settings.lease_ms / 4000) if self.cluster else 5.0
+        keeper_client = connect(settings.redis_url, timeout_s=quick)
+        self.owner.quick = keeper_client
         self.keeper = LeaseKeeper(
             settings,
             keeper_client,
