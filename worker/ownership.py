@@ -99,8 +99,7 @@ class Ownership:
     def mark_lost(self, p: int, epoch: int, data_lost: bool) -> None:
         """The lease keeper could not renew p at epoch (data_lost: Redis forgot it)."""
         with self._lock:
-            was = self._lost.get(p)
-            self._lost[p] = (epoch, data_lost or (was is not None and was == (epoch, True)))
+            self._lost[p] = (epoch, data_lost or self._lost.get(p) == (epoch, True))
 
     def drop_lost(self) -> None:
         """Drop the partitions whose leases the keeper lost: at the epoch it lost (the
@@ -135,15 +134,20 @@ class Ownership:
         try:
             yield
         except Exception as e:
-            if classify(e) is Kind.UNAVAILABLE and not self.cluster:
+            if self.escapes(e):
                 raise
             self.contain(part, e)
 
+    def escapes(self, error: BaseException) -> bool:
+        """Whether a fault backs the whole loop off: Redis unavailable, on a standalone
+        server (in a cluster, only the partitions of a node out of reach wait: out_of_reach)."""
+        return not self.cluster and classify(error) is Kind.UNAVAILABLE
+
     def contain(self, part: Partition, error: BaseException) -> None:
         """What a fault of one partition does to it (the module docstring has the table)."""
-        kind = classify(error)
-        if kind is Kind.UNAVAILABLE and not self.cluster:
+        if self.escapes(error):
             raise error
+        kind = classify(error)
         if self.parts.get(part.number) is not part:
             return  # already dropped or replaced
         if kind is Kind.UNAVAILABLE:
@@ -328,7 +332,7 @@ class Ownership:
                 args=[self.s.worker_id, self.s.lease_ms, floor, self.model],
             )
         except Exception as e:  # an unreadable store, a refused ACQUIRE: not this time
-            if classify(e) is Kind.UNAVAILABLE and not self.cluster:
+            if self.escapes(e):
                 raise
             delay = self._retry.setdefault(p, Backoff(base_s=1.0, cap_s=60.0)).fail()
             self.throttled.log(
@@ -502,7 +506,7 @@ class Ownership:
             try:
                 out[part] = self.io.replay(part)
             except Exception as e:
-                if classify(e) is Kind.UNAVAILABLE and not self.cluster:
+                if self.escapes(e):
                     raise
                 out[part] = e
         live = [p for p in parts if p not in out]

@@ -287,26 +287,26 @@ class Worker:
 
     def ready_parts(self, parts: list[Partition]) -> list[Partition]:
         """The partitions to read in this pass: in a cluster, one whose node was out of
-        reach waits out its backoff, then commits the batch it holds and plans its replay
-        again (entries the failed read delivered), alone: the others are not held up."""
-        ready = []
-        for part in parts:
-            retry = self.owner.unreachable.get(part.number)
-            if retry is not None and not retry.ready:
-                continue
-            if retry is not None:
-                with self.owner.contained(part):  # (out of reach again: it waits longer)
-                    self.owner.probe(part)
-                    if part.held is not None and self.owner.commit({part: part.held})[part]:
-                        self.committed(part, part.held)
-                        part.held = None
-                    if part.held is None and self.parts.get(part.number) is part:
-                        self.owner.plan_replay(part)
-                        self.owner.reachable(part)
-                if part.number in self.owner.unreachable or self.parts.get(part.number) is not part:
-                    continue
-            ready.append(part)
-        return ready
+        reach is tried again alone once its backoff has passed (_tried_again); the others
+        are not held up."""
+        unreachable = self.owner.unreachable
+        return [part for part in parts if part.number not in unreachable or self._tried_again(part)]
+
+    def _tried_again(self, part: Partition) -> bool:
+        """A partition out of reach, its backoff passed: its node pinged, the batch it holds
+        committed, its replay planned again (entries a failed read delivered); whether it
+        may read now (out of reach again, it waits longer)."""
+        if not self.owner.unreachable[part.number].ready:
+            return False
+        with self.owner.contained(part):
+            self.owner.probe(part)
+            if part.held is not None and self.owner.commit({part: part.held})[part]:
+                self.committed(part, part.held)
+                part.held = None
+            if part.held is None and self.parts.get(part.number) is part:
+                self.owner.plan_replay(part)
+                self.owner.reachable(part)
+        return part.number not in self.owner.unreachable and self.parts.get(part.number) is part
 
     def idle(self, part: Partition) -> None:
         """A partition read nothing: tidy it after its replay, prune its archive hourly."""
