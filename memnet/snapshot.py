@@ -164,7 +164,7 @@ class SnapshotStore:
         found = self.snapshots()
         listed = set(found)
         missing = [info for info in self._mine if info not in listed]
-        if self.head is not None and self.head[0] not in found + missing:
+        if self.head is not None and self.head[0] not in listed and self.head[0] not in missing:
             missing.append(self.head[0])
         return sorted([*found, *missing], reverse=True) if missing else found
 
@@ -621,7 +621,8 @@ class SnapshotStore:
         self.store.delete(i.key for i in retired)
         for info in retired:
             self._bodies.pop(info.key, None)
-        self._mine = [info for info in self._mine if info not in retired]
+        gone = set(retired)
+        self._mine = [info for info in self._mine if info not in gone]
         self._gc_mark = oldest
         if full:
             self._sweep(kept, needed)

@@ -186,7 +186,8 @@ def _check_maps(value: Any, field: str | None) -> None:
             _check_maps(item, key if field is None else field)
     elif isinstance(value, list | tuple):
         for item in value:
-            _check_maps(item, field)
+            if not isinstance(item, int | float):  # (a vector's numbers: no call each)
+                _check_maps(item, field)
 
 
 def _check_name(memory: Any) -> None:

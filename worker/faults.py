@@ -151,10 +151,8 @@ class Throttled:
         self._latest: dict[str, tuple[int, str, tuple[Any, ...]]] = {}  # key -> a held line
 
     def log(self, key: str, level: int, msg: str, *args: Any, exc_info: Any = None) -> None:
-        now = time.monotonic()
-        last, held = self._active.get(key, (None, 0))
-        if last is not None and now - last < self.every_s:
-            self._active[key] = (last, held + 1)
+        held = self.admit(key)
+        if held is None:
             # (an exception kept as its text: its traceback would keep the frames it went
             # through alive, with what they hold, e.g. a dropped partition's memories)
             text = tuple(str(a) if isinstance(a, BaseException) else a for a in args)
@@ -163,8 +161,24 @@ class Throttled:
         if held:
             msg += f" ({held} similar lines held back)"
         self.logger.log(level, msg, *args, exc_info=exc_info)
-        self._active[key] = (now, 0)
         self._latest.pop(key, None)
+
+    def bound(self, most: int) -> None:
+        """Forget every period once more than ``most`` keys are kept (for keys no caller
+        bounds, such as other libraries' lines)."""
+        if len(self._active) > most:
+            self._active.clear()
+
+    def admit(self, key: str) -> int | None:
+        """None while key's line is held back (within every_s of the last one told), else
+        how many were held back since it (and its period starts now)."""
+        now = time.monotonic()
+        last, held = self._active.get(key, (None, 0))
+        if last is not None and now - last < self.every_s:
+            self._active[key] = (last, held + 1)
+            return None
+        self._active[key] = (now, 0)
+        return held
 
     def flush(self) -> None:
         """Log the latest held-back line of each key whose period has passed, with the

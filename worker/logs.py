@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from worker.faults import Throttled
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -31,23 +33,16 @@ class LibraryLinesThrottled(logging.Filter):
 
     def __init__(self, every_s: float = 60.0) -> None:
         super().__init__()
-        self.every_s = every_s
-        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._window = Throttled(logging.getLogger(__name__), every_s)  # (its periods only)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.split(".")[0] in ("worker", "memnet", "__main__"):
             return True
-        key, now = (record.name, record.getMessage()[:48]), time.monotonic()
-        last, held = self._seen.get(key, (None, 0))
-        if last is not None and now - last < self.every_s:
-            self._seen[key] = (last, held + 1)
-            return False
-        if len(self._seen) > 1000:  # (kinds are few; bounded whatever a library logs)
-            self._seen.clear()
+        self._window.bound(1000)  # (kinds are few; bounded whatever a library logs)
+        held = self._window.admit(f"{record.name}: {record.getMessage()[:48]}")
         if held:
             record.msg, record.args = f"{record.getMessage()} ({held} like it held back)", None
-        self._seen[key] = (now, 0)
-        return True
+        return held is not None
 
 
 def configure(level: str = "INFO") -> None:
