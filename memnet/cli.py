@@ -63,6 +63,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         default=True,
         help="O's hops also score each fact's age relative to what the hop before found",
     )
+    p.add_argument(
+        "--latest",
+        action="store_true",
+        help="O's hops after the first read the latest matching fact before what the hop "
+        "before found, or before now",
+    )
     p.add_argument("--epochs", type=positive, default=Settings.epochs, help="most epochs per seed")
     p.add_argument(
         "--patience",
@@ -126,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train_task(
             args.data, args.task, out, seeds=args.seeds, dim=args.dim, hops=args.hops,
-            relative_time=args.relative_time,
+            relative_time=args.relative_time, latest=args.latest,
             output=args.output, response=args.response, settings=settings,
         )  # fmt: skip
     except (MemnetError, ConfigValueError) as e:

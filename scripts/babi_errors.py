@@ -3,7 +3,9 @@
 ``memnet eval-babi --in-process`` does), by kind: a count off by n, a list ("milk,football")
 missing an item or with one too many, the right items in the wrong order, or other; and
 whether any held-out answer never occurs in the training stories (a single-class R could not
-give it).
+give it). For a multi-hop model, also which hop went astray: of the wrong answers, how many
+had each hop's strongest attention off that hop's supporting fact, and whether it picked an
+older or a newer fact (the training forward pass, which computes what serving computes).
 
     python scripts/babi_errors.py --tasks 7,8
     python scripts/babi_errors.py --tasks 7,8 --models models/babi-10k
@@ -19,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from memnet import load_model  # noqa: E402
+from memnet.training.examples import build  # noqa: E402
+from memnet.training.fit import forward  # noqa: E402
 from worker.babi_eval import (  # noqa: E402
     MODELS,
     data_for,
@@ -48,6 +53,33 @@ def kind(want: str, got: str | None) -> str:
     return "other"
 
 
+def hops_astray(model_path: Path, stories: list) -> str:
+    """Per hop, the wrong answers whose strongest attention is off that hop's supporting fact
+    (older or newer than it); '' for a model without hops or supporting facts."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    model = load_model(model_path)
+    parts, cfg = model.components, model.config
+    hops = cfg.options.get("hops")
+    if not hasattr(parts.output, "hop_attention") or not hops:
+        return ""
+    ex = build(stories, parts.encoder.vocabulary, cfg.options["answers"], cfg.slots,
+               cfg.input_dim, hops)  # fmt: skip
+    run = forward(parts.encoder, parts.output, parts.response)
+    logits, attention = run({k: jnp.asarray(v) for k, v in model.params.items()}, ex)
+    wrong = np.asarray(logits).argmax(-1) != ex.answer
+    picked = np.asarray(attention).argmax(-1).T  # [N, hops]
+    out = []
+    for h in range(hops):
+        want = ex.support[:, h]
+        off = wrong & (want >= 0) & (picked[:, h] != want)
+        rows = np.flatnonzero(off)
+        older = int((ex.age[rows, picked[rows, h]] > ex.age[rows, want[rows]]).sum())
+        out.append(f"hop {h + 1} {off.sum()} ({older} older, {len(rows) - older} newer)")
+    return f"; of the {int(wrong.sum())} wrong, off their supporting fact: " + ", ".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=MODELS, help="default: %(default)s")
@@ -57,14 +89,15 @@ def main() -> int:
         model = model_for(args.models, task)
         data = data_for(None, task, model)
         trained = {q.answer for s in stories_of(data, task, "train") for q in s.questions}
-        batch, expected = task_events(task, stories_of(data, task, "holdout"))
+        held = stories_of(data, task, "holdout")
+        batch, expected = task_events(task, held)
         answers = in_process(model, batch)
         kinds = Counter(kind(a, answers.get(i)) for i, a in expected.items() if answers.get(i) != a)
         unseen = sum(a not in trained for a in expected.values())
         wrong = ", ".join(f"{n} {k}" for k, n in kinds.most_common()) or "none"
         print(
             f"qa{task}: {sum(kinds.values())} of {len(expected)} held-out answers wrong ({wrong}); "
-            f"{unseen} held-out answers never occur in training"
+            f"{unseen} held-out answers never occur in training{hops_astray(model, held)}"
         )
     return 0
 

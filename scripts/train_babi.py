@@ -43,6 +43,12 @@ def parse_args() -> argparse.Namespace:
         help="O's relative time term (multi-hop's relative_time option)",
     )
     parser.add_argument(
+        "--latest",
+        action="store_true",
+        help="hops after the first read the latest matching fact before the hop before's "
+        "(multi-hop's latest option)",
+    )
+    parser.add_argument(
         "--support",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -113,8 +119,8 @@ def main() -> int:
     if args.joint:
         s = train_task(
             where, tasks, args.out / "joint.safetensors", seeds=args.seeds,
-            response=args.response, relative_time=args.relative_time, settings=settings,
-            show_progress=False,
+            response=args.response, relative_time=args.relative_time, latest=args.latest,
+            settings=settings, show_progress=False,
         )  # fmt: skip
         record(index, "joint", s)
         for task, seeds in s["holdout_by_task"].items():
@@ -127,7 +133,7 @@ def main() -> int:
     for task in tasks:
         s = train_task(
             where[task], task, args.out / f"qa{task}.safetensors", seeds=args.seeds,
-            response=args.response, relative_time=args.relative_time,
+            response=args.response, relative_time=args.relative_time, latest=args.latest,
             settings=special.get(task, settings), show_progress=False,
         )  # fmt: skip
         record(index, f"qa{task}", s)

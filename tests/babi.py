@@ -11,11 +11,16 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "babi" / "en"
 
 
 def train_small(
-    out: Path, task: int = 1, epochs: int = 40, response: str = "answer", relative: bool = False
+    out: Path,
+    task: int = 1,
+    epochs: int = 40,
+    response: str = "answer",
+    relative: bool = False,
+    latest: bool = False,
 ) -> Path:
     path = out / f"qa{task}.safetensors"
     train_task(
         DATA, task, path, seeds=1, dim=16, response=response, relative_time=relative,
-        settings=Settings(epochs=epochs), show_progress=False,
+        latest=latest, settings=Settings(epochs=epochs), show_progress=False,
     )  # fmt: skip
     return path

@@ -95,10 +95,16 @@ def test_training_steps_decrease_the_loss_on_a_tiny_set():
     assert plain.train_loss[0] < history.train_loss[0]
 
 
-@pytest.fixture(scope="module", params=["answer", "answer-mlp", "relative-time"])
+@pytest.fixture(scope="module", params=["answer", "answer-mlp", "relative-time", "latest"])
 def trained(request, babi_model, tmp_path_factory):
     if request.param == "answer":
         return babi_model
+    if request.param == "latest":  # O's latest-before hops, their bias and gate learned
+        path = train_small(tmp_path_factory.mktemp("lt"), epochs=30, relative=True, latest=True)
+        params = load_model(path).params
+        assert np.abs(params["latest_gate"][1:]).max() > 1e-3
+        assert np.abs(params["latest_bias"][1:]).max() > 1e-3
+        return path
     if request.param == "relative-time":  # O's relative time term, learned (not zero)
         path = train_small(tmp_path_factory.mktemp("rt"), epochs=30, relative=True)
         assert np.abs(load_model(path).params["time_rel"][1:]).max() > 1e-3
@@ -159,6 +165,87 @@ def test_relative_time_scores_ages_relative_to_the_hop_before():
     assert int(plain[1, 0].argmax()) == 2
 
 
+def _latest_by_hand(m, mask, age, before, g):
+    """multi-hop's latest read as its definition says, slot by slot: slot k takes m_k times
+    the chance that no slot written between an anchor and k matched, the anchor being each
+    slot j newer than k at the hop before's weight on it (share g) or the present (1 - g)."""
+    w = np.zeros_like(m)
+    for b in range(m.shape[0]):
+        used = np.flatnonzero(mask[b])
+        for k in used:
+
+            def none_between(newer_than, k=k, b=b, used=used):
+                between = [i for i in used if newer_than < age[b, i] < age[b, k]]
+                return np.prod([1 - m[b, i] for i in between])
+
+            anchored = sum(
+                before[b, j] * none_between(age[b, j]) for j in used if age[b, j] < age[b, k]
+            )
+            w[b, k] = m[b, k] * (g * anchored + (1 - g) * none_between(-1))
+    return w
+
+
+def test_latest_reads_the_latest_matching_fact_before_the_anchor():
+    """The latest option's hop: against its definition computed slot by slot (random scores,
+    shuffled ages, empty slots), and on a story's shape: of the facts that match, the one
+    just before the hop before's fact, not an older match nor a newer one; with the gate on
+    the present, the newest match."""
+    from memnet.components.multi_hop import MultiHop
+
+    rng = np.random.default_rng(3)
+    b, k = 3, 9
+    score = rng.normal(0, 2, (b, k)).astype(np.float32)
+    mask = rng.random((b, k)) < 0.8
+    age = np.stack([rng.permutation(k) for _ in range(b)]).astype(np.int32)
+    before = rng.random((b, k)).astype(np.float32) * mask
+    before /= before.sum(1, keepdims=True)
+    p = {"latest_bias": jnp.asarray([0.0, 0.5]), "latest_gate": jnp.asarray([0.0, 1.0])}
+    got = np.asarray(MultiHop._latest(p, 1, score, mask, age, before))
+    m = 1 / (1 + np.exp(-(score.astype(np.float64) + 0.5)))
+    want = _latest_by_hand(m, mask, age, before, 1 / (1 + np.exp(-1.0)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[~mask] == 0).all() and (got.sum(1) <= 1 + 1e-6).all()
+    # slots 0..7, slot k written k writes ago; slots 1, 3, 6 and 7 match (score 20)
+    s = 8
+    score = np.full((1, s), -20.0, np.float32)
+    score[0, [1, 3, 6, 7]] = 20.0
+    age, mask = np.arange(s, dtype=np.int32)[None], np.ones((1, s), bool)
+    anchor = np.zeros((1, s), np.float32)
+    anchor[0, 4] = 1.0  # the hop before found slot 4: the match just before it is 6
+    for gate, want in ((30.0, 6), (-30.0, 1)):  # from the anchor; from the present
+        p = {"latest_bias": jnp.zeros(2), "latest_gate": jnp.asarray([0.0, gate])}
+        w = np.asarray(MultiHop._latest(p, 1, score, mask, age, anchor))[0]
+        assert int(w.argmax()) == want and w[want] > 0.99, w
+    # norms that checked inputs can reach: scores far beyond float32's exp give no NaN
+    score = np.asarray([[3e38, -3e38, 3e38, 2.0, -np.float32(1e30), 1e30]], np.float32)
+    p = {"latest_bias": jnp.zeros(2), "latest_gate": jnp.zeros(2)}
+    w = np.asarray(MultiHop._latest(p, 1, score, np.ones((1, 6), bool), np.arange(6)[None],
+                                    np.full((1, 6), 1 / 6, np.float32)))  # fmt: skip
+    assert np.isfinite(w).all() and w.sum() <= 1 + 1e-6 and abs(w[0, 0] - 0.5) < 1e-6, w
+
+
+def test_memnet_train_latest_writes_a_model_that_reads_the_latest(tmp_path):
+    """`memnet train --latest` trains and writes a model whose O has the option (and its
+    learned parameters), which the engine serves."""
+    from memnet.cli import main
+
+    out = tmp_path / "qa1.safetensors"
+    argv = ["train", "--task", "1", "--data", str(DATA), "--out", str(out), "--seeds", "1",
+            "--epochs", "2", "--dim", "8", "--latest"]  # fmt: skip
+    assert main(argv) == 0
+    model = load_model(out)
+    assert model.config.options["latest"] is True and "latest_gate" in model.params
+    engine = Engine(model)
+    memory = engine.new_memory()
+    results = engine.process(
+        [
+            (memory, engine.write("Mary went to the kitchen.")),
+            (memory, engine.query(x="Where is Mary?")),
+        ]
+    )
+    assert np.isfinite(results[1].y).all()
+
+
 def test_a_bad_relative_time_option_is_refused():
     from memnet.model import ModelFileError
 
@@ -166,6 +253,9 @@ def test_a_bad_relative_time_option_is_refused():
     config = task_config(stories, stories, 4, 2, "multi-hop", "answer", relative_time=True)
     bad = dataclasses.replace(config, options={**config.options, "relative_time": "yes"})
     with pytest.raises(ModelFileError, match=r"output 'multi-hop': .*'relative_time' must be true"):
+        Components.build(bad)
+    bad = dataclasses.replace(config, options={**config.options, "latest": 1})
+    with pytest.raises(ModelFileError, match=r"output 'multi-hop': .*'latest' must be true"):
         Components.build(bad)
 
 

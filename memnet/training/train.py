@@ -34,6 +34,7 @@ def task_config(
     output: str,
     response: str,
     relative_time: bool = False,
+    latest: bool = False,
 ) -> ModelConfig:
     """Sizes from the data: vocabulary and answers from the training stories only (so the
     unknown-word path is real), the longest text and the longest story (capped) overall."""
@@ -56,7 +57,8 @@ def task_config(
         options=_read_by(
             ("position-bow", output, response),
             {"vocabulary": vocabulary.words, "answers": answers, "hops": hops}
-            | ({"relative_time": True} if relative_time else {}),
+            | ({"relative_time": True} if relative_time else {})
+            | ({"latest": True} if latest else {}),
         ),
     )
 
@@ -80,6 +82,7 @@ def train_task(
     output: str = "multi-hop",
     response: str = "answer-mlp",
     relative_time: bool = False,
+    latest: bool = False,
     settings: Settings | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -94,7 +97,7 @@ def train_task(
     train = [s for t in tasks for s in splits[t].train]
     val = [s for t in tasks for s in splits[t].validation]
     stories = [s for t in tasks for part in splits[t] for s in part]
-    config = task_config(stories, train, dim, hops, output, response, relative_time)
+    config = task_config(stories, train, dim, hops, output, response, relative_time, latest)
     components = Components.build(config)
     parts = (components.encoder, components.output, components.response)
     specs = components.param_specs()
@@ -162,6 +165,7 @@ def train_task(
             "output": output,
             "response": response,
             "relative_time": relative_time,
+            "latest": latest,
         },
         "fingerprint": model.fingerprint,
     }
