@@ -69,14 +69,20 @@ def hops_astray(model_path: Path, stories: list) -> str:
     run = forward(parts.encoder, parts.output, parts.response)
     logits, attention = run({k: jnp.asarray(v) for k, v in model.params.items()}, ex)
     wrong = np.asarray(logits).argmax(-1) != ex.answer
-    picked = np.asarray(attention).argmax(-1).T  # [N, hops]
+    attention = np.asarray(attention)
+    picked = attention.argmax(-1).T  # [N, hops]
+    # a latest hop's weights may sum to ~0: it matched nothing, and its argmax means nothing
+    none = (attention.sum(-1) < 0.5).T
     out = []
     for h in range(hops):
         want = ex.support[:, h]
         off = wrong & (want >= 0) & (picked[:, h] != want)
-        rows = np.flatnonzero(off)
+        rows = np.flatnonzero(off & ~none[:, h])
         older = int((ex.age[rows, picked[rows, h]] > ex.age[rows, want[rows]]).sum())
-        out.append(f"hop {h + 1} {off.sum()} ({older} older, {len(rows) - older} newer)")
+        out.append(
+            f"hop {h + 1} {off.sum()} ({older} older, {len(rows) - older} newer, "
+            f"{int((off & none[:, h]).sum())} matched nothing)"
+        )
     return f"; of the {int(wrong.sum())} wrong, off their supporting fact: " + ", ".join(out)
 
 

@@ -168,20 +168,21 @@ def test_relative_time_scores_ages_relative_to_the_hop_before():
 def _latest_by_hand(m, mask, age, before, g):
     """multi-hop's latest read as its definition says, slot by slot: slot k takes m_k times
     the chance that no slot written between an anchor and k matched, the anchor being each
-    slot j newer than k at the hop before's weight on it (share g) or the present (1 - g)."""
+    slot j newer than k at the hop before's weight on it (share g) or the present (1 - g).
+    Slots are ordered by age, equal ages by position (the later position is newer)."""
     w = np.zeros_like(m)
     for b in range(m.shape[0]):
         used = np.flatnonzero(mask[b])
+        when = {i: (-int(age[b, i]), i) for i in used}  # larger: newer
+
         for k in used:
 
-            def none_between(newer_than, k=k, b=b, used=used):
-                between = [i for i in used if newer_than < age[b, i] < age[b, k]]
+            def none_between(anchor, k=k, b=b, used=used, when=when):
+                between = [i for i in used if when[k] < when[i] < anchor]
                 return np.prod([1 - m[b, i] for i in between])
 
-            anchored = sum(
-                before[b, j] * none_between(age[b, j]) for j in used if age[b, j] < age[b, k]
-            )
-            w[b, k] = m[b, k] * (g * anchored + (1 - g) * none_between(-1))
+            anchored = sum(before[b, j] * none_between(when[j]) for j in used if when[j] > when[k])
+            w[b, k] = m[b, k] * (g * anchored + (1 - g) * none_between((1, 0)))
     return w
 
 
@@ -196,7 +197,7 @@ def test_latest_reads_the_latest_matching_fact_before_the_anchor():
     b, k = 3, 9
     score = rng.normal(0, 2, (b, k)).astype(np.float32)
     mask = rng.random((b, k)) < 0.8
-    age = np.stack([rng.permutation(k) for _ in range(b)]).astype(np.int32)
+    age = rng.integers(0, 5, (b, k)).astype(np.int32)  # ties too, as training's age noise
     before = rng.random((b, k)).astype(np.float32) * mask
     before /= before.sum(1, keepdims=True)
     p = {"latest_bias": jnp.asarray([0.0, 0.5]), "latest_gate": jnp.asarray([0.0, 1.0])}
@@ -205,6 +206,13 @@ def test_latest_reads_the_latest_matching_fact_before_the_anchor():
     want = _latest_by_hand(m, mask, age, before, 1 / (1 + np.exp(-1.0)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert (got[~mask] == 0).all() and (got.sum(1) <= 1 + 1e-6).all()
+    # two slots of one age, both matching: one weight between them, the later position's
+    tied = np.asarray([[20.0, 20.0, -20.0]], np.float32)
+    for gate in (-30.0, 0.0, 30.0):
+        p = {"latest_bias": jnp.zeros(2), "latest_gate": jnp.asarray([0.0, gate])}
+        w = np.asarray(MultiHop._latest(p, 1, tied, np.ones((1, 3), bool), np.asarray([[5, 5, 0]]),
+                                        np.asarray([[0.0, 0.0, 1.0]], np.float32)))  # fmt: skip
+        assert w.sum() <= 1 + 1e-6 and w[0, 1] > 0.99, w
     # slots 0..7, slot k written k writes ago; slots 1, 3, 6 and 7 match (score 20)
     s = 8
     score = np.full((1, s), -20.0, np.float32)
@@ -227,7 +235,7 @@ def test_latest_reads_the_latest_matching_fact_before_the_anchor():
 def test_memnet_train_latest_writes_a_model_that_reads_the_latest(tmp_path):
     """`memnet train --latest` trains and writes a model whose O has the option (and its
     learned parameters), which the engine serves."""
-    from memnet.cli import main
+    from worker.cli import main
 
     out = tmp_path / "qa1.safetensors"
     argv = ["train", "--task", "1", "--data", str(DATA), "--out", str(out), "--seeds", "1",
@@ -256,6 +264,12 @@ def test_a_bad_relative_time_option_is_refused():
         Components.build(bad)
     bad = dataclasses.replace(config, options={**config.options, "latest": 1})
     with pytest.raises(ModelFileError, match=r"output 'multi-hop': .*'latest' must be true"):
+        Components.build(bad)
+    # a G whose slots all have age 0 leaves latest nothing to order by
+    bad = dataclasses.replace(
+        config, generalizer="gated-nearest", options={**config.options, "latest": True}
+    )
+    with pytest.raises(ModelFileError, match=r"'latest' needs a G that records .*'gated-nearest'"):
         Components.build(bad)
 
 

@@ -25,6 +25,7 @@ class AppendOnly(Generalizer):
     name = "append-only"
     starts_filled = False
     batched = True
+    records_ages = True
 
     def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> bool:
         memory.set(memory.writes % memory.slots, i)  # (i is finite: the engine checked it)

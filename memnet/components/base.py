@@ -82,6 +82,8 @@ class Generalizer(Component):
     searches: ClassVar[bool] = False
     # Whether write_many() exists: writes to many small memories at once (memnet/dense.py).
     batched: ClassVar[bool] = False
+    # Whether ages_many() tells the writes apart (multi-hop's latest option needs it).
+    records_ages: ClassVar[bool] = False
 
     def write(self, p: Params, memory: Memory, i: np.ndarray, hint: Hint | None = None) -> bool:
         """Apply one write of the encoded input i [M] to memory (numpy, host side); False,

@@ -29,7 +29,9 @@ per relative age ranks an older move of the same person above the latest one whe
 bias table, learned from a few hundred stories, is not sharp and monotone at that gap,
 which was most of qa3's errors; here recency among the matches is the rule itself, as in
 MemNN's hard "latest" comparisons, in soft form. The weights sum to at most 1 (the rest is
-"no match").
+"no match"). Slots are ordered by age, and equal ages by position (_newer). It needs a G
+that records when each slot was written (append-only); one that gives every slot age 0 is
+refused.
 Set ``top_k`` to ``slots`` to attend over the whole memory, as the paper does and as
 ``memnet train`` trains it.
 """
@@ -41,7 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from memnet.components.base import Output, Params, ParamSpec, option, register
+from memnet.components.base import REGISTRY, Output, Params, ParamSpec, option, register
 from memnet.components.topk_attention import masked_softmax
 from memnet.config import ConfigValueError
 
@@ -64,6 +66,12 @@ class MultiHop(Output):
         self.hops = option(config, "hops", int, 3, most=MAX_HOPS)
         self.relative = option(config, "relative_time", bool, False)
         self.latest = option(config, "latest", bool, False)
+        g = REGISTRY["generalizer"].get(config.generalizer)
+        if self.latest and g is not None and not getattr(g, "records_ages", False):
+            raise ConfigValueError(
+                f"option 'latest' needs a G that records when each slot was written "
+                f"(append-only); {config.generalizer!r} gives every slot age 0"
+            )
 
     def params(self) -> dict[str, ParamSpec]:
         s, d = self.config.slots, self.d
@@ -120,21 +128,34 @@ class MultiHop(Output):
     ) -> jax.Array:
         """Hop h's weights [B, K] under the ``latest`` option (the module's docstring).
 
-        With log_not_i = log(1 - m_i) and c_k = sum of log_not_i over the slots i newer than
-        k (log of "no slot newer than k matched"), the slots between an anchor j and an
-        older k give c_k - c_j - log_not_j, never above 0 (a sum of logs of
-        probabilities), so every exp below is of a number <= 0 and never overflows. The
-        logits are clipped to +-LATEST_CLIP: m and 1 - m stay above e^-60, each c_k is
-        finite (at least -60 K) and no inf - inf can make a NaN, whatever the norms of the
-        slots; the gradient is lost only where a slot's match is already certain."""
+        Slots are in a strict order of writes (_newer), so "between" is well defined and
+        the weights sum to at most 1 even where ages tie. With log_not_i = log(1 - m_i) and
+        c_k = sum of log_not_i over the slots i newer than k (log of "no slot newer than k
+        matched"), the slots between an anchor j and an older k give c_k - c_j - log_not_j,
+        never above 0 (a sum of logs of probabilities), so every exp below is of a number
+        <= 0 and never overflows. The logits are clipped to +-LATEST_CLIP: m and 1 - m stay
+        above e^-60, each c_k is finite (at least -60 K) and no inf - inf can make a NaN,
+        whatever the norms of the slots; the gradient is lost only where a slot's match is
+        already certain."""
         logit = jnp.clip(score + p["latest_bias"][h], -LATEST_CLIP, LATEST_CLIP)
         log_m = jax.nn.log_sigmoid(logit)  # [B, K]
         log_not = jnp.where(mask, jax.nn.log_sigmoid(-logit), 0.0)  # empty slots never match
-        newer = (age[:, None, :] < age[:, :, None]).astype(score.dtype)  # [B, k, i]
-        c = jnp.einsum("bki,bi->bk", newer, log_not)  # [B, K]
-        older = (age[:, None, :] > age[:, :, None]) & mask[:, :, None] & mask[:, None, :]
+        newer = _newer(age)  # [B, k, i]: slot i newer than slot k
+        c = jnp.einsum("bki,bi->bk", newer.astype(score.dtype), log_not)  # [B, K]
+        older = jnp.swapaxes(newer, 1, 2) & mask[:, :, None] & mask[:, None, :]  # [B, j, k]
         between = c[:, None, :] - c[:, :, None] - log_not[:, :, None]  # [B, j, k]
         reach = jnp.where(older, jnp.exp(jnp.minimum(between, 0.0)), 0.0)  # [B, j, k]
         from_anchor = jnp.einsum("bj,bjk->bk", before, reach)
         g = jax.nn.sigmoid(p["latest_gate"][h])
         return jnp.where(mask, jnp.exp(log_m) * (g * from_anchor + (1 - g) * jnp.exp(c)), 0.0)
+
+
+def _newer(age: jax.Array) -> jax.Array:
+    """[B, k, i]: whether slot i comes after slot k in a strict order of writes: a smaller
+    age, or the same age and a later position. Served memories of an append-only G have
+    distinct ages; training's age noise clamps the oldest to slots - 1, where the later
+    position is the later write (training lays memories out oldest first)."""
+    k = age.shape[-1]
+    later = jnp.arange(k)[None, :] > jnp.arange(k)[:, None]  # [k, i]: i after k
+    a_k, a_i = age[:, :, None], age[:, None, :]
+    return (a_i < a_k) | ((a_i == a_k) & later[None])
