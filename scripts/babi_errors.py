@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""What a shipped bAbI model gets wrong on its held-out stories (scored in-process, as
-``memnet eval-babi --in-process`` does), by kind: a count off by n, a list ("milk,football")
-missing an item or with one too many, the right items in the wrong order, or other; and
-whether any held-out answer never occurs in the training stories (a single-class R could not
-give it). For a multi-hop model, also which hop went astray: of the wrong answers, how many
-had each hop's strongest attention off that hop's supporting fact, and whether it picked an
-older or a newer fact (the training forward pass, which computes what serving computes).
+"""What a shipped bAbI model gets wrong on its held-out stories (or, with --split validation,
+its validation stories; scored in-process, as ``memnet eval-babi --in-process`` does), by
+kind: a count off by n, a list ("milk,football") missing an item or with one too many, the
+right items in the wrong order, or other; and whether any held-out answer never occurs in
+the training stories (a single-class R could not give it). For a multi-hop model, also which
+hop went astray: of the wrong answers, how many had each hop's strongest attention off that
+hop's supporting fact, and whether it picked an older or a newer fact (the training forward
+pass, which computes what serving computes).
 
     python scripts/babi_errors.py --tasks 7,8
     python scripts/babi_errors.py --tasks 7,8 --models models/babi-10k
+    python scripts/babi_errors.py --tasks 3 --split validation
 """
 
 from __future__ import annotations
@@ -90,20 +92,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=Path, default=MODELS, help="default: %(default)s")
     parser.add_argument("--tasks", type=parse_tasks, default=parse_tasks("7,8"))
+    parser.add_argument(
+        "--split", choices=("holdout", "validation"), default="holdout",
+        help="the stories to score (default: %(default)s)",
+    )  # fmt: skip
     args = parser.parse_args()
     for task in args.tasks:
         model = model_for(args.models, task)
         data = data_for(None, task, model)
         trained = {q.answer for s in stories_of(data, task, "train") for q in s.questions}
-        held = stories_of(data, task, "holdout")
+        held = stories_of(data, task, args.split)
         batch, expected = task_events(task, held)
         answers = in_process(model, batch)
         kinds = Counter(kind(a, answers.get(i)) for i, a in expected.items() if answers.get(i) != a)
         unseen = sum(a not in trained for a in expected.values())
         wrong = ", ".join(f"{n} {k}" for k, n in kinds.most_common()) or "none"
         print(
-            f"qa{task}: {sum(kinds.values())} of {len(expected)} held-out answers wrong ({wrong}); "
-            f"{unseen} held-out answers never occur in training{hops_astray(model, held)}"
+            f"qa{task}: {sum(kinds.values())} of {len(expected)} {args.split} answers wrong "
+            f"({wrong}); {unseen} {args.split} answers never occur in training"
+            + hops_astray(model, held)
         )
     return 0
 
