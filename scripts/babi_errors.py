@@ -101,8 +101,8 @@ def main() -> int:
         model = model_for(args.models, task)
         data = data_for(None, task, model)
         trained = {q.answer for s in stories_of(data, task, "train") for q in s.questions}
-        held = stories_of(data, task, args.split)
-        batch, expected = task_events(task, held)
+        stories = stories_of(data, task, args.split)
+        batch, expected = task_events(task, stories)
         answers = in_process(model, batch)
         kinds = Counter(kind(a, answers.get(i)) for i, a in expected.items() if answers.get(i) != a)
         unseen = sum(a not in trained for a in expected.values())
@@ -110,7 +110,7 @@ def main() -> int:
         print(
             f"qa{task}: {sum(kinds.values())} of {len(expected)} {args.split} answers wrong "
             f"({wrong}); {unseen} {args.split} answers never occur in training"
-            + hops_astray(model, held)
+            + hops_astray(model, stories)
         )
     return 0
 
