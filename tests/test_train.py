@@ -188,7 +188,7 @@ def _latest_by_hand(m, mask, age, before, g):
 
 def test_latest_reads_the_latest_matching_fact_before_the_anchor():
     """The latest option's hop: against its definition computed slot by slot (random scores,
-    shuffled ages, empty slots), and on a story's shape: of the facts that match, the one
+    random ages with ties, empty slots), and on a story's shape: of the facts that match, the one
     just before the hop before's fact, not an older match nor a newer one; with the gate on
     the present, the newest match."""
     from memnet.components.multi_hop import MultiHop

@@ -67,8 +67,8 @@ class MultiHop(Output):
         self.hops = option(config, "hops", int, 3, most=MAX_HOPS)
         self.relative = option(config, "relative_time", bool, False)
         self.latest = option(config, "latest", bool, False)
-        g = REGISTRY["generalizer"].get(config.generalizer)
-        if self.latest and g is not None and not g.records_ages:  # type: ignore[attr-defined]
+        g = REGISTRY["generalizer"].get(config.generalizer) if self.latest else None
+        if g is not None and not g.records_ages:  # type: ignore[attr-defined]
             raise ConfigValueError(
                 f"option 'latest' needs a G that records when each slot was written "
                 f"(append-only); {config.generalizer!r} gives every slot age 0"
