@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from memnet.babi import BabiError, task_file  # noqa: E402
-from memnet.cli import positive  # noqa: E402
+from memnet.cli import decay, positive  # noqa: E402
 from memnet.training.settings import Settings  # noqa: E402
 from memnet.training.train import spread, train_task  # noqa: E402
 
@@ -47,6 +47,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="hops after the first read the latest matching fact before the hop before's "
         "(multi-hop's latest option)",
+    )
+    parser.add_argument(
+        "--dim", type=positive, default=64, help="embedding size (memory_dim is twice it)"
+    )
+    parser.add_argument(
+        "--weight-decay", type=decay, default=Settings.weight_decay, help="AdamW's decay"
     )
     parser.add_argument(
         "--support",
@@ -101,7 +107,9 @@ def data_of(args: argparse.Namespace, tasks: list[int]) -> tuple[dict, dict]:
                 where[task] = args.data_10k
             except BabiError:  # as the 1k models are trained
                 print(f"qa{task}: no 10k file in {args.data_10k}: training on 1k", flush=True)
-                special[task] = Settings(supervise_support=args.support)
+                special[task] = Settings(
+                    supervise_support=args.support, weight_decay=args.weight_decay
+                )
     return where, special
 
 
@@ -112,6 +120,7 @@ def main() -> int:
         patience=args.patience,
         decay_every=args.decay_every,
         supervise_support=args.support,
+        weight_decay=args.weight_decay,
     )
     index = args.out / "training.json"
     tasks = [int(t) for t in args.tasks.split(",")]
@@ -120,7 +129,7 @@ def main() -> int:
         s = train_task(
             where, tasks, args.out / "joint.safetensors", seeds=args.seeds,
             response=args.response, relative_time=args.relative_time, latest=args.latest,
-            settings=settings, show_progress=False,
+            dim=args.dim, settings=settings, show_progress=False,
         )  # fmt: skip
         record(index, "joint", s)
         for task, seeds in s["holdout_by_task"].items():
@@ -134,7 +143,7 @@ def main() -> int:
         s = train_task(
             where[task], task, args.out / f"qa{task}.safetensors", seeds=args.seeds,
             response=args.response, relative_time=args.relative_time, latest=args.latest,
-            settings=special.get(task, settings), show_progress=False,
+            dim=args.dim, settings=special.get(task, settings), show_progress=False,
         )  # fmt: skip
         record(index, f"qa{task}", s)
         print(

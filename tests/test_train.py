@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -343,3 +344,25 @@ def test_a_task_config_writes_the_options_its_components_read(output, response, 
     train, _, _ = split(stories)
     config = task_config(stories, train, 4, 2, output, response, relative_time=False)
     assert set(random_model(config).config.options) == options
+
+
+def test_memnet_train_weight_decay_shrinks_the_weights(tmp_path):
+    """`memnet train --weight-decay` reaches AdamW: the same seed and epochs with a large decay
+    end with smaller weights, and the summary records it; a negative decay is refused."""
+    from worker.cli import main
+
+    norms = {}
+    for decay in ("0", "5"):
+        out = tmp_path / f"qa1-{decay}.safetensors"
+        argv = ["train", "--task", "1", "--data", str(DATA), "--out", str(out), "--seeds", "1",
+                "--epochs", "2", "--dim", "8", "--weight-decay", decay]  # fmt: skip
+        assert main(argv) == 0
+        params = load_model(out).params
+        norms[decay] = float(np.linalg.norm(params["embed_key"]))
+        summary = json.loads(out.with_suffix(".json").read_text())
+        assert summary["settings"]["weight_decay"] == float(decay)
+    assert norms["5"] < 0.8 * norms["0"]
+    for bad in ("-0.1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--task", "1", "--weight-decay", bad])
+        assert e.value.code == 2
