@@ -17,7 +17,7 @@ from memnet.config import ConfigValueError, IndexConfig, ModelConfig
 from memnet.training.settings import Settings
 
 
-def decay(text: str) -> float:
+def non_negative(text: str) -> float:
     """An argparse type: a finite number of at least 0."""
     try:
         value = float(text)
@@ -90,7 +90,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     )
     p.add_argument(
         "--weight-decay",
-        type=decay,
+        type=non_negative,
         default=Settings.weight_decay,
         help="AdamW's decoupled weight decay (default %(default)s; the bAbI rule's last step "
         "tries 0.1 and 0.3)",

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from memnet.babi import BabiError, task_file  # noqa: E402
-from memnet.cli import decay, positive  # noqa: E402
+from memnet.cli import non_negative, positive  # noqa: E402
 from memnet.training.settings import Settings  # noqa: E402
 from memnet.training.train import spread, train_task  # noqa: E402
 
@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
         "--dim", type=positive, default=64, help="embedding size (memory_dim is twice it)"
     )
     parser.add_argument(
-        "--weight-decay", type=decay, default=Settings.weight_decay, help="AdamW's decay"
+        "--weight-decay", type=non_negative, default=Settings.weight_decay, help="AdamW's decay"
     )
     parser.add_argument(
         "--support",

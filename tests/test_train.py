@@ -291,6 +291,28 @@ def test_train_babi_keeps_explicit_settings_under_tenk(monkeypatch, tmp_path, ar
     assert (args.epochs, args.patience, args.decay_every) == expected
 
 
+@pytest.mark.parametrize("tenk", [False, True])
+def test_train_babi_passes_dim_and_weight_decay_to_training(monkeypatch, tmp_path, tenk):
+    """--dim and --weight-decay reach train_task, also for a task --tenk trains on 1k (no
+    10k file: its own settings)."""
+    from scripts import train_babi
+
+    seen = {}
+
+    def fake(data, task, out, **kwargs):
+        seen.update(kwargs)
+        return {"val_accuracy": 1.0, "seed_accuracies": [1.0], "holdout_accuracy": 1.0,
+                "seed_holdout_accuracies": [1.0], "seconds": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(train_babi, "train_task", fake)
+    argv = ["--tasks", "1", "--dim", "20", "--weight-decay", "0.3", "--out", str(tmp_path)]
+    if tenk:
+        argv += ["--tenk", "--data-10k", str(tmp_path / "no-10k")]
+    monkeypatch.setattr("sys.argv", ["train_babi.py", *argv])
+    assert train_babi.main() == 0
+    assert seen["dim"] == 20 and seen["settings"].weight_decay == 0.3
+
+
 def test_age_noise_follows_writes_only_never_empty_slots():
     """Every write followed by a dummy (share 1): a memory of n statements in 6 slots gets
     ages 2(n-1) .. 2, 0: the empty slots, never written, add nothing to anyone's age."""

@@ -2,9 +2,10 @@
 
 The forward pass is exactly what a worker computes for a query (I over every statement in
 memory and over the question, O over all filled slots with their ages, R), so a trained model
-serves with the same semantics. One jitted step: Adam (optax) on the answer's cross-entropy,
-plus, optionally, each hop's attention against its supporting fact (the strong supervision
-of Weston et al.'s MemNN), with gradient clipping at norm 40 as in MemN2N.
+serves with the same semantics. One jitted step: AdamW (optax; decay 0 by default) on the
+answer's cross-entropy, plus, optionally, each hop's attention against its supporting fact
+(the strong supervision of Weston et al.'s MemNN), with gradient clipping at norm 40 as in
+MemN2N.
 """
 
 from __future__ import annotations
