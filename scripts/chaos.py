@@ -83,6 +83,11 @@ MODEL = ModelConfig(input_dim=16, memory_dim=16, output_dim=4, hidden=16, slots=
 # The workers' Redis user: exactly the minimal rules; the password needs percent-encoding.
 USER, PASSWORD = "memnet", "chaos-p@ss/w%rd:1"
 STORE_MB = 64
+# A partition with new entries snapshots every SNAPSHOT_EVERY_S; a store fault held longer
+# than that meets a snapshot of every such partition, whatever their phase (held 3 s, with
+# 2 s between the two store faults, the 5 s cadence of partitions taken at the same moment
+# stepped over both windows on one machine: no worker noticed either fault).
+SNAPSHOT_EVERY_S, HOLD_S = 5, 6.0
 # Every fault once, interleaved with kills (then kills every few seconds until the end).
 # The deploy comes after the FLUSHALL (which would erase its switch points) and early enough
 # that model B serves a good part of the stream, through the faults that follow.
@@ -231,7 +236,7 @@ class Cluster:
             "MEMNET_LEASE_MS": str(LEASE_MS),
             "MEMNET_BATCH_SIZE": "200",
             "MEMNET_SNAPSHOT_EVERY_ENTRIES": "2000",
-            "MEMNET_SNAPSHOT_EVERY_S": "5",
+            "MEMNET_SNAPSHOT_EVERY_S": str(SNAPSHOT_EVERY_S),
             "MEMNET_WORKER_ID": name,
         }
         self.workers[name] = WorkerProcess(env, self.workdir / f"{name}.log", inherit=False)
@@ -807,14 +812,21 @@ def main() -> int:
     parser.add_argument("--memories", type=int, default=300)
     parser.add_argument("--rate", type=float, default=300.0, help="events per second")
     parser.add_argument("--kill-every", type=float, default=4.0, help="seconds between faults")
-    parser.add_argument("--hold", type=float, default=6.0, help="seconds a store stays full/ro")
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=HOLD_S,
+        help=f"seconds a store stays full/ro (at least {HOLD_S}: longer than a snapshot period)",
+    )
     parser.add_argument("--stall", type=float, default=120.0, help="give up after no progress")
     parser.add_argument("--quick", action="store_true", help="8k events at 160/s (CI)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if args.quick:
-        args.events, args.rate, args.kill_every, args.hold, args.stall = 8000, 160.0, 2.0, 3, 45
+        args.events, args.rate, args.kill_every, args.stall = 8000, 160.0, 2.0, 45
+    if args.hold < HOLD_S:
+        parser.error(f"--hold must be at least {HOLD_S} s (longer than a snapshot period)")
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="memnet-chaos-"))
     models = {name: workdir / f"model-{name}.safetensors" for name in ("A", "B")}
