@@ -87,7 +87,8 @@ STORE_MB = 64
 # than that meets a snapshot of every such partition, whatever their phase (held 3 s, with
 # 2 s between the two store faults, the 5 s cadence of partitions taken at the same moment
 # stepped over both windows on one machine: no worker noticed either fault).
-SNAPSHOT_EVERY_S, HOLD_S = 5, 6.0
+SNAPSHOT_EVERY_S = 5
+HOLD_S = SNAPSHOT_EVERY_S + 1.0  # the least --hold
 # Every fault once, interleaved with kills (then kills every few seconds until the end).
 # The deploy comes after the FLUSHALL (which would erase its switch points) and early enough
 # that model B serves a good part of the stream, through the faults that follow.
