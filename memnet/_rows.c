@@ -14,6 +14,16 @@
  * (arena.give(row)), as DenseMemory.__del__ did. The type is a heap type whose dictionary
  * memnet/dense.py completes with the memory's methods and properties (a class statement
  * would make a collected type).
+ *
+ * The events and answers of memnet/engine.py (Write, Query, Answer) are of types made here
+ * for the same reason: one is made per event, and as objects of classes defined in Python
+ * each batch's survived the young collections while the batch ran and triggered full
+ * collections (scripts/bench_small.py's in-process run: docs/performance.md), which cost
+ * more the more objects the process holds. Each is a fixed set of
+ * read-only fields given by position or keyword, a missing one None (Answer's extra: a
+ * fresh dict). They refer to arrays and (Answer's extra) a dict of response fields; an
+ * answer put into its own extra would be a cycle the collector cannot free (a leak of that
+ * answer, nothing worse), which nothing in memnet does.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -89,8 +99,174 @@ static PyType_Slot row_slots[] = {
 static PyType_Spec row_spec = {"memnet.dense.DenseMemory", sizeof(Row), 0, Py_TPFLAGS_DEFAULT,
                                row_slots};
 
+/* ---- records: Write, Query, Answer --------------------------------------------------- */
+
+#define MAX_FIELDS 4
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *field[MAX_FIELDS];
+} Record;
+
+typedef struct {
+    const char *name; /* for messages */
+    int fields;
+    int required;     /* the first this many must be given */
+    int fresh_dict;   /* the field that defaults to a new dict (a missing or None value), or -1 */
+    const char *names[MAX_FIELDS];
+} Kind;
+
+static const Kind WRITE = {"Write", 1, 1, -1, {"row"}};
+static const Kind QUERY = {"Query", 2, 0, -1, {"row", "q"}};
+static const Kind ANSWER = {"Answer", 4, 3, 3, {"y", "slots", "weights", "extra"}};
+
+static int record_keywords(PyObject *kwds, const Kind *kind, PyObject **values)
+{
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(kwds, &pos, &key, &value)) {
+        int i = 0;
+        while (i < kind->fields &&
+               !(PyUnicode_Check(key) && PyUnicode_CompareWithASCIIString(key, kind->names[i]) == 0))
+            i++;
+        if (i == kind->fields) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%S'",
+                         kind->name, key);
+            return -1;
+        }
+        if (values[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'",
+                         kind->name, kind->names[i]);
+            return -1;
+        }
+        values[i] = value;
+    }
+    return 0;
+}
+
+static PyObject *record_new(PyTypeObject *type, PyObject *args, PyObject *kwds, const Kind *kind)
+{
+    PyObject *values[MAX_FIELDS] = {NULL};
+    Py_ssize_t given = PyTuple_GET_SIZE(args);
+    if (given > kind->fields) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", kind->name,
+                     kind->fields, given);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < given; i++)
+        values[i] = PyTuple_GET_ITEM(args, i);
+    if (kwds && record_keywords(kwds, kind, values) < 0)
+        return NULL;
+    for (int i = 0; i < kind->required; i++)
+        if (!values[i]) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", kind->name,
+                         kind->names[i]);
+            return NULL;
+        }
+    Record *self = (Record *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    for (int i = 0; i < kind->fields; i++) {
+        PyObject *v = values[i] ? values[i] : Py_None;
+        if (i == kind->fresh_dict && v == Py_None) {
+            v = PyDict_New();
+            if (!v) {
+                Py_DECREF(self);
+                return NULL;
+            }
+        } else
+            Py_INCREF(v);
+        self->field[i] = v;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *write_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    return record_new(type, args, kwds, &WRITE);
+}
+
+static PyObject *query_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    return record_new(type, args, kwds, &QUERY);
+}
+
+static PyObject *answer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    return record_new(type, args, kwds, &ANSWER);
+}
+
+static void record_dealloc(Record *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    for (int i = 0; i < MAX_FIELDS; i++) /* (fields a kind does not have stay NULL) */
+        Py_CLEAR(self->field[i]);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+#define FIELD(name, i, doc) {name, T_OBJECT, offsetof(Record, field) + (i) * sizeof(PyObject *), \
+                             READONLY, doc}
+
+static PyMemberDef write_members[] = {
+    FIELD("row", 0, "the encoder's prepared input"),
+    {NULL},
+};
+
+static PyMemberDef query_members[] = {
+    FIELD("row", 0, "input space: v = I(x), or None"),
+    FIELD("q", 1, "memory space: v = q, or None"),
+    {NULL},
+};
+
+static PyMemberDef answer_members[] = {
+    FIELD("y", 0, "[Y] the response"),
+    FIELD("slots", 1, "[k] retrieved slots, nearest first"),
+    FIELD("weights", 2, "[k] attention weights"),
+    FIELD("extra", 3, "response fields such as \"answer\""),
+    {NULL},
+};
+
+static PyType_Slot write_slots[] = {
+    {Py_tp_new, write_new},
+    {Py_tp_dealloc, record_dealloc},
+    {Py_tp_members, write_members},
+    {0, NULL},
+};
+
+static PyType_Slot query_slots[] = {
+    {Py_tp_new, query_new},
+    {Py_tp_dealloc, record_dealloc},
+    {Py_tp_members, query_members},
+    {0, NULL},
+};
+
+static PyType_Slot answer_slots[] = {
+    {Py_tp_new, answer_new},
+    {Py_tp_dealloc, record_dealloc},
+    {Py_tp_members, answer_members},
+    {0, NULL},
+};
+
+/* As DenseMemory: untracked, not subclassable, completed by memnet/engine.py (docs, repr). */
+static PyType_Spec record_specs[] = {
+    {"memnet.engine.Write", sizeof(Record), 0, Py_TPFLAGS_DEFAULT, write_slots},
+    {"memnet.engine.Query", sizeof(Record), 0, Py_TPFLAGS_DEFAULT, query_slots},
+    {"memnet.engine.Answer", sizeof(Record), 0, Py_TPFLAGS_DEFAULT, answer_slots},
+};
+
+static int add_type(PyObject *m, PyType_Spec *spec, const char *name)
+{
+    PyObject *type = PyType_FromSpec(spec);
+    if (!type || PyModule_AddObject(m, name, type) < 0) {
+        Py_XDECREF(type);
+        return -1;
+    }
+    return 0;
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "memnet._rows",
-                                    "Handles of small memories, untracked by the collector.",
+                                    "Small memories' handles, events and answers: untracked by the collector.",
                                     -1, NULL};
 
 PyMODINIT_FUNC PyInit__rows(void)
@@ -98,9 +274,8 @@ PyMODINIT_FUNC PyInit__rows(void)
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
-    PyObject *type = PyType_FromSpec(&row_spec);
-    if (!type || PyModule_AddObject(m, "DenseMemory", type) < 0) {
-        Py_XDECREF(type);
+    if (add_type(m, &row_spec, "DenseMemory") < 0 || add_type(m, &record_specs[0], "Write") < 0 ||
+        add_type(m, &record_specs[1], "Query") < 0 || add_type(m, &record_specs[2], "Answer") < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -22,6 +22,7 @@ hnswlib and Python control flow stay outside jit.
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from memnet import quantized
+from memnet import _rows, quantized
 from memnet.batching import CHUNK, rowwise
 from memnet.dense import Arena, DenseMemory, DenseSlots
 from memnet.dense import topk as dense_topk
@@ -43,54 +44,50 @@ from memnet.model import Model
 from memnet.search import ExactSlots, GraphSlots
 from memnet.vectors import as_vector
 
-# Events and answers are made once per event: their __init__ sets the fields through the
-# slots' descriptors, where a frozen dataclass's own goes through object.__setattr__ for
-# each field, a slower call. They stay frozen (assignment raises FrozenInstanceError).
+# Events and answers are made once per event, as objects of types made in C
+# (memnet/_rows.c) that Python's cyclic collector does not track: as objects of classes
+# defined here, each batch's survived into the old generation and triggered full
+# collections, each walking every object of the process (scripts/bench_small.py's
+# in-process run: docs/performance.md). Their fields are read-only.
+Write = _rows.Write  # Write(row): row, the encoder's prepared input
+Query = _rows.Query  # Query(row=None, q=None): input space (v = I(x)) or memory space (v = q)
+# Answer(y, slots, weights, extra=None): y [Y]; slots [k], the retrieved slots, nearest
+# first; weights [k], their attention weights; extra, response fields such as "answer" (a
+# fresh dict when not given)
+Answer = _rows.Answer
 
 
-@dataclass(frozen=True, slots=True, init=False)
-class Write:
-    row: np.ndarray  # the encoder's prepared input
+def _complete(cls: type, doc: str) -> None:
+    """A record type's docstring, and a frozen dataclass's repr, equality and hash (by its
+    fields in order, as a tuple of them compares: the same arrays are equal)."""
+    fields = tuple(name for name, value in vars(cls).items() if _is_field(value))
 
-    def __init__(self, row: np.ndarray) -> None:
-        _WRITE_ROW(self, row)
+    def values(self: Any) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in fields)
 
+    def __repr__(self: Any) -> str:
+        inner = ", ".join(
+            f"{name}={value!r}" for name, value in zip(fields, values(self), strict=True)
+        )
+        return f"{type(self).__name__}({inner})"
 
-@dataclass(frozen=True, slots=True, init=False)
-class Query:
-    row: np.ndarray | None = None  # input space: v = I(x)
-    q: np.ndarray | None = None  # memory space: v = q
+    def __eq__(self: Any, other: Any) -> Any:
+        return values(self) == values(other) if type(other) is type(self) else NotImplemented
 
-    def __init__(self, row: np.ndarray | None = None, q: np.ndarray | None = None) -> None:
-        _QUERY_ROW(self, row)
-        _QUERY_Q(self, q)
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class Answer:
-    y: np.ndarray  # [Y]
-    slots: np.ndarray  # [k] retrieved slots, nearest first
-    weights: np.ndarray  # [k] attention weights
-    extra: dict[str, Any] = field(default_factory=dict)  # response fields such as "answer"
-
-    def __init__(
-        self,
-        y: np.ndarray,
-        slots: np.ndarray,
-        weights: np.ndarray,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        _ANSWER_Y(self, y)
-        _ANSWER_SLOTS(self, slots)
-        _ANSWER_WEIGHTS(self, weights)
-        _ANSWER_EXTRA(self, {} if extra is None else extra)
+    cls.__doc__ = doc
+    cls.__repr__ = __repr__  # type: ignore[method-assign]
+    cls.__eq__ = __eq__  # type: ignore[method-assign,assignment]
+    cls.__hash__ = lambda self: hash(values(self))  # type: ignore[method-assign,assignment]
+    cls.__match_args__ = fields  # type: ignore[attr-defined]
 
 
-_WRITE_ROW = Write.row.__set__  # type: ignore[attr-defined]
-_QUERY_ROW, _QUERY_Q = Query.row.__set__, Query.q.__set__  # type: ignore[attr-defined]
-_ANSWER_Y, _ANSWER_SLOTS = Answer.y.__set__, Answer.slots.__set__  # type: ignore[attr-defined]
-_ANSWER_WEIGHTS = Answer.weights.__set__  # type: ignore[attr-defined]
-_ANSWER_EXTRA = Answer.extra.__set__  # type: ignore[attr-defined]
+def _is_field(value: Any) -> bool:
+    return isinstance(value, types.MemberDescriptorType)
+
+
+_complete(Write, "A checked write event (Engine.write).")
+_complete(Query, "A checked query (Engine.query), in input space (row) or memory space (q).")
+_complete(Answer, "What a query returns: y, the retrieved slots and their weights, extra.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +160,8 @@ class Engine:
         if (x is None) == (q is None):
             raise InvalidInput("a query needs exactly one of x (input space) and q (memory space)")
         if q is not None:
-            return Query(q=as_vector(q, self.config.memory_dim, "q"))
-        return Query(row=self.encoder.prepare(x))
+            return Query(None, as_vector(q, self.config.memory_dim, "q"))  # (row, q)
+        return Query(self.encoder.prepare(x))
 
     # ---- memories ------------------------------------------------------------------------
     def new_memory(self) -> Memory:
@@ -397,10 +394,11 @@ class Engine:
         out = np.zeros((len(events), self.config.memory_dim), np.float32)
         todo = [j for j, e in enumerate(events) if e.row is not None]
         given = [j for j, e in enumerate(events) if e.row is None]
+        # (np.array of a list of equal rows: np.stack's result, in a third of its time)
         if todo:
-            out[todo] = self._encode(self._jax, np.stack([events[j].row for j in todo]))
+            out[todo] = self._encode(self._jax, np.array([events[j].row for j in todo]))
         if given:
-            out[given] = np.stack([events[j].q for j in given])  # type: ignore[union-attr]
+            out[given] = np.array([events[j].q for j in given])  # type: ignore[union-attr]
         return out
 
     def _o_then_r(self, p: dict[str, Any], v: Any, cand: Any, mask: Any, age: Any) -> Any:

@@ -227,21 +227,38 @@ def test_a_memory_is_searchable_directly_after_process(generalizer, rng):
     np.testing.assert_array_equal(np.where(got >= 0, got, expected), expected)
 
 
-def test_events_and_answers_are_frozen_values():
-    """Their __init__ is written out (engine.py): they still compare by value, refuse
-    assignment, and each Answer gets its own extra."""
-    import dataclasses
+def test_events_and_answers_are_frozen_values_the_collector_does_not_track():
+    """Made in C (memnet/_rows.c): they compare by value as frozen dataclasses did, refuse
+    assignment, each Answer gets its own extra, and none is tracked by the cyclic collector
+    (one per event: tracked, each batch's triggered full collections)."""
+    import gc
 
     from memnet.engine import Answer, Query, Write
 
     v = np.arange(4, dtype=np.float32)
     assert Write(v).row is v and Query(q=v).q is v and Query(row=v).q is None
-    assert Query(q=v) == Query(None, v) and dataclasses.replace(Query(q=v), row=v).row is v
+    assert Query(q=v) == Query(None, v) and Query(q=1) != Query(1) and Write(v) != Query(v)
+    assert hash(Query()) == hash(Query(None, None)) and repr(Write(1)) == "Write(row=1)"
     a, b = Answer(v, v, v), Answer(v, v, v)
     assert a.extra == {} and a.extra is not b.extra and Answer(v, v, v, {"x": 1}).extra == {"x": 1}
-    for value, field in ((Write(v), "row"), (Query(q=v), "q"), (a, "y")):
-        with pytest.raises(dataclasses.FrozenInstanceError):
+    assert Answer(y=v, slots=v, weights=v, extra=None).extra == {}
+    for value, field in ((Write(v), "row"), (Query(q=v), "q"), (a, "y"), (a, "extra")):
+        with pytest.raises(AttributeError):
             setattr(value, field, None)
+    for bad, message in (
+        (lambda: Write(), "missing required argument 'row'"),
+        (lambda: Query(v, v, v), "takes at most 2 arguments"),
+        (lambda: Query(v, row=v), "multiple values for argument 'row'"),
+        (lambda: Answer(v, v, v, z=1), "unexpected keyword argument 'z'"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            bad()
+    assert not any(gc.is_tracked(x) for x in (Write(v), Query(q=v), a, Answer(v, v, v, {"x": v})))
+    match Query(q=v):
+        case Query(row=None, q=q):
+            assert q is v
+        case _:
+            raise AssertionError("Query's fields do not match by keyword")
 
 
 @pytest.mark.parametrize("dense", [None, 0], ids=["small memories (arena)", "per memory"])
