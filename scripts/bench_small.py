@@ -19,6 +19,7 @@ numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,10 @@ def run_e2e(path: Path, cache: Path, workers: int, sizes: dict, n: int, memories
     return bench_e2e.run(path, cache, workers, "mixed", n, memories, 0.0, dims)
 
 
-def in_process(path: Path, dense_max_floats: int | None, n: int, memories: int) -> float:
-    """Engine.process events/s (bench_library.throughput: the same events every call)."""
+def in_process(path: Path, dense_max_floats: int | None, n: int, memories: int) -> dict:
+    """Engine.process events/s (bench_library.throughput: the same events every call), and
+    what Python's cyclic collector did meanwhile: its full collections (each walks every
+    object of the process) and the seconds spent in all its collections."""
     from memnet import Engine, load_model
     from scripts import bench_library
 
@@ -150,7 +153,29 @@ def in_process(path: Path, dense_max_floats: int | None, n: int, memories: int) 
     engine = Engine(model, dense_max_floats=dense_max_floats)
     engine.warm_up(bench_library.BATCH)
     dims = (model.config.input_dim, model.config.memory_dim)
-    return bench_library.throughput(engine, "mixed", n, memories, dims)
+    with collections_counted() as collector:
+        rate = bench_library.throughput(engine, "mixed", n, memories, dims)
+    return {"events_per_s": rate, **collector}
+
+
+@contextlib.contextmanager
+def collections_counted() -> Iterator[dict]:
+    """{"full_collections": n, "collector_s": s} of the block, filled in when it ends."""
+    counts = {"full_collections": 0, "collector_s": 0.0}
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        counts["collector_s"] += time.perf_counter() - started[0]
+        counts["full_collections"] += info["generation"] == 2
+
+    gc.callbacks.append(callback)
+    try:
+        yield counts
+    finally:
+        gc.callbacks.remove(callback)
 
 
 def seed_per_event(path: Path, cache: Path, n: int, memories: int) -> float:
@@ -262,6 +287,10 @@ def table(results: dict) -> str:
                 cpu = r["cpu_us_per_event"]
                 row = "".join(f"{cpu[c]:>11.1f}" for c in CPU[:-1]) + f"{sum(cpu.values()):>11.1f}"
                 lines.append(f"{part + ' ' + name:<30}" + row)
+    lines.append(f"\n{'collector while in-process':<42}{'full':>8}{'seconds':>9}")
+    for name, r in results["A"].items():
+        if isinstance(r, dict) and "full_collections" in r:
+            lines.append(f"{'A ' + name:<42}{r['full_collections']:>8}{r['collector_s']:>9.2f}")
     lines.append(f"\n{'ratio':<42}{'value':>8}{'target':>9}  met")
     for r in results["ratios"]:
         met = {True: "yes", False: "no", None: ""}[r["met"]]
