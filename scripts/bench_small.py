@@ -9,8 +9,9 @@ A: a 64-slot, 8/8/8-dim model, 50/50 writes and memory-space queries ("mixed"). 
 transport loop (one Python process, no model: XREADGROUP over the 8 partitions, msgpack decode,
 XADD a reply per query at its input id, XACK, commit the offset; one pipeline per step), memnet
 end to end with 1 and 2 workers, and Engine.process in-process today (dense_max_floats=0)
-and by default. B: the seed's own 5/10/5-dim, 10-slot model: the seed's per-event code
-(scripts/bench_reference.py) against memnet end to end with 1 worker. The transport runs use
+and by default (in this process, and each in a fresh one). B: the seed's own 5/10/5-dim,
+10-slot model: the seed's per-event code (scripts/bench_reference.py) against memnet end to
+end with 1 worker. The transport runs use
 bench_e2e's producer, subscriber and clock (producer start until every partition's committed
 offset reaches its last entry). Prints the ratios with the issue's targets; --out writes all
 numbers as JSON.
@@ -53,6 +54,7 @@ RATIOS = [
     ("A e2e 2 workers / 1 worker", "A.e2e_2w", "A.e2e_1w", 1.6),
     ("A bare loop: hiredis / redis-py's parser", "A.bare", "A.bare_python_parser", None),
     ("A in-process default / today", "A.inproc_default", "A.inproc_today", 10.0),
+    ("A the same, each in a fresh process", "A.inproc_default_fresh", "A.inproc_today_fresh", None),
     ("A the same, the worker's collector", "A.inproc_default_gc", "A.inproc_today_gc", None),
     ("B e2e 1 worker / seed per-event", "B.e2e_1w", "B.seed_per_event", 50.0),
 ]
@@ -158,6 +160,22 @@ def in_process(path: Path, dense_max_floats: int | None, n: int, memories: int) 
     return {"events_per_s": rate, **collector}
 
 
+def in_process_fresh(path: Path, dense_max_floats: int | None, n: int, memories: int) -> dict:
+    """in_process in a new Python process, as a library user's program runs it: there the
+    collector has seen only the imports' objects, where this one has seen every run before."""
+    code = (
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from scripts.bench_small import in_process; "
+        "print(json.dumps(in_process(Path(sys.argv[2]), json.loads(sys.argv[3]), "
+        "int(sys.argv[4]), int(sys.argv[5]))))"
+    )
+    args = [str(ROOT), str(path), json.dumps(dense_max_floats), str(n), str(memories)]
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the fresh in-process run failed:\n{out.stderr}")
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 @contextlib.contextmanager
 def collections_counted() -> Iterator[dict]:
     """{"full_collections": n, "collector_s": s} of the block, filled in when it ends."""
@@ -213,6 +231,12 @@ def workload_a(args: argparse.Namespace, tmp: Path) -> dict:
         "e2e_2w": measure("memnet e2e, 2 workers", run_e2e, path, tmp, 2, SIZES_A, n, m),
         "inproc_today": measure("in-process today", in_process, path, 0, n, m),
         "inproc_default": measure("in-process default", in_process, path, None, n, m),
+        "inproc_today_fresh": measure(
+            "in-process today, a fresh process", in_process_fresh, path, 0, n, m
+        ),
+        "inproc_default_fresh": measure(
+            "in-process default, a fresh process", in_process_fresh, path, None, n, m
+        ),
         **worker_collector(
             today=lambda: measure("in-process today, worker's GC", in_process, path, 0, n, m),
             default=lambda: measure(
