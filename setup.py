@@ -2,8 +2,8 @@
 (everything else is in pyproject.toml): memnet/_scan.c, the int8 candidate pass of the
 exact search and the nearest slots of small memories, which picks its instructions at run
 time (AVX-512 VNNI, AVX2 or portable C), so one build serves every x86-64 CPU and other
-architectures get the C path; and memnet/_rows.c, the type of a small memory's handle,
-which Python's cyclic garbage collector does not track."""
+architectures get the C path; and memnet/_rows.c, the types of a small memory's handle and
+of the engine's events and answers, which Python's cyclic garbage collector does not track."""
 
 from setuptools import Extension, setup
 

@@ -21,9 +21,12 @@
  * collections (scripts/bench_small.py's in-process run: docs/performance.md), which cost
  * more the more objects the process holds. Each is a fixed set of
  * read-only fields given by position or keyword, a missing one None (Answer's extra: a
- * fresh dict). They refer to arrays and (Answer's extra) a dict of response fields; an
- * answer put into its own extra would be a cycle the collector cannot free (a leak of that
- * answer, nothing worse), which nothing in memnet does.
+ * fresh dict). They refer to arrays and (Answer's extra) a dict of response fields. What
+ * the collector does not track it cannot free from a cycle: an answer put into its own
+ * extra (or into an object its extra holds) would leak with everything it refers to, and
+ * gc.get_referents does not see through these objects; memnet makes no such cycle (its
+ * extra holds strings and numbers). Records nested in records a million deep would exhaust
+ * the C stack when freed (no trashcan, which needs a tracked type); memnet never nests them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -79,6 +79,7 @@ def _complete(cls: type, doc: str) -> None:
     cls.__eq__ = __eq__  # type: ignore[method-assign,assignment]
     cls.__hash__ = lambda self: hash(values(self))  # type: ignore[method-assign,assignment]
     cls.__match_args__ = fields  # type: ignore[attr-defined]
+    cls.__reduce__ = lambda self: (type(self), values(self))  # (copy.copy, copy.deepcopy)
 
 
 def _is_field(value: Any) -> bool:
@@ -87,7 +88,11 @@ def _is_field(value: Any) -> bool:
 
 _complete(Write, "A checked write event (Engine.write).")
 _complete(Query, "A checked query (Engine.query), in input space (row) or memory space (q).")
-_complete(Answer, "What a query returns: y, the retrieved slots and their weights, extra.")
+_complete(
+    Answer,
+    "What a query returns: y, the retrieved slots and their weights, extra (response fields;"
+    " an object there that refers back to the answer makes a cycle Python cannot free).",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,7 +246,7 @@ def workload_a(args: argparse.Namespace, tmp: Path) -> dict:
     }
 
 
-def worker_collector(**runs: Callable[[], float]) -> dict[str, float]:
+def worker_collector(**runs: Callable[[], dict]) -> dict[str, dict]:
     """Each run under the garbage collector settings a worker serves with (start-up objects
     frozen, young collections every MEMNET_GC_THRESHOLD allocations: worker.collect_less),
     then Python's defaults again. Not the target's measure (that is Engine.process under

@@ -231,6 +231,7 @@ def test_events_and_answers_are_frozen_values_the_collector_does_not_track():
     """Made in C (memnet/_rows.c): they compare by value as frozen dataclasses did, refuse
     assignment, each Answer gets its own extra, and none is tracked by the cyclic collector
     (one per event: tracked, each batch's triggered full collections)."""
+    import copy
     import gc
 
     from memnet.engine import Answer, Query, Write
@@ -253,7 +254,9 @@ def test_events_and_answers_are_frozen_values_the_collector_does_not_track():
     ):
         with pytest.raises(TypeError, match=message):
             bad()
-    assert not any(gc.is_tracked(x) for x in (Write(v), Query(q=v), a, Answer(v, v, v, {"x": v})))
+    assert not any(gc.is_tracked(x) for x in (Write(v), Query(q=v), a, Answer(v, v, v, {"x": 1})))
+    c = copy.deepcopy(Answer(1, 2, 3, {"x": [1]}))
+    assert (c.y, c.slots, c.weights, c.extra) == (1, 2, 3, {"x": [1]}) and copy.copy(a) == a
     match Query(q=v):
         case Query(row=None, q=q):
             assert q is v
