@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import msgpack
@@ -143,6 +145,7 @@ def run(
 
 
 def _worker(url: str, model: Path, work: Path, i: int, extra: dict[str, str]) -> subprocess.Popen:
+    port = _free_port()
     env = {
         **os.environ,
         **extra,
@@ -155,15 +158,39 @@ def _worker(url: str, model: Path, work: Path, i: int, extra: dict[str, str]) ->
         "MEMNET_WORKER_ID": f"bench{i}",
     }
     env.pop("PORT", None)
-    env.pop("MEMNET_METRICS_PORT", None)
+    env["MEMNET_METRICS_PORT"] = str(port)  # (its steps: _steps)
     with open(work / f"worker{i}.log", "ab") as log:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "worker"],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
+    proc.metrics_port = port  # type: ignore[attr-defined]
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _steps(procs: list[subprocess.Popen]) -> tuple[float, float]:
+    """(steps, seconds) every worker has spent so far in steps that had entries (read to
+    commit: its memnet_batch_seconds histogram, from its metrics endpoint)."""
+    count = total = 0.0
+    for p in procs:
+        url = f"http://127.0.0.1:{p.metrics_port}/metrics"  # type: ignore[attr-defined]
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                name, _, value = line.partition(" ")
+                if name == "memnet_batch_seconds_count":
+                    count += float(value)
+                elif name == "memnet_batch_seconds_sum":
+                    total += float(value)
+    return count, total
 
 
 def _wait_owned(client: redis.Redis, procs: list[subprocess.Popen]) -> None:
@@ -194,6 +221,7 @@ def _measure(
     me = [sys.executable, str(Path(__file__).resolve())]
     pids = {"workers": [p.pid for p in procs], "redis": [server.proc.pid]}  # type: ignore[union-attr]
     cpu_before = {name: sum(map(cpu_s, ps)) for name, ps in pids.items()}
+    steps_before = _steps(procs)
     sub = subprocess.Popen([*me, "subscribe", server.url, str(queries), str(work / "sub.json")])
     out = subprocess.run(
         [
@@ -215,6 +243,7 @@ def _measure(
     produced = json.loads(out.stdout)
     done = _wait_committed(server.client(), produced["last"])
     cpu = {name: sum(map(cpu_s, ps)) - cpu_before[name] for name, ps in pids.items()}
+    steps, busy = (b - a for a, b in zip(steps_before, _steps(procs), strict=True))
     sub.wait(120)
     subscribed = json.loads((work / "sub.json").read_text())
     latencies = np.array(subscribed["latencies_ms"] or [0.0])
@@ -227,6 +256,14 @@ def _measure(
         # CPU per event of each process while the stream went through: what the machine's
         # cores had to hold (the workers' includes their waits' polling; Redis's its scripts)
         "cpu_us_per_event": {name: 1e6 * s / n for name, s in cpu.items()},
+        # the workers' steps with entries: how many, their mean size and time (process and
+        # commit), and the share of the stream's wall time the workers spent in them
+        "steps": {
+            "count": int(steps),
+            "events_per_step": n / max(steps, 1),
+            "ms_per_step": 1e3 * busy / max(steps, 1),
+            "busy": busy / ((done - produced["started"]) * len(procs)),
+        },
     }
     rss = [rss_mb(p.pid) for p in procs]
     result["worker_rss_mb"] = max(r["rss_mb"] for r in rss)

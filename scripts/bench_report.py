@@ -102,7 +102,7 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
                     f"query p99 <= {ms} ms at half max throughput",
                     half["p99_ms"] <= ms,
                     f"p99 {half['p99_ms']:.1f} ms (p50 {half['p50_ms']:.1f}) at "
-                    f"{half['events_per_s']:,.0f} ev/s",
+                    f"{half['events_per_s']:,.0f} ev/s{_steps(half)}",
                 )
             )
         before = e2e.get("mixed/many/1w@blas")
@@ -215,3 +215,14 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _steps(run: dict) -> str:
+    """The worker's steps during an end-to-end run (scripts/bench_e2e.py), where measured."""
+    steps = run.get("steps")
+    if not steps:
+        return ""
+    return (
+        f"; steps of {steps['events_per_step']:.1f} events, {steps['ms_per_step']:.1f} ms each,"
+        f" the worker in them {steps['busy']:.0%} of the time"
+    )
