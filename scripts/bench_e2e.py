@@ -177,12 +177,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _steps(procs: list[subprocess.Popen]) -> tuple[float, float]:
+def _steps(procs: list[subprocess.Popen]) -> tuple[float, float] | None:
     """(steps, seconds) every worker has spent so far in steps that had entries (read to
-    commit: its memnet_batch_seconds histogram, from its metrics endpoint)."""
+    commit: its memnet_batch_seconds histogram, from its metrics endpoint); None for
+    processes that serve no metrics (bench_small's bare transport loop)."""
+    ports = [getattr(p, "metrics_port", None) for p in procs]
+    if None in ports:
+        return None
     count = total = 0.0
-    for p in procs:
-        url = f"http://127.0.0.1:{p.metrics_port}/metrics"  # type: ignore[attr-defined]
+    for port in ports:
+        url = f"http://127.0.0.1:{port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as reply:
             for line in reply.read().decode().splitlines():
                 name, _, value = line.partition(" ")
@@ -243,7 +247,7 @@ def _measure(
     produced = json.loads(out.stdout)
     done = _wait_committed(server.client(), produced["last"])
     cpu = {name: sum(map(cpu_s, ps)) - cpu_before[name] for name, ps in pids.items()}
-    steps, busy = (b - a for a, b in zip(steps_before, _steps(procs), strict=True))
+    steps_after = _steps(procs)
     sub.wait(120)
     subscribed = json.loads((work / "sub.json").read_text())
     latencies = np.array(subscribed["latencies_ms"] or [0.0])
@@ -256,15 +260,17 @@ def _measure(
         # CPU per event of each process while the stream went through: what the machine's
         # cores had to hold (the workers' includes their waits' polling; Redis's its scripts)
         "cpu_us_per_event": {name: 1e6 * s / n for name, s in cpu.items()},
+    }
+    if steps_before is not None and steps_after is not None:
         # the workers' steps with entries: how many, their mean size and time (process and
         # commit), and the share of the stream's wall time the workers spent in them
-        "steps": {
+        steps, busy = (b - a for a, b in zip(steps_before, steps_after, strict=True))
+        result["steps"] = {
             "count": int(steps),
             "events_per_step": n / max(steps, 1),
             "ms_per_step": 1e3 * busy / max(steps, 1),
             "busy": busy / ((done - produced["started"]) * len(procs)),
-        },
-    }
+        }
     rss = [rss_mb(p.pid) for p in procs]
     result["worker_rss_mb"] = max(r["rss_mb"] for r in rss)
     result["worker_peak_rss_mb"] = max(r["peak_rss_mb"] for r in rss)

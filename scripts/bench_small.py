@@ -311,6 +311,7 @@ def table(results: dict) -> str:
                 cpu = r["cpu_us_per_event"]
                 row = "".join(f"{cpu[c]:>11.1f}" for c in CPU[:-1]) + f"{sum(cpu.values()):>11.1f}"
                 lines.append(f"{part + ' ' + name:<30}" + row)
+    lines += steps_table(results)
     lines.append(f"\n{'collector while in-process':<42}{'full':>8}{'seconds':>9}")
     for name, r in results["A"].items():
         if isinstance(r, dict) and "full_collections" in r:
@@ -321,6 +322,22 @@ def table(results: dict) -> str:
         target = "" if r["target"] is None else f">= {r['target']}"
         lines.append(f"{r['name']:<42}{r['ratio']:>8.2f}{target:>9}  {met}")
     return "\n".join(lines)
+
+
+def steps_table(results: dict) -> list[str]:
+    """The workers' steps of each end-to-end run (scripts/bench_e2e.py: their count, mean
+    size and time, and the share of the stream's wall time the workers spent in them)."""
+    title = "workers' steps, end to end"
+    lines = [f"\n{title:<30}" + "".join(f"{c:>11}" for c in ("steps", "events", "ms", "busy"))]
+    for part in ("A", "B"):
+        for name, r in results[part].items():
+            if isinstance(r, dict) and "steps" in r:
+                st = r["steps"]
+                lines.append(
+                    f"{part + ' ' + name:<30}{st['count']:>11}{st['events_per_step']:>11.1f}"
+                    f"{st['ms_per_step']:>11.2f}{st['busy']:>11.0%}"
+                )
+    return lines
 
 
 def machine() -> dict:
