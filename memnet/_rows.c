@@ -111,17 +111,39 @@ typedef struct {
     PyObject *field[MAX_FIELDS];
 } Record;
 
+#define FIELD(name, i, doc) {name, T_OBJECT, offsetof(Record, field) + (i) * sizeof(PyObject *), \
+                             READONLY, doc}
+
+static PyMemberDef write_members[] = {
+    FIELD("row", 0, "the encoder's prepared input"),
+    {NULL},
+};
+
+static PyMemberDef query_members[] = {
+    FIELD("row", 0, "input space: v = I(x), or None"),
+    FIELD("q", 1, "memory space: v = q, or None"),
+    {NULL},
+};
+
+static PyMemberDef answer_members[] = {
+    FIELD("y", 0, "[Y] the response"),
+    FIELD("slots", 1, "[k] retrieved slots, nearest first"),
+    FIELD("weights", 2, "[k] attention weights"),
+    FIELD("extra", 3, "response fields such as \"answer\""),
+    {NULL},
+};
+
 typedef struct {
     const char *name; /* for messages */
     int fields;
     int required;     /* the first this many must be given */
     int fresh_dict;   /* the field that defaults to a new dict (a missing or None value), or -1 */
-    const char *names[MAX_FIELDS];
+    const PyMemberDef *members; /* the fields, in order: their names */
 } Kind;
 
-static const Kind WRITE = {"Write", 1, 1, -1, {"row"}};
-static const Kind QUERY = {"Query", 2, 0, -1, {"row", "q"}};
-static const Kind ANSWER = {"Answer", 4, 3, 3, {"y", "slots", "weights", "extra"}};
+static const Kind WRITE = {"Write", 1, 1, -1, write_members};
+static const Kind QUERY = {"Query", 2, 0, -1, query_members};
+static const Kind ANSWER = {"Answer", 4, 3, 3, answer_members};
 
 static int record_keywords(PyObject *kwds, const Kind *kind, PyObject **values)
 {
@@ -129,8 +151,8 @@ static int record_keywords(PyObject *kwds, const Kind *kind, PyObject **values)
     Py_ssize_t pos = 0;
     while (PyDict_Next(kwds, &pos, &key, &value)) {
         int i = 0;
-        while (i < kind->fields &&
-               !(PyUnicode_Check(key) && PyUnicode_CompareWithASCIIString(key, kind->names[i]) == 0))
+        while (i < kind->fields && !(PyUnicode_Check(key) &&
+                                     PyUnicode_CompareWithASCIIString(key, kind->members[i].name) == 0))
             i++;
         if (i == kind->fields) {
             PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%S'",
@@ -139,7 +161,7 @@ static int record_keywords(PyObject *kwds, const Kind *kind, PyObject **values)
         }
         if (values[i]) {
             PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'",
-                         kind->name, kind->names[i]);
+                         kind->name, kind->members[i].name);
             return -1;
         }
         values[i] = value;
@@ -163,7 +185,7 @@ static PyObject *record_new(PyTypeObject *type, PyObject *args, PyObject *kwds, 
     for (int i = 0; i < kind->required; i++)
         if (!values[i]) {
             PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", kind->name,
-                         kind->names[i]);
+                         kind->members[i].name);
             return NULL;
         }
     Record *self = (Record *)type->tp_alloc(type, 0);
@@ -184,21 +206,6 @@ static PyObject *record_new(PyTypeObject *type, PyObject *args, PyObject *kwds, 
     return (PyObject *)self;
 }
 
-static PyObject *write_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    return record_new(type, args, kwds, &WRITE);
-}
-
-static PyObject *query_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    return record_new(type, args, kwds, &QUERY);
-}
-
-static PyObject *answer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    return record_new(type, args, kwds, &ANSWER);
-}
-
 static void record_dealloc(Record *self)
 {
     PyTypeObject *type = Py_TYPE(self);
@@ -208,48 +215,22 @@ static void record_dealloc(Record *self)
     Py_DECREF(type);
 }
 
-#define FIELD(name, i, doc) {name, T_OBJECT, offsetof(Record, field) + (i) * sizeof(PyObject *), \
-                             READONLY, doc}
+/* Each kind's tp_new (record_new with its Kind) and slots. */
+#define RECORD_TYPE(lower, KIND)                                                       \
+    static PyObject *lower##_new(PyTypeObject *type, PyObject *args, PyObject *kwds)   \
+    {                                                                                  \
+        return record_new(type, args, kwds, &KIND);                                   \
+    }                                                                                  \
+    static PyType_Slot lower##_slots[] = {                                             \
+        {Py_tp_new, lower##_new},                                                      \
+        {Py_tp_dealloc, record_dealloc},                                               \
+        {Py_tp_members, lower##_members},                                              \
+        {0, NULL},                                                                     \
+    };
 
-static PyMemberDef write_members[] = {
-    FIELD("row", 0, "the encoder's prepared input"),
-    {NULL},
-};
-
-static PyMemberDef query_members[] = {
-    FIELD("row", 0, "input space: v = I(x), or None"),
-    FIELD("q", 1, "memory space: v = q, or None"),
-    {NULL},
-};
-
-static PyMemberDef answer_members[] = {
-    FIELD("y", 0, "[Y] the response"),
-    FIELD("slots", 1, "[k] retrieved slots, nearest first"),
-    FIELD("weights", 2, "[k] attention weights"),
-    FIELD("extra", 3, "response fields such as \"answer\""),
-    {NULL},
-};
-
-static PyType_Slot write_slots[] = {
-    {Py_tp_new, write_new},
-    {Py_tp_dealloc, record_dealloc},
-    {Py_tp_members, write_members},
-    {0, NULL},
-};
-
-static PyType_Slot query_slots[] = {
-    {Py_tp_new, query_new},
-    {Py_tp_dealloc, record_dealloc},
-    {Py_tp_members, query_members},
-    {0, NULL},
-};
-
-static PyType_Slot answer_slots[] = {
-    {Py_tp_new, answer_new},
-    {Py_tp_dealloc, record_dealloc},
-    {Py_tp_members, answer_members},
-    {0, NULL},
-};
+RECORD_TYPE(write, WRITE)
+RECORD_TYPE(query, QUERY)
+RECORD_TYPE(answer, ANSWER)
 
 /* As DenseMemory: untracked, not subclassable, completed by memnet/engine.py (docs, repr). */
 static PyType_Spec record_specs[] = {
